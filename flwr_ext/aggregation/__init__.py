@@ -1,0 +1,38 @@
+"""Aggregation rules: pure numpy over an ``(n_clients, n_params)`` update matrix.
+
+Every rule follows :class:`AggregationRule`:
+``rule.aggregate(updates (n, d), weights (n,)) -> (d,)``; none modifies its inputs.
+Flower-facing wrappers live in :mod:`flwr_ext.strategy`.
+"""
+
+from .base import AggregationResult, AggregationRule, PreAggregation, check_updates
+from .centered_clipping import CenteredClippingRule, centered_clipping
+from .distances import pairwise_squared_distances
+from .geometric_median import GeometricMedianRule, geometric_median
+from .krum import KrumRule, krum_scores
+from .mean import WeightedMean, weighted_mean
+from .median import CoordinateMedian, coordinate_median
+from .nnm import NearestNeighborMixing, nearest_neighbor_mixing
+from .trimmed_mean import TrimmedMeanRule, trimmed_mean
+
+__all__ = [
+    "AggregationResult",
+    "AggregationRule",
+    "CenteredClippingRule",
+    "CoordinateMedian",
+    "GeometricMedianRule",
+    "KrumRule",
+    "NearestNeighborMixing",
+    "PreAggregation",
+    "TrimmedMeanRule",
+    "WeightedMean",
+    "centered_clipping",
+    "check_updates",
+    "coordinate_median",
+    "geometric_median",
+    "krum_scores",
+    "nearest_neighbor_mixing",
+    "pairwise_squared_distances",
+    "trimmed_mean",
+    "weighted_mean",
+]

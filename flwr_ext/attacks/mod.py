@@ -1,0 +1,195 @@
+"""``byzantine_mod``: a Flower client mod that makes a ClientApp Byzantine.
+
+Add it to any ClientApp (``ClientApp(mods=[byzantine_mod])``); it does nothing
+unless the node's ``node_config`` names an attack, so the same app runs honest and
+Byzantine nodes side by side in Flower's Simulation or Deployment Engine::
+
+    flwr run . --federation-config "num-supernodes=10"      # all honest
+    flower-supernode ... --node-config "attack='sign-flip'"  # this node attacks
+
+Configuration
+-------------
+In a deployment, each SuperNode's ``--node-config`` says whether it attacks:
+
+attack : str
+    One of :data:`MOD_ATTACKS` (``"none"`` or absent: honest).
+attack-strength : float, optional
+    The attack's parameter: sign-flip scale (default 1), scaling factor (10),
+    gaussian-noise std (1), ipm epsilon (2), weight-inflation factor (100).
+attack-seed : int, optional
+    Seed for gaussian-noise (default: fresh OS entropy every round).
+
+In Flower's Simulation Engine every node's ``node_config`` holds only
+``partition-id`` and ``num-partitions``, so the same keys may come from the *run*
+config instead, together with ``attack-partition-ids`` (e.g. ``"0,3"``): the
+partitions listed there attack, the others stay honest. A node's own config wins.
+
+The mod sees only its own node's update, so ``ipm`` here uses that update as its
+estimate of the honest mean (a non-omniscient variant); the omniscient ALIE and IPM
+are in :mod:`flwr_ext.attacks.updates` and the robustness benchmark.
+``label-flip`` poisons the data, which a mod cannot reach: the ClientApp applies it
+through :func:`flip_labels_if_attacking`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from logging import WARNING
+
+import numpy as np
+from flwr.app import (
+    ArrayRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
+from flwr.supercore import log
+
+from ..records import flatten, unflatten
+from . import updates as attack_fns
+
+__all__ = [
+    "MOD_ATTACKS",
+    "byzantine_mod",
+    "configured_attack",
+    "flip_labels_if_attacking",
+]
+
+_UpdateAttack = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
+
+_UPDATE_ATTACKS: dict[str, tuple[float, _UpdateAttack]] = {
+    "sign-flip": (1.0, lambda u, s, _: attack_fns.sign_flip(u, s)),
+    "scaling": (10.0, lambda u, s, _: attack_fns.scaling(u, s)),
+    "gaussian-noise": (1.0, lambda u, s, rng: attack_fns.gaussian_noise(u, s, rng)),
+    "ipm": (2.0, lambda u, s, _: attack_fns.ipm(u[None, :], s)),
+    "nan": (math.nan, lambda u, _s, _r: attack_fns.non_finite(u, math.nan)),
+    "inf": (math.inf, lambda u, _s, _r: attack_fns.non_finite(u, math.inf)),
+}
+_OTHER_ATTACKS = {"weight-inflation": 100.0, "label-flip": math.nan, "none": math.nan}
+
+#: Attack names the mod accepts in ``node_config["attack"]``.
+MOD_ATTACKS: tuple[str, ...] = tuple(_UPDATE_ATTACKS) + tuple(_OTHER_ATTACKS)
+
+
+def configured_attack(context: Context) -> tuple[str, float]:
+    """Return ``(attack, strength)`` from the node config (``("none", nan)`` if unset).
+
+    Raises
+    ------
+    ValueError
+        On an unknown attack name or a non-numeric strength, naming the valid
+        choices.
+    """
+    source, where = _attack_source(context)
+    name = str(source.get("attack", "none")).strip().lower()
+    if name not in MOD_ATTACKS:
+        raise ValueError(
+            f"{where} attack={name!r} is not an attack; choose one of "
+            f"{', '.join(MOD_ATTACKS)}"
+        )
+    default = (
+        _UPDATE_ATTACKS[name][0] if name in _UPDATE_ATTACKS else _OTHER_ATTACKS[name]
+    )
+    raw = source.get("attack-strength", default)
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        raise ValueError(f"{where} attack-strength must be a number, got {raw!r}")
+    return name, float(raw)
+
+
+def _attack_source(context: Context) -> tuple[Mapping[str, object], str]:
+    """Where this node's attack settings come from (see the module docstring)."""
+    if "attack" in context.node_config:
+        return context.node_config, "node_config"
+    run_config = context.run_config
+    if "attack" not in run_config:
+        return {}, "node_config"
+    raw_ids = str(run_config.get("attack-partition-ids", "")).replace(" ", "")
+    try:
+        ids = {int(part) for part in raw_ids.split(",") if part}
+    except ValueError as err:
+        raise ValueError(
+            f"run_config attack-partition-ids={raw_ids!r} must be comma-separated "
+            "partition ids, e.g. '0,3'"
+        ) from err
+    if context.node_config.get("partition-id") in ids:
+        return run_config, "run_config"
+    return {}, "run_config"
+
+
+def flip_labels_if_attacking(
+    labels: np.ndarray, context: Context, num_classes: int
+) -> np.ndarray:
+    """Return flipped labels if this node's config says ``attack='label-flip'``."""
+    name, _ = configured_attack(context)
+    if name != "label-flip":
+        return labels
+    return attack_fns.label_flip(labels, num_classes)
+
+
+def byzantine_mod(
+    msg: Message, context: Context, call_next: ClientAppCallable
+) -> Message:
+    """Apply the node's configured attack to its train replies."""
+    try:
+        name, strength = configured_attack(context)
+    except ValueError as err:
+        return Message(
+            Error(
+                code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                reason=f"byzantine_mod: {err}",
+            ),
+            reply_to=msg,
+        )
+    reply = call_next(msg, context)
+    if (
+        name in ("none", "label-flip")
+        or msg.metadata.message_type != MessageType.TRAIN
+        or reply.has_error()
+    ):
+        return reply
+    if name == "weight-inflation":
+        return _inflate(reply, strength)
+    return _attack_arrays(msg, reply, name, strength, context)
+
+
+def _inflate(reply: Message, factor: float) -> Message:
+    content = RecordDict(dict(reply.content.items()))
+    for key, metrics in reply.content.metric_records.items():
+        inflated = MetricRecord(dict(metrics.items()))
+        if "num-examples" in inflated:
+            inflated["num-examples"] = attack_fns.inflate_weight(
+                float(inflated["num-examples"]), factor
+            )
+        content[key] = inflated
+    reply.content = content
+    return reply
+
+
+def _attack_arrays(
+    msg: Message, reply: Message, name: str, strength: float, context: Context
+) -> Message:
+    if len(msg.content.array_records) != 1 or len(reply.content.array_records) != 1:
+        log(WARNING, "byzantine_mod: expected one ArrayRecord each way; not attacking")
+        return reply
+    sent = next(iter(msg.content.array_records.values()))
+    key, returned = next(iter(reply.content.array_records.items()))
+    global_vec, manifest = flatten(sent)
+    model_vec, _ = flatten(returned, manifest)
+    seed = _attack_source(context)[0].get("attack-seed")
+    round_ = msg.content.config_records.get("config", {}).get("server-round", 0)
+    rng = np.random.default_rng(
+        None if seed is None else [int(seed), int(round_)]  # type: ignore[arg-type]
+    )
+    attacked = _UPDATE_ATTACKS[name][1](model_vec - global_vec, strength, rng)
+    with np.errstate(invalid="ignore", over="ignore"):
+        poisoned: ArrayRecord = unflatten(global_vec + attacked, manifest)
+    content = RecordDict(dict(reply.content.items()))
+    content[key] = poisoned
+    reply.content = content
+    return reply

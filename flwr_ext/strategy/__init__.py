@@ -1,0 +1,31 @@
+"""Flower strategy wrappers: robust aggregation (and, as they land, DP and HE).
+
+All wrappers take a Flower strategy as their first argument and compose with
+FedAvg, FedProx, FedAdam and friends; unsound compositions fail at construction
+(:mod:`flwr_ext.strategy.composition`).
+"""
+
+from .composition import Role, check_composition
+from .robust import RobustAggregation
+from .robust_strategies import (
+    ROBUST_STRATEGIES,
+    CenteredClipping,
+    GeometricMedian,
+    Krum,
+    Median,
+    MultiKrum,
+    TrimmedMean,
+)
+
+__all__ = [
+    "ROBUST_STRATEGIES",
+    "CenteredClipping",
+    "GeometricMedian",
+    "Krum",
+    "Median",
+    "MultiKrum",
+    "RobustAggregation",
+    "Role",
+    "TrimmedMean",
+    "check_composition",
+]

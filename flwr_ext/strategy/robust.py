@@ -1,0 +1,449 @@
+"""RobustAggregation: put any robust aggregation rule in front of any Flower strategy.
+
+The wrapper speaks Flower; the math lives in :mod:`flwr_ext.aggregation`. Per round:
+
+1. ``configure_train`` remembers the global model and the sampled nodes, then lets
+   the inner strategy build the instructions (so FedProx's ``proximal-mu``, FedAdam's
+   state, custom configs... all keep working).
+2. ``aggregate_train`` validates every reply against the global model
+   (:func:`flwr_ext.records.validate_train_reply`) and drops the malformed ones with
+   one log line each; stacks the valid models' *updates* (model minus global model)
+   into an ``(n, d)`` matrix; applies the optional pre-aggregation (NNM) and the rule;
+   and hands the inner strategy **one synthetic reply** carrying
+   ``global + robust update``. The inner strategy's own server step runs on it: plain
+   FedAvg returns it unchanged, FedAdam applies Adam to ``robust update``.
+3. The result is cast back to the global model's dtypes (Flower's FedAdam returns
+   float64 for float32 models) and checked to be finite; if it is not, or if too few
+   replies are valid for the rule, the round keeps the previous global model.
+
+Client weights. A client's ``num-examples`` cannot be verified, and a client that
+claims 100x its share would otherwise dominate a weighted rule. The default
+``weighting="uniform"`` counts every valid reply once, which is what the robustness
+guarantees of Krum, the median, the trimmed mean, the geometric median, centered
+clipping and NNM are proved for. ``weighting="capped"`` keeps size-proportional
+weights but caps each at ``weight_cap`` times the median claim, for federations
+whose honest sites differ a lot in size (it trades a bounded extra influence,
+``weight_cap``, for that).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from copy import copy
+from logging import INFO, WARNING
+from typing import Literal
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.supercore import log
+
+from ..aggregation import AggregationRule, NearestNeighborMixing, PreAggregation
+from ..aggregation.base import check_fraction, check_int
+from ..records import (
+    InvalidReplyError,
+    Manifest,
+    ValidReply,
+    flatten,
+    unflatten,
+    validate_metrics,
+    validate_train_reply,
+)
+from .composition import Role, check_composition
+
+__all__ = ["RobustAggregation", "Weighting"]
+
+Weighting = Literal["uniform", "capped"]
+_WEIGHTINGS = ("uniform", "capped")
+
+#: Keys this wrapper adds to the round's train MetricRecord.
+METRIC_RECEIVED = "robust-received"
+METRIC_DROPPED = "robust-dropped"
+METRIC_SELECTED = "robust-selected"
+METRIC_SECONDS = "robust-aggregation-s"
+
+
+class RobustAggregation(Strategy):
+    """Byzantine-robust aggregation in front of any Flower strategy.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The Flower strategy whose sampling, configuration, server optimiser and
+        evaluation are kept, e.g. ``FedAvg()``, ``FedProx(proximal_mu=0.1)`` or
+        ``FedAdam()``. It receives the robust aggregate as a single reply.
+    rule : AggregationRule
+        The robust rule, e.g. ``TrimmedMeanRule(beta=0.2)``.
+    pre_aggregation : PreAggregation, "nnm" or None (default: None)
+        A step applied to the update matrix before the rule. ``"nnm"`` is
+        nearest-neighbour mixing with ``num_byzantine`` (required then).
+    num_byzantine : int or None (default: None)
+        Number of Byzantine clients to tolerate, used by ``pre_aggregation="nnm"``.
+    weighting : {"uniform", "capped"} (default: "uniform")
+        How claimed client weights enter the rule and the metrics; see the module
+        docstring for why uniform is the default.
+    weight_cap : float (default: 2.0)
+        With ``weighting="capped"``: no client weighs more than ``weight_cap``
+        times the median claimed weight of the round. Must be >= 1.
+
+    Notes
+    -----
+    The round's train MetricRecord holds the inner strategy's aggregate of the
+    clients' metrics (over valid replies, with the weights above) plus
+    ``robust-received``, ``robust-dropped``, ``robust-selected`` and
+    ``robust-aggregation-s`` (seconds spent validating and aggregating).
+    """
+
+    flwr_ext_role = Role.ROBUST
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        rule: AggregationRule,
+        *,
+        pre_aggregation: PreAggregation | Literal["nnm"] | None = None,
+        num_byzantine: int | None = None,
+        weighting: Weighting = "uniform",
+        weight_cap: float = 2.0,
+    ) -> None:
+        check_composition(type(self).__name__, Role.ROBUST, strategy)
+        if not isinstance(rule, AggregationRule):
+            raise TypeError(
+                "rule must be an flwr_ext.aggregation.AggregationRule, "
+                f"got {type(rule).__name__}"
+            )
+        if num_byzantine is not None:
+            num_byzantine = check_int("num_byzantine", num_byzantine, 0)
+        if pre_aggregation == "nnm":
+            if num_byzantine is None:
+                raise ValueError(
+                    "pre_aggregation='nnm' needs num_byzantine, the number of "
+                    "Byzantine clients to tolerate (e.g. num_byzantine=2)"
+                )
+            pre_aggregation = NearestNeighborMixing(num_byzantine)
+        elif pre_aggregation is not None and not isinstance(
+            pre_aggregation, PreAggregation
+        ):
+            raise ValueError(
+                f"pre_aggregation must be None, 'nnm' or a PreAggregation, "
+                f"got {pre_aggregation!r}"
+            )
+        if weighting not in _WEIGHTINGS:
+            raise ValueError(
+                f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}"
+            )
+        self.strategy = strategy
+        self.rule = rule
+        self.pre_aggregation: PreAggregation | None = pre_aggregation
+        self.num_byzantine = num_byzantine
+        self.weighting: Weighting = weighting
+        self.weight_cap = check_fraction(
+            "weight_cap", weight_cap, 1.0, float("inf"), high_inclusive=True
+        )
+        self.weight_key: str = getattr(strategy, "weighted_by_key", "num-examples")
+        self.arrayrecord_key: str = getattr(strategy, "arrayrecord_key", "arrays")
+        self._global: ArrayRecord | None = None
+        self._manifest: Manifest | None = None
+        self._sampled: set[int] = set()
+
+    # ------------------------------------------------------------------ set-up
+    def min_valid_replies(self) -> int:
+        """Fewest valid replies a round needs before the rule is applied."""
+        pre = self.pre_aggregation.min_clients() if self.pre_aggregation else 1
+        return max(self.rule.min_clients(), pre)
+
+    def summary(self) -> None:
+        """Log the robust configuration, then the inner strategy's."""
+        log(INFO, "\t├──> Robust aggregation (flwr-ext):")
+        log(INFO, "\t│\t├── Rule: %r", self.rule)
+        log(INFO, "\t│\t├── Pre-aggregation: %r", self.pre_aggregation)
+        log(
+            INFO,
+            "\t│\t├── Weighting: %s%s",
+            self.weighting,
+            f" (cap {self.weight_cap:g}x median)" if self.weighting == "capped" else "",
+        )
+        log(INFO, "\t│\t└── Min valid replies per round: %d", self.min_valid_replies())
+        log(INFO, "\t├──> Inner strategy: %s", type(self.strategy).__name__)
+        self.strategy.summary()
+
+    # ------------------------------------------------------------------ train
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember the global model and sampled nodes; delegate to the inner."""
+        self._manifest = Manifest.from_arrayrecord(arrays)
+        self._global = arrays
+        messages = list(
+            self.strategy.configure_train(server_round, arrays, config, grid)
+        )
+        self._sampled = {int(m.metadata.dst_node_id) for m in messages}
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, robustly aggregate, and let the inner strategy take its step."""
+        if self._global is None or self._manifest is None:
+            raise RuntimeError(
+                "aggregate_train called before configure_train: the wrapper needs "
+                "the global model of the round to validate replies against"
+            )
+        started = time.perf_counter()
+        replies = list(replies)
+        manifest = self._manifest
+        matrix = np.empty((len(replies), manifest.size), dtype=_work_dtype(manifest))
+        valid: list[ValidReply] = []
+        dropped: list[InvalidReplyError] = []
+        seen: set[int] = set()
+        for reply in replies:
+            try:
+                self._check_sender(reply, seen)
+                valid.append(
+                    validate_train_reply(
+                        reply, manifest, self.weight_key, out=matrix[len(valid)]
+                    )
+                )
+            except InvalidReplyError as err:
+                dropped.append(err)
+                log(
+                    WARNING,
+                    "[%s] round %d: dropped reply from node %d: %s",
+                    type(self).__name__,
+                    server_round,
+                    err.node_id,
+                    err.reason,
+                )
+
+        counts = {
+            METRIC_RECEIVED: len(replies),
+            METRIC_DROPPED: len(dropped),
+            METRIC_SELECTED: 0,
+        }
+        needed = self.min_valid_replies()
+        if len(valid) < needed:
+            log(
+                WARNING,
+                "[%s] round %d: %d valid replies of %d, but %r needs at least %d: "
+                "keeping the previous global model",
+                type(self).__name__,
+                server_round,
+                len(valid),
+                len(replies),
+                self.rule,
+                needed,
+            )
+            return None, self._round_metrics(server_round, valid, counts, started)
+
+        updates = matrix[: len(valid)]
+        global_vector = _flatten_global(self._global, manifest, updates.dtype)
+        updates -= global_vector  # our own buffer: the replies stay untouched
+        weights = self._weights([r.weight for r in valid])
+        if self.pre_aggregation is not None:
+            updates = self.pre_aggregation.transform(updates, weights)
+        result = self.rule.aggregate_detailed(updates, weights)
+        counts[METRIC_SELECTED] = int(result.selected.sum())
+        candidate = global_vector.astype(np.float64) + result.value
+        if not np.isfinite(candidate).all():
+            log(
+                WARNING,
+                "[%s] round %d: the robust aggregate is not finite: keeping the "
+                "previous global model",
+                type(self).__name__,
+                server_round,
+            )
+            return None, self._round_metrics(server_round, valid, counts, started)
+
+        arrays = self._inner_step(server_round, unflatten(candidate, manifest), valid)
+        metrics = self._round_metrics(server_round, valid, counts, started)
+        return arrays, metrics
+
+    def _check_sender(self, reply: Message, seen: set[int]) -> None:
+        node_id = int(reply.metadata.src_node_id)
+        if self._sampled and node_id not in self._sampled:
+            raise InvalidReplyError(node_id, "node was not sampled in this round")
+        if node_id in seen:
+            raise InvalidReplyError(node_id, "second reply from the same node")
+        seen.add(node_id)
+
+    def _weights(self, claimed: list[float]) -> np.ndarray:
+        """Weights the rule uses (see the module docstring)."""
+        claimed_arr = np.asarray(claimed, dtype=np.float64)
+        if self.weighting == "uniform" or claimed_arr.sum() == 0:
+            return np.ones(len(claimed_arr))
+        cap = self.weight_cap * float(np.median(claimed_arr))
+        return np.minimum(claimed_arr, cap) if cap > 0 else np.ones(len(claimed_arr))
+
+    def _inner_step(
+        self, server_round: int, aggregate: ArrayRecord, valid: list[ValidReply]
+    ) -> ArrayRecord | None:
+        """Give the inner strategy one reply with the robust aggregate."""
+        synthetic = Message(
+            content=RecordDict(
+                {
+                    self.arrayrecord_key: aggregate,
+                    "metrics": MetricRecord({self.weight_key: 1}),
+                }
+            ),
+            metadata=copy(valid[0].message.metadata),
+        )
+        arrays, _ = self.strategy.aggregate_train(server_round, [synthetic])
+        if arrays is None:
+            return None
+        return _cast_like(arrays, self._manifest, type(self).__name__, server_round)
+
+    def _round_metrics(
+        self,
+        server_round: int,
+        valid: list[ValidReply],
+        counts: dict[str, int],
+        started: float,
+    ) -> MetricRecord:
+        metrics = self._aggregate_client_metrics(
+            valid, getattr(self.strategy, "train_metrics_aggr_fn", None)
+        )
+        for key, value in counts.items():
+            metrics[key] = value
+        seconds = time.perf_counter() - started
+        metrics[METRIC_SECONDS] = seconds
+        log(
+            INFO,
+            "[%s] round %d: received %d, dropped %d, selected %d, aggregated in %.3f s",
+            type(self).__name__,
+            server_round,
+            counts[METRIC_RECEIVED],
+            counts[METRIC_DROPPED],
+            counts[METRIC_SELECTED],
+            seconds,
+        )
+        return metrics
+
+    def _aggregate_client_metrics(
+        self, valid: list[ValidReply], aggr_fn: object
+    ) -> MetricRecord:
+        """Aggregate clients' MetricRecords with the policy's weights."""
+        if not valid:
+            return MetricRecord()
+        weights = self._weights([r.weight for r in valid])
+        records = [
+            RecordDict(
+                {"metrics": MetricRecord({**r.metrics, self.weight_key: float(w)})}
+            )
+            for r, w in zip(valid, weights, strict=True)
+        ]
+        fn = aggr_fn if callable(aggr_fn) else aggregate_metricrecords
+        try:
+            return fn(records, self.weight_key)
+        except Exception as err:  # a client's metrics never crash the server
+            log(
+                WARNING,
+                "[%s] client metrics could not be aggregated (%s: %s); reporting "
+                "the robust counters only",
+                type(self).__name__,
+                type(err).__name__,
+                err,
+            )
+            return MetricRecord()
+
+    # ------------------------------------------------------------- evaluate
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate to the inner strategy."""
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Drop malformed evaluation replies, then aggregate like train metrics."""
+        valid: list[ValidReply] = []
+        for reply in replies:
+            node_id = int(reply.metadata.src_node_id)
+            try:
+                if reply.has_error():
+                    raise InvalidReplyError(
+                        node_id,
+                        f"client error {reply.error.code}: {reply.error.reason}",
+                    )
+                metrics, weight = validate_metrics(reply, self.weight_key, node_id)
+            except InvalidReplyError as err:
+                log(
+                    WARNING,
+                    "[%s] round %d: dropped evaluate reply from node %d: %s",
+                    type(self).__name__,
+                    server_round,
+                    node_id,
+                    err.reason,
+                )
+                continue
+            valid.append(ValidReply(node_id, np.empty(0), weight, metrics, reply))
+        if not valid:
+            return None
+        return self._aggregate_client_metrics(
+            valid, getattr(self.strategy, "evaluate_metrics_aggr_fn", None)
+        )
+
+
+def _work_dtype(manifest: Manifest) -> type:
+    """Return the dtype of the update matrix for a model.
+
+    float32 when every array is float32 (exact for the rules, half the memory and
+    a 4x faster sort than float64); float64 otherwise.
+    """
+    if all(np.dtype(spec.dtype) == np.float32 for spec in manifest.specs):
+        return np.float32
+    return np.float64
+
+
+def _flatten_global(record: ArrayRecord, manifest: Manifest, dtype: type) -> np.ndarray:
+    vector, _ = flatten(record, manifest, dtype=dtype)
+    return vector
+
+
+def _cast_like(
+    arrays: ArrayRecord, manifest: Manifest | None, who: str, server_round: int
+) -> ArrayRecord | None:
+    """Return ``arrays`` with the global model's keys and dtypes.
+
+    Returns None (keep the previous model) if the inner strategy produced
+    something that cannot be the next global model.
+    """
+    assert manifest is not None
+    out: dict[str, Array] = {}
+    for spec in manifest.specs:
+        if spec.key not in arrays:
+            log(
+                WARNING,
+                "[%s] round %d: the inner strategy dropped array '%s': keeping the "
+                "previous global model",
+                who,
+                server_round,
+                spec.key,
+            )
+            return None
+        value = arrays[spec.key].numpy()
+        if value.shape != spec.shape or not np.isfinite(value).all():
+            log(
+                WARNING,
+                "[%s] round %d: the inner strategy returned a non-finite or "
+                "reshaped '%s': keeping the previous global model",
+                who,
+                server_round,
+                spec.key,
+            )
+            return None
+        dtype = np.dtype(spec.dtype)
+        if dtype.kind in "iu" and value.dtype.kind == "f":
+            value = np.rint(value)
+        out[spec.key] = Array(np.ascontiguousarray(value, dtype=dtype))
+    return ArrayRecord(out)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install flwr-ext into a fresh virtualenv (.venv) and run the whole test suite:
+# ruff (lint + format check), then pytest - unit tests and the end-to-end tests
+# that start Flower's Simulation and Deployment Engines.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not e2e"`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${FLWR_EXT_VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+
+echo "==> creating a fresh virtualenv in $VENV"
+"$PYTHON" -m venv --clear "$VENV"
+PY="$VENV/bin/python"
+"$PY" -m pip install --quiet --upgrade pip
+# torch first: the CPU build 2.13.0. A bare `torch` requirement on a machine
+# without torch would pull a multi-GB CUDA build.
+"$PY" -m pip install --quiet torch==2.13.0
+"$PY" -m pip install --quiet -e ".[test]"
+
+echo "==> ruff"
+"$VENV/bin/ruff" check .
+"$VENV/bin/ruff" format --check .
+
+echo "==> pytest"
+# pytest exits 5 when it collects no test: set -e turns that into a failure.
+"$PY" -m pytest "$@"

@@ -1,0 +1,184 @@
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from flwr_ext.records import (
+    InvalidReplyError,
+    Manifest,
+    flatten,
+    unflatten,
+    validate_train_reply,
+)
+from flwr_ext.strategy import TrimmedMean
+
+from .conftest import instructions, model, reply_to
+
+
+def mixed_record() -> ArrayRecord:
+    return ArrayRecord(
+        {
+            "conv": Array(np.arange(24, dtype=np.float32).reshape(2, 3, 4)),
+            "bias": Array(np.array([0.5, -1.5], dtype=np.float64)),
+            "steps": Array(np.array(7, dtype=np.int64)),
+        }
+    )
+
+
+def test_flatten_unflatten_round_trip_keeps_keys_order_shapes_dtypes():
+    record = mixed_record()
+    vector, manifest = flatten(record)
+    assert vector.shape == (24 + 2 + 1,)
+    assert vector.dtype == np.float64
+    back = unflatten(vector, manifest)
+    assert list(back.keys()) == ["conv", "bias", "steps"]
+    for key in record:
+        np.testing.assert_array_equal(back[key].numpy(), record[key].numpy())
+        assert back[key].numpy().dtype == record[key].numpy().dtype
+
+
+def test_flatten_copies_and_unflatten_rounds_integers():
+    record = mixed_record()
+    vector, manifest = flatten(record)
+    vector[:] = 0.0
+    assert record["conv"].numpy().sum() == sum(range(24))  # source untouched
+    vector[-1] = 2.6
+    assert unflatten(vector, manifest)["steps"].numpy() == 3
+
+
+def test_manifest_dict_round_trip_and_bad_dict():
+    manifest = Manifest.from_arrayrecord(mixed_record())
+    assert Manifest.from_dict(manifest.to_dict()) == manifest
+    broken = manifest.to_dict()
+    broken["shapes"] = broken["shapes"][:-1]
+    with pytest.raises(ValueError, match="do not line up"):
+        Manifest.from_dict(broken)
+
+
+def test_manifest_rejects_non_numeric_arrays():
+    record = ArrayRecord({"s": Array(np.array(["a"]))})
+    with pytest.raises(TypeError, match="float and integer"):
+        Manifest.from_arrayrecord(record)
+
+
+def test_unflatten_wrong_length_is_an_error():
+    _, manifest = flatten(model())
+    with pytest.raises(ValueError, match="does not match the manifest"):
+        unflatten(np.zeros(3), manifest)
+
+
+def test_flatten_detects_payload_that_lies_about_its_shape():
+    honest = Array(np.zeros((3, 2), dtype=np.float32))
+    liar = Array(
+        dtype=honest.dtype, shape=(3, 2), stype=honest.stype,
+        data=Array(np.zeros((4, 2), dtype=np.float32)).data,
+    )  # fmt: skip
+    _, manifest = flatten(model())
+    record = ArrayRecord({"w": liar, "b": Array(np.zeros(2, dtype=np.float32))})
+    with pytest.raises(ValueError, match="holds float32"):
+        flatten(record, manifest)
+
+
+@pytest.fixture
+def setup():
+    strategy = TrimmedMean(beta=0.2)
+    global_model = model(0.0)
+    msgs = instructions(strategy, global_model, [11, 12])
+    return Manifest.from_arrayrecord(global_model), msgs[0]
+
+
+def test_valid_reply_is_flattened(setup):
+    manifest, instruction = setup
+    valid = validate_train_reply(reply_to(instruction, model(1.5), 7), manifest)
+    assert valid.node_id == 11
+    assert valid.weight == 7.0
+    np.testing.assert_array_equal(valid.vector, np.full(8, 1.5))
+
+
+def bad_weight_cases():
+    return [
+        (-1, "finite and >= 0"),
+        (float("nan"), "finite and >= 0"),
+        (float("inf"), "finite and >= 0"),
+        ([1, 2], "one number"),
+        (None, "no weight key"),
+    ]
+
+
+@pytest.mark.parametrize(("weight", "reason"), bad_weight_cases())
+def test_bad_weights_are_rejected_with_reason(setup, weight, reason):
+    manifest, instruction = setup
+    with pytest.raises(InvalidReplyError, match=reason):
+        validate_train_reply(reply_to(instruction, model(), weight), manifest)
+
+
+def test_zero_weight_is_valid(setup):
+    manifest, instruction = setup
+    assert validate_train_reply(reply_to(instruction, model(), 0), manifest).weight == 0
+
+
+def wrong_models():
+    w = np.zeros((3, 2), dtype=np.float32)
+    b = np.zeros(2, dtype=np.float32)
+    return [
+        (ArrayRecord({"w": Array(w)}), "missing arrays \\['b'\\]"),
+        (
+            ArrayRecord({"w": Array(w), "b": Array(b), "x": Array(b)}),
+            "unexpected arrays \\['x'\\]",
+        ),
+        (ArrayRecord({"w": Array(w.T.copy()), "b": Array(b)}), "has shape \\(2, 3\\)"),
+        (
+            ArrayRecord({"w": Array(w.astype(np.float64)), "b": Array(b)}),
+            "dtype float64, expected float32",
+        ),
+        (
+            ArrayRecord(
+                {"w": Array(np.full((3, 2), np.nan, np.float32)), "b": Array(b)}
+            ),
+            "non-finite values .* \\['w'\\]",
+        ),
+        (
+            ArrayRecord({"w": Array(w), "b": Array(np.array([np.inf, 0], np.float32))}),
+            "non-finite values .* \\['b'\\]",
+        ),
+    ]
+
+
+@pytest.mark.parametrize(("arrays", "reason"), wrong_models())
+def test_wrong_models_are_rejected_with_reason(setup, arrays, reason):
+    manifest, instruction = setup
+    with pytest.raises(InvalidReplyError, match=reason):
+        validate_train_reply(reply_to(instruction, arrays), manifest)
+
+
+def test_record_structure_errors(setup):
+    manifest, instruction = setup
+    with pytest.raises(InvalidReplyError, match="exactly one ArrayRecord, got 0"):
+        validate_train_reply(reply_to(instruction, None), manifest)
+    with pytest.raises(InvalidReplyError, match="exactly one ArrayRecord, got 2"):
+        validate_train_reply(
+            reply_to(instruction, model(), extra_records={"more": model()}), manifest
+        )
+    with pytest.raises(InvalidReplyError, match="exactly one MetricRecord, got 2"):
+        validate_train_reply(
+            reply_to(
+                instruction, model(), extra_records={"m2": MetricRecord({"a": 1})}
+            ),
+            manifest,
+        )
+    with pytest.raises(InvalidReplyError, match="metric 'loss' is not finite"):
+        validate_train_reply(
+            reply_to(instruction, model(), extra_metrics={"loss": float("nan")}),
+            manifest,
+        )
+    with pytest.raises(InvalidReplyError, match="stored under 'weights'"):
+        validate_train_reply(
+            Message(
+                RecordDict(
+                    {"weights": model(), "m": MetricRecord({"num-examples": 1})}
+                ),
+                reply_to=instruction,
+            ),
+            manifest,
+            arrayrecord_key="arrays",
+        )
+    assert ConfigRecord  # imported for symmetry with Flower's own tests
