@@ -151,3 +151,19 @@ def test_unknown_attack_becomes_an_error_reply_that_the_server_drops(caplog):
     assert "node 10: client error" in caplog.text
     assert "'sign-flop' is not an attack" in caplog.text
     assert result.train_metrics_clientapp[1]["robust-dropped"] == 1
+
+
+def test_mod_attacks_when_the_server_sends_float64_and_the_client_float32():
+    # Flower's FedAdam turns a float32 model into float64; clients still reply in
+    # float32. The attack must still happen (not become an error reply).
+    grid = federation({1: {"attack": "sign-flip"}})
+    instruction = Message(
+        RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(4, np.float64))})}),
+        dst_node_id=1,
+        message_type="train",
+    )
+    reply = make_app()(instruction, grid.context(1))
+    assert not reply.has_error()
+    w = reply.content["arrays"]["w"].numpy()
+    assert w.dtype == np.float32
+    np.testing.assert_allclose(w, -0.5 * TARGET)

@@ -179,8 +179,17 @@ def _attack_arrays(
         return reply
     sent = next(iter(msg.content.array_records.values()))
     key, returned = next(iter(reply.content.array_records.items()))
-    global_vec, manifest = flatten(sent)
-    model_vec, _ = flatten(returned, manifest)
+    # The reply's own manifest: a client answers in its model's dtypes (float32)
+    # even when the server sent float64 (Flower's FedAdam does).
+    model_vec, manifest = flatten(returned)
+    if set(sent.keys()) != set(manifest.keys) or any(
+        tuple(sent[s.key].shape) != s.shape for s in manifest.specs
+    ):
+        log(WARNING, "byzantine_mod: reply and instruction arrays differ; no attack")
+        return reply
+    global_vec = np.concatenate(
+        [np.asarray(sent[k].numpy(), dtype=np.float64).ravel() for k in manifest.keys]
+    )
     seed = _attack_source(context)[0].get("attack-seed")
     round_ = msg.content.config_records.get("config", {}).get("server-round", 0)
     rng = np.random.default_rng(
