@@ -217,7 +217,9 @@ def unflatten(vector: np.ndarray, manifest: Manifest) -> ArrayRecord:
         if dtype.kind in "iu":
             info = np.iinfo(dtype)
             chunk = np.clip(np.rint(chunk), info.min, info.max)
-        arrays[spec.key] = Array(np.ascontiguousarray(chunk, dtype=dtype))
+        # np.array, not np.ascontiguousarray: the latter turns 0-d arrays (e.g.
+        # BatchNorm's num_batches_tracked) into shape (1,).
+        arrays[spec.key] = Array(np.array(chunk, dtype=dtype, order="C"))
     return ArrayRecord(arrays)
 
 
