@@ -1,0 +1,352 @@
+"""The CKKS codec: an ArrayRecord <-> an encrypted ArrayRecord that a server can add.
+
+Encoding (data owner, secret key)
+---------------------------------
+1. Flatten every array of the record into one float64 vector in the record's own
+   order (:func:`flwr_ext.records.flatten`; the :class:`~flwr_ext.records.Manifest`
+   keeps names, shapes and dtypes, so the key holder rebuilds the exact structure).
+2. Pre-scale by the client's weight ``w`` and append two slots:
+   ``[w * x_1, ..., w * x_d, w, 1]``. Summing such vectors over clients gives
+   ``[sum w_i x_i, sum w_i, n]``; the key holder divides by the weight slot to get
+   the weighted average (FedAvg) and reads the number of contributions from the
+   last slot. The server never multiplies, so one data prime suffices.
+3. Check ``|w * x| <= bound / num_clients`` (the profile's magnitude bound, see
+   :func:`flwr_ext.he.profiles.check_bound`) before anything is encrypted.
+4. Encrypt chunk by chunk (:mod:`flwr_ext.he.wire`) and put the ciphertext bytes in
+   an ArrayRecord: ``"ckks-meta"`` (JSON: kind, profile, key fingerprint, wire
+   format, manifest, number of values and chunks) and ``"ckks-00000"``,
+   ``"ckks-00001"``, ... (one ciphertext each). The context is never sent.
+
+Ciphertext arrays use their own ``stype`` (:data:`STYPE_CIPHERTEXT`), so code that
+mistakes them for plaintext - e.g. Flower's FedAvg averaging them - fails loudly
+(``Array.numpy()`` refuses unknown stypes) instead of averaging bytes.
+
+Decoding (key holder) reverses this: check the fingerprint, decrypt, divide by the
+weight slot, and :func:`flwr_ext.records.unflatten` to the original dtypes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from ..records import Manifest, flatten, unflatten
+from .keys import CkksKeys
+from .profiles import check_bound
+from .wire import CiphertextError, get_wire
+
+__all__ = [
+    "META_KEY",
+    "STYPE_CIPHERTEXT",
+    "STYPE_META",
+    "DecryptedModel",
+    "EncryptedHeader",
+    "InvalidCiphertextError",
+    "decrypt_record",
+    "encrypt_record",
+    "is_encrypted",
+]
+
+META_KEY = "ckks-meta"
+CHUNK_PREFIX = "ckks-"
+STYPE_META = "flwr-ext.ckks.meta"
+STYPE_CIPHERTEXT = "flwr-ext.ckks.ciphertext"
+FORMAT_VERSION = 1
+#: Extra slots after the model values: the weight and the contribution count.
+EXTRA_SLOTS = 2
+
+Kind = Literal["update", "model"]
+
+
+class InvalidCiphertextError(ValueError):
+    """An encrypted record that is malformed, truncated, or made for other keys."""
+
+
+@dataclass(frozen=True)
+class EncryptedHeader:
+    """What an encrypted ArrayRecord declares about itself (its ``ckks-meta``).
+
+    Attributes
+    ----------
+    kind : {"update", "model"}
+        ``"update"``: one client's pre-scaled model; ``"model"``: a sum (the
+        encrypted global model).
+    profile : str
+        Name of the CKKS profile.
+    fingerprint : str
+        Fingerprint of the key set that encrypted it.
+    wire : str
+        Wire format (``"tenseal"`` or ``"seeded"``).
+    manifest : Manifest
+        Names, shapes and dtypes of the plaintext arrays.
+    num_chunks : int
+        Number of ciphertexts.
+    decryptor : bool
+        On an update: the sending node has opted in to decrypt aggregates for the
+        server (``HomomorphicAggregation(mode="decrypt-aggregate")``).
+    checksums : tuple[int, ...]
+        CRC32 of each ciphertext's bytes, set by :func:`pack`. A CKKS ciphertext
+        has no integrity of its own: a flipped bit inside a coefficient still
+        loads and silently corrupts the whole sum, so every chunk is checked
+        against its checksum before it is loaded.
+    """
+
+    kind: Kind
+    profile: str
+    fingerprint: str
+    wire: str
+    manifest: Manifest
+    num_chunks: int
+    decryptor: bool = False
+    checksums: tuple[int, ...] = ()
+
+    @property
+    def num_values(self) -> int:
+        """Encrypted values: the model's parameters plus the weight and count slots."""
+        return self.manifest.size + EXTRA_SLOTS
+
+    def to_bytes(self) -> bytes:
+        """JSON encoding stored in the ``ckks-meta`` array."""
+        return json.dumps(
+            {
+                "format": FORMAT_VERSION,
+                "kind": self.kind,
+                "profile": self.profile,
+                "fingerprint": self.fingerprint,
+                "wire": self.wire,
+                "manifest": self.manifest.to_dict(),
+                "num_chunks": self.num_chunks,
+                "decryptor": self.decryptor,
+                "crc32": list(self.checksums),
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_record(cls, record: ArrayRecord) -> EncryptedHeader:
+        """Parse and check the structure of an encrypted record (no key needed).
+
+        Raises :class:`InvalidCiphertextError` naming what is wrong.
+        """
+        if META_KEY not in record:
+            raise InvalidCiphertextError(
+                f"not an encrypted record (no '{META_KEY}' array); is ckks_mod in "
+                "the ClientApp's mods?"
+            )
+        meta = record[META_KEY]
+        if meta.stype != STYPE_META:
+            raise InvalidCiphertextError(f"'{META_KEY}' has stype {meta.stype!r}")
+        try:
+            data = json.loads(meta.data)
+            if data.get("format") != FORMAT_VERSION:
+                raise InvalidCiphertextError(
+                    f"encrypted record format {data.get('format')!r}, this flwr-ext "
+                    f"reads format {FORMAT_VERSION}"
+                )
+            header = cls(
+                kind=data["kind"],
+                profile=str(data["profile"]),
+                fingerprint=str(data["fingerprint"]),
+                wire=str(data["wire"]),
+                manifest=Manifest.from_dict(data["manifest"]),
+                num_chunks=int(data["num_chunks"]),
+                decryptor=data.get("decryptor", False) is True,
+                checksums=tuple(int(c) for c in data["crc32"]),
+            )
+        except InvalidCiphertextError:
+            raise
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+            raise InvalidCiphertextError(f"'{META_KEY}' is corrupted: {err!r}") from err
+        if len(header.checksums) != header.num_chunks:
+            raise InvalidCiphertextError(
+                f"'{META_KEY}' lists {len(header.checksums)} checksums for "
+                f"{header.num_chunks} chunks"
+            )
+        if header.kind not in ("update", "model"):
+            raise InvalidCiphertextError(f"unknown kind {header.kind!r}")
+        try:
+            get_wire(header.wire)
+        except ValueError as err:
+            raise InvalidCiphertextError(str(err)) from err
+        expected = sorted([META_KEY, *chunk_keys(header.num_chunks)])
+        if sorted(record.keys()) != expected:
+            raise InvalidCiphertextError(
+                f"expected arrays {META_KEY} and {header.num_chunks} chunks "
+                f"({CHUNK_PREFIX}00000...), got {len(record)} arrays"
+            )
+        for key in chunk_keys(header.num_chunks):
+            if record[key].stype != STYPE_CIPHERTEXT:
+                raise InvalidCiphertextError(
+                    f"array '{key}' has stype {record[key].stype!r}, expected "
+                    f"{STYPE_CIPHERTEXT!r}"
+                )
+        return header
+
+    def check_keys(self, keys: CkksKeys, what: str) -> None:
+        """Check fingerprint, profile and chunk count against ``keys``."""
+        keys.check_matches(self.profile, self.fingerprint, what)
+        expected = len(get_wire(self.wire).chunk_sizes(keys, self.num_values))
+        if self.num_chunks != expected:
+            raise InvalidCiphertextError(
+                f"{what} declares {self.num_chunks} ciphertexts, but "
+                f"{self.num_values} values in wire format {self.wire!r} need {expected}"
+            )
+
+
+def chunk_keys(num_chunks: int) -> list[str]:
+    """Names of the ciphertext arrays, in order."""
+    return [f"{CHUNK_PREFIX}{i:05d}" for i in range(num_chunks)]
+
+
+def is_encrypted(record: ArrayRecord) -> bool:
+    """Whether ``record`` is an encrypted record (has a ``ckks-meta`` array)."""
+    return META_KEY in record and record[META_KEY].stype == STYPE_META
+
+
+def pack(header: EncryptedHeader, blobs: list[bytes]) -> ArrayRecord:
+    """Put the header (with each chunk's CRC32) and the ciphertexts in a record."""
+    if len(blobs) != header.num_chunks:
+        raise ValueError(f"{len(blobs)} ciphertexts for {header.num_chunks} chunks")
+    header = replace(header, checksums=tuple(zlib.crc32(blob) for blob in blobs))
+    meta = header.to_bytes()
+    arrays = {META_KEY: Array("uint8", (len(meta),), STYPE_META, meta)}
+    for key, blob in zip(chunk_keys(header.num_chunks), blobs, strict=True):
+        arrays[key] = Array("uint8", (len(blob),), STYPE_CIPHERTEXT, bytes(blob))
+    return ArrayRecord(arrays)
+
+
+def chunks(record: ArrayRecord, header: EncryptedHeader) -> list[bytes]:
+    """Return the ciphertext bytes of ``record`` in order, checked against CRC32."""
+    blobs = [record[key].data for key in chunk_keys(header.num_chunks)]
+    for index, (blob, checksum) in enumerate(zip(blobs, header.checksums, strict=True)):
+        if zlib.crc32(blob) != checksum:
+            raise InvalidCiphertextError(
+                f"ciphertext {index} is corrupted or truncated ({len(blob)} bytes, "
+                "CRC32 mismatch)"
+            )
+    return blobs
+
+
+def encrypt_record(
+    record: ArrayRecord,
+    keys: CkksKeys,
+    weight: float,
+    *,
+    num_clients: int = 1,
+    wire: str = "tenseal",
+    decryptor: bool = False,
+) -> ArrayRecord:
+    """Encrypt a client's model, pre-scaled by its weight (data owner side).
+
+    Parameters
+    ----------
+    record : ArrayRecord
+        The plaintext model (float or integer arrays).
+    keys : CkksKeys
+        A context with the secret key.
+    weight : float
+        The client's weight in weight units (e.g. ``num-examples / weight_unit``);
+        finite and > 0.
+    num_clients : int (default: 1)
+        Replies the server will sum: each client may use ``1 / num_clients`` of the
+        profile's magnitude bound.
+    wire : {"tenseal", "seeded"}
+        Wire format (see :mod:`flwr_ext.he.wire`).
+    decryptor : bool (default: False)
+        Announce that this node decrypts aggregates for the server on request.
+
+    Returns
+    -------
+    ArrayRecord
+        ``ckks-meta`` plus one ``ckks-NNNNN`` array per ciphertext.
+
+    Raises
+    ------
+    flwr_ext.he.profiles.BoundExceededError
+        If ``|weight * value|`` exceeds the per-client budget (nothing encrypted).
+    ValueError
+        If the weight is not finite and positive, or the record has non-numeric
+        arrays.
+    """
+    keys.require_secret()
+    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+        raise ValueError(f"the client weight must be finite and > 0, got {weight!r}")
+    wire_format = get_wire(wire)
+    manifest = Manifest.from_arrayrecord(record)
+    vector = np.empty(manifest.size + EXTRA_SLOTS, dtype=np.float64)
+    flatten(record, manifest, out=vector[: manifest.size])
+    check_bound(vector[: manifest.size], float(weight), keys.profile, num_clients)
+    vector[: manifest.size] *= weight
+    vector[manifest.size] = weight
+    vector[manifest.size + 1] = 1.0
+    blobs = wire_format.encrypt(keys, vector)
+    header = EncryptedHeader(
+        "update",
+        keys.profile.name,
+        keys.fingerprint,
+        wire,
+        manifest,
+        len(blobs),
+        decryptor=decryptor,
+    )
+    return pack(header, blobs)
+
+
+@dataclass(frozen=True)
+class DecryptedModel:
+    """A decrypted record: the weighted average and what it was made of.
+
+    Attributes
+    ----------
+    arrays : ArrayRecord
+        ``sum(w_i x_i) / sum(w_i)``, shaped and typed like the original model.
+    total_weight : float
+        ``sum(w_i)`` (the weight slot).
+    contributions : int
+        Number of client updates in the sum (the count slot).
+    """
+
+    arrays: ArrayRecord
+    total_weight: float
+    contributions: int
+
+
+def decrypt_record(
+    record: ArrayRecord, keys: CkksKeys, what: str = "the encrypted model"
+) -> DecryptedModel:
+    """Decrypt an encrypted record with the secret key (data owner side).
+
+    Raises
+    ------
+    KeyMismatchError
+        If it was encrypted under another key set or profile (names both).
+    InvalidCiphertextError
+        If it is malformed or a ciphertext does not load.
+    """
+    keys.require_secret()
+    header = EncryptedHeader.from_record(record)
+    header.check_keys(keys, what)
+    try:
+        values = get_wire(header.wire).decrypt(
+            keys, chunks(record, header), header.num_values
+        )
+    except (CiphertextError, InvalidCiphertextError) as err:
+        raise InvalidCiphertextError(f"{what}: {err}") from err
+    size = header.manifest.size
+    total_weight = float(values[size])
+    contributions = round(float(values[size + 1]))
+    if not math.isfinite(total_weight) or total_weight <= 0:
+        raise InvalidCiphertextError(
+            f"{what} decrypts to a total weight of {total_weight:g}; the aggregate "
+            "overflowed the profile's bound or was made with another key"
+        )
+    average = values[:size] / total_weight
+    return DecryptedModel(
+        unflatten(average, header.manifest), total_weight, contributions
+    )
