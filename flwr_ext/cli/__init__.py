@@ -10,11 +10,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import simulate
+from . import keys, simulate
 
 __all__ = ["main"]
 
-_COMMANDS = (simulate,)
+_COMMANDS = (simulate, keys)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ FedAvg, FedProx, FedAdam and friends; unsound compositions fail at construction
 """
 
 from .composition import Role, check_composition
+from .homomorphic import HomomorphicAggregation
 from .robust import RobustAggregation
 from .robust_strategies import (
     ROBUST_STRATEGIES,
@@ -21,6 +22,7 @@ __all__ = [
     "ROBUST_STRATEGIES",
     "CenteredClipping",
     "GeometricMedian",
+    "HomomorphicAggregation",
     "Krum",
     "Median",
     "MultiKrum",

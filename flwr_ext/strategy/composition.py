@@ -77,6 +77,12 @@ _UNSOUND: dict[tuple[Role, Role], str] = {
         "two DP wrappers would clip twice and add noise twice while each accounts "
         "only for its own noise; use one"
     ),
+    (Role.HOMOMORPHIC, Role.DIFFERENTIAL_PRIVACY): (
+        "a DP wrapper inside homomorphic aggregation would have to clip and noise "
+        "updates the server cannot see (or, after decryption, one aggregate "
+        "instead of the clients' updates). Put the DP wrapper outside, with "
+        "clients adding their noise share before encrypting"
+    ),
     (Role.HOMOMORPHIC, Role.HOMOMORPHIC): (
         "updates are encrypted once, by the client mod; a second homomorphic "
         "wrapper would expect ciphertexts of ciphertexts"
