@@ -1,0 +1,1 @@
+"""Tiny CKKS app: plain local training; encryption comes from ckks_mod only."""
