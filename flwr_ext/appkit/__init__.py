@@ -1,0 +1,60 @@
+"""What Flower app templates share: config validation, data, metrics, results, plots.
+
+The two templates (``apps/hospital-diagnostics``, ``apps/bank-fraud``) are ordinary
+Flower apps; this package is what they have in common, so a fix or a new metric
+lands in both. One concept per module:
+
+- :mod:`~flwr_ext.appkit.config` - typed run/node-config schemas
+  (:class:`ConfigSchema`, :class:`Option`); validation at start-up lists every
+  problem and the valid choices.
+- :mod:`~flwr_ext.appkit.strategies` - the server strategy from run config
+  (``fedavg``/``fedprox``/``fedadam``, the robust rules, ``dp-fedavg``,
+  ``secure-aggregation``), refusing unsound or no-op combinations.
+- :mod:`~flwr_ext.appkit.site` - a site's identity and data source from its
+  node config (``partition-id`` in simulation, ``data-path`` in deployment).
+- :mod:`~flwr_ext.appkit.tabular` - CSV loading against a schema with clear
+  errors, stratified splits, non-IID Dirichlet partitions.
+- :mod:`~flwr_ext.appkit.standardisation` - one feature scaler for all sites from
+  federated sums (a QUERY round), or per site.
+- :mod:`~flwr_ext.appkit.torch_train` - the local training loop (SGD, FedProx
+  term, DP-SGD) and scoring for a binary PyTorch model.
+- :mod:`~flwr_ext.appkit.metrics` - binary metrics per site and pooled from
+  summable statistics (AUROC, sensitivity, specificity, accuracy, precision, F1,
+  AUPRC, recall at 1 % FPR), as Flower metric aggregators.
+- :mod:`~flwr_ext.appkit.recorder` - :class:`RecordingGrid`, a Grid wrapper that
+  keeps per-site metrics per round and names sites that drop out.
+- :mod:`~flwr_ext.appkit.results` - the results folder (absolute ``output-dir``
+  with a documented default), metrics JSON/CSV, final model, summary line.
+- :mod:`~flwr_ext.appkit.plots` - PNG plots on matplotlib's Agg canvas.
+
+Nothing here reads files or environment variables at import time.
+"""
+
+from .config import ConfigError, ConfigSchema, Option, Settings
+from .metrics import METRICS, BinaryMetric, BinaryStats, make_metrics_aggregator
+from .recorder import RecordingGrid
+from .results import ResultsWriter, resolve_output_dir, round_history, summary_line
+from .site import SiteSpec, site_from_context
+from .tabular import SchemaError, TabularData, TabularSchema, load_csv
+
+__all__ = [
+    "METRICS",
+    "BinaryMetric",
+    "BinaryStats",
+    "ConfigError",
+    "ConfigSchema",
+    "Option",
+    "ResultsWriter",
+    "RecordingGrid",
+    "SchemaError",
+    "Settings",
+    "SiteSpec",
+    "TabularData",
+    "TabularSchema",
+    "load_csv",
+    "make_metrics_aggregator",
+    "resolve_output_dir",
+    "round_history",
+    "site_from_context",
+    "summary_line",
+]

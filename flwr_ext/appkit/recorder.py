@@ -1,0 +1,248 @@
+"""RecordingGrid: keep every site's metrics per round, and name sites that drop out.
+
+Flower's ``Strategy.start()`` keeps only the *aggregated* metrics of each round. A
+consortium also wants each site's own numbers (is the federated model good at *my*
+hospital?) and to know which site failed to answer. :class:`RecordingGrid` wraps
+the :class:`~flwr.serverapp.Grid` the ServerApp receives - not the strategy - so
+every strategy (Flower's, flwr-ext's robust, DP and homomorphic wrappers, with
+their own ``start()`` overrides) runs exactly as it would without it::
+
+    grid = RecordingGrid(grid)
+    result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=5)
+    history = round_history(grid, result)   # flwr_ext.appkit.results
+
+For each ``send_and_receive`` call it:
+
+- notes the phase (the message type: ``train``, ``evaluate``, ``query``) and the
+  round (``server-round`` in the instructions' config), and where they went;
+- records every reply's scalar metrics by node (list values such as histograms
+  are left out) and how long the phase took;
+- logs one WARNING per node that replied with an error or did not reply within the
+  timeout, naming the node id and, once known, the site's name;
+- learns site names from a ``ConfigRecord`` named ``"site"`` (key ``"name"``) that
+  ClientApps may add to their replies (:func:`site_record`). Names come from
+  clients, so they are sanitised and made unique.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import WARNING
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore import log
+from flwr.supercore.run import Run
+
+__all__ = ["SITE_RECORD_KEY", "PhaseRecord", "RecordingGrid", "site_record"]
+
+#: Name of the ConfigRecord in which a ClientApp reports its site name.
+SITE_RECORD_KEY = "site"
+_MAX_NAME = 64
+
+
+def site_record(name: str) -> ConfigRecord:
+    """Return the ConfigRecord a ClientApp adds to a reply to name its site."""
+    return ConfigRecord({"name": str(name)})
+
+
+@dataclass
+class PhaseRecord:
+    """What happened in one phase (train, evaluate, query) of one round.
+
+    Attributes
+    ----------
+    sampled : list[int]
+        Node ids the instructions went to.
+    per_node : dict[int, dict[str, float]]
+        Scalar metrics of each node's reply.
+    failed : dict[int, str]
+        Nodes that replied with an error, and the reason.
+    missing : list[int]
+        Nodes that sent no reply before the timeout.
+    seconds : float
+        Wall time of the ``send_and_receive`` call.
+    """
+
+    sampled: list[int] = field(default_factory=list)
+    per_node: dict[int, dict[str, float]] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    missing: list[int] = field(default_factory=list)
+    seconds: float = math.nan
+
+
+class RecordingGrid(Grid):
+    """A Grid that forwards everything to ``grid`` and records what comes back.
+
+    Parameters
+    ----------
+    grid : Grid
+        The grid the ServerApp was given.
+
+    Attributes
+    ----------
+    phases : dict[str, dict[int, PhaseRecord]]
+        Phase (message type) -> round -> record. Messages without a
+        ``server-round`` (e.g. a query before training) are round 0.
+    site_names : dict[int, str]
+        Node id -> site name reported by the site.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.phases: dict[str, dict[int, PhaseRecord]] = {}
+        self.site_names: dict[int, str] = {}
+
+    # --------------------------------------------------------------- Grid API
+    def set_run(self, run: Run) -> None:
+        """Forward to the wrapped grid."""
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        """The wrapped grid's run."""
+        return self.grid.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """Forward to the wrapped grid."""
+        return self.grid.create_message(
+            content, message_type, dst_node_id, group_id, ttl
+        )
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Forward to the wrapped grid."""
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Forward to the wrapped grid (not recorded)."""
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Forward to the wrapped grid (not recorded)."""
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Send, receive, and record the replies per node."""
+        messages = list(messages)
+        if not messages:
+            return self.grid.send_and_receive(messages, timeout=timeout)
+        phase = _phase(messages[0])
+        server_round = _round(messages[0])
+        record = self.phases.setdefault(phase, {}).setdefault(
+            server_round, PhaseRecord()
+        )
+        record.sampled = sorted(int(m.metadata.dst_node_id) for m in messages)
+        started = time.perf_counter()
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        record.seconds = time.perf_counter() - started
+        self._record(phase, server_round, record, replies, timeout)
+        return replies
+
+    # ----------------------------------------------------------------- naming
+    def label(self, node_id: int) -> str:
+        """Return ``"node 123 (hospital-2)"``, or ``"node 123"`` if no name is known."""
+        name = self.site_names.get(node_id)
+        return f"node {node_id} ({name})" if name else f"node {node_id}"
+
+    def site_of(self, node_id: int) -> str:
+        """Return the site's name, or ``"node-<id>"`` if it never sent one."""
+        return self.site_names.get(node_id, f"node-{node_id}")
+
+    def _learn_name(self, reply: Message) -> None:
+        record = reply.content.config_records.get(SITE_RECORD_KEY)
+        raw = None if record is None else record.get("name")
+        if not isinstance(raw, str):
+            return
+        name = re.sub(r"[^A-Za-z0-9_.@ -]", "_", raw.strip())[:_MAX_NAME]
+        if not name:
+            return
+        node_id = int(reply.metadata.src_node_id)
+        taken = {n for other, n in self.site_names.items() if other != node_id}
+        self.site_names[node_id] = f"{name}@{node_id}" if name in taken else name
+
+    # ---------------------------------------------------------------- records
+    def _record(
+        self,
+        phase: str,
+        server_round: int,
+        record: PhaseRecord,
+        replies: list[Message],
+        timeout: float | None,
+    ) -> None:
+        replied: set[int] = set()
+        for reply in replies:
+            node_id = int(reply.metadata.src_node_id)
+            replied.add(node_id)
+            if reply.has_error():
+                record.failed[node_id] = str(reply.error.reason)
+                continue
+            self._learn_name(reply)
+            scalars: dict[str, float] = {}
+            for metrics in reply.content.metric_records.values():
+                for key, value in metrics.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        scalars[key] = float(value)
+            record.per_node[node_id] = scalars
+        record.missing = [n for n in record.sampled if n not in replied]
+        for node_id, reason in record.failed.items():
+            log(
+                WARNING,
+                "round %d %s: %s replied with an error: %s",
+                server_round,
+                phase,
+                self.label(node_id),
+                reason,
+            )
+        for node_id in record.missing:
+            log(
+                WARNING,
+                "round %d %s: %s sent no reply within %s; it dropped out or is too "
+                "slow, and the round goes on without it",
+                server_round,
+                phase,
+                self.label(node_id),
+                "the timeout" if timeout is None else f"{timeout:.0f} s",
+            )
+
+    def dropouts(self) -> list[dict[str, object]]:
+        """Every failed or missing reply: round, phase, node id, site, reason."""
+        events = []
+        for phase, rounds in self.phases.items():
+            for server_round, record in sorted(rounds.items()):
+                for node_id, reason in sorted(record.failed.items()):
+                    events.append(
+                        {"round": server_round, "phase": phase, "node-id": node_id,
+                         "site": self.site_of(node_id), "reason": reason}
+                    )  # fmt: skip
+                for node_id in record.missing:
+                    events.append(
+                        {"round": server_round, "phase": phase, "node-id": node_id,
+                         "site": self.site_of(node_id),
+                         "reason": "no reply before the timeout"}
+                    )  # fmt: skip
+        return sorted(events, key=lambda e: (e["round"], str(e["phase"])))
+
+
+def _phase(message: Message) -> str:
+    return str(message.metadata.message_type).split(".", 1)[0]
+
+
+def _round(message: Message) -> int:
+    for record in message.content.config_records.values():
+        value = record.get("server-round")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return 0

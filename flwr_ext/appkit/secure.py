@@ -1,0 +1,53 @@
+"""``secure_aggregation_mod``: apply ``ckks_mod`` when the run or the site asks for it.
+
+:func:`flwr_ext.mods.ckks_mod` fails closed: on a train instruction from a server
+that did not announce homomorphic aggregation it refuses to send the update. An app
+template that offers ``secure-aggregation = "none" | "ckks"`` in its run config
+therefore cannot list ``ckks_mod`` unconditionally. This mod decides per message:
+
+- if the **site** has a secret context configured (node config ``ckks-context``,
+  or ``FLWR_EXT_CKKS_CONTEXT`` in simulation), ``ckks_mod`` always runs: a hospital
+  that provisioned keys never sends an update in plaintext, whatever the run
+  config says (a coordinator cannot downgrade it by submitting
+  ``secure-aggregation="none"``);
+- else, if the **run config** says ``secure-aggregation = "ckks"``, ``ckks_mod``
+  runs too - and answers with its clear error that no secret context is
+  configured;
+- else the message goes straight to the ClientApp.
+
+Put it first in ``ClientApp(mods=[...])``, where ``ckks_mod`` belongs.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
+
+from ..he.protocol import ClientSettings
+from ..mods import ckks_mod
+
+__all__ = ["secure_aggregation_mod", "site_requires_ckks"]
+
+
+def site_requires_ckks(context: Context) -> bool:
+    """Return True if this site has a CKKS secret context configured."""
+    return ClientSettings.from_node(context.node_config).context_path is not None
+
+
+def secure_aggregation_mod(
+    msg: Message, context: Context, call_next: ClientAppCallable
+) -> Message:
+    """Route the message through ``ckks_mod`` when the site or the run asks."""
+    try:
+        wanted = site_requires_ckks(context) or (
+            str(context.run_config.get("secure-aggregation", "none")).lower() == "ckks"
+        )
+    except ValueError as err:  # malformed ckks-* node config
+        return Message(
+            Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=f"ckks: {err}"),
+            reply_to=msg,
+        )
+    if wanted:
+        return ckks_mod(msg, context, call_next)
+    return call_next(msg, context)

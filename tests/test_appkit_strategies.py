@@ -1,0 +1,139 @@
+import pytest
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from flwr_ext.appkit.config import ConfigError, ConfigSchema
+from flwr_ext.appkit.secure import secure_aggregation_mod, site_requires_ckks
+from flwr_ext.appkit.strategies import (
+    ATTACK_OPTIONS,
+    STRATEGY_CHOICES,
+    STRATEGY_OPTIONS,
+    build_strategy,
+    check_strategy_settings,
+)
+from flwr_ext.strategy import ROBUST_STRATEGIES, HomomorphicAggregation
+
+SCHEMA = ConfigSchema([*STRATEGY_OPTIONS, *ATTACK_OPTIONS])
+
+
+def settings(**overrides):
+    values = {"min-nodes": 5}
+    values.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    return SCHEMA.validate(values)
+
+
+def test_every_robust_rule_and_flower_base_is_a_choice():
+    assert set(ROBUST_STRATEGIES) <= set(STRATEGY_CHOICES)
+    assert {"fedavg", "fedprox", "fedadam", "dp-fedavg"} <= set(STRATEGY_CHOICES)
+
+
+@pytest.mark.parametrize("name", sorted(ROBUST_STRATEGIES))
+def test_robust_rules_wrap_fedavg_with_run_config_parameters(name):
+    strategy = build_strategy(settings(strategy=name, num_byzantine=1))
+    assert isinstance(strategy, ROBUST_STRATEGIES[name])
+    assert isinstance(strategy.strategy, FedAvg)
+    assert strategy.strategy.min_available_nodes == 5
+
+
+def test_flower_base_strategies_and_their_parameters():
+    prox = build_strategy(settings(strategy="fedprox", proximal_mu=0.3))
+    assert isinstance(prox, FedProx) and prox.proximal_mu == 0.3
+    adam = build_strategy(settings(strategy="fedadam", server_learning_rate=0.2))
+    assert isinstance(adam, FedAdam) and adam.eta == 0.2
+    plain = build_strategy(settings(fraction_train=0.5))
+    assert type(plain) is FedAvg and plain.fraction_train == 0.5
+
+
+def test_metric_aggregators_reach_the_base_strategy():
+    def fn(records, key):
+        return MetricRecord()
+
+    strategy = build_strategy(settings(strategy="median"), evaluate_metrics_aggr_fn=fn)
+    assert strategy.strategy.evaluate_metrics_aggr_fn is fn
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"strategy": "krum", "num_byzantine": 2, "min_nodes": 3},
+         "needs 7 valid replies per round but min-nodes=3"),
+        ({"strategy": "trimmed-mean", "trim_beta": 0.2, "min_nodes": 3},
+         "trims no update with min-nodes=3"),
+        ({"strategy": "median", "secure_aggregation": "ckks"},
+         "robust rule must compare individual updates"),
+        ({"strategy": "dp-fedavg", "secure_aggregation": "ckks"},
+         "cannot clip or noise encrypted updates"),
+        ({"secure_aggregation": "ckks"}, "needs ckks-server-context"),
+    ],
+)  # fmt: skip
+def test_unsound_or_no_op_combinations_fail_at_start_up(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        check_strategy_settings(settings(**overrides))
+
+
+def test_ckks_builds_homomorphic_aggregation_from_a_real_key_set(tmp_path):
+    from flwr_ext.he import create_keys
+
+    files = create_keys(tmp_path / "keys")
+    strategy = build_strategy(
+        settings(secure_aggregation="ckks", ckks_server_context=str(files.server))
+    )
+    assert isinstance(strategy, HomomorphicAggregation)
+    assert isinstance(strategy.strategy, FedAvg)
+    with pytest.raises(ConfigError, match="does not exist on the machine"):
+        build_strategy(
+            settings(
+                secure_aggregation="ckks",
+                ckks_server_context=str(tmp_path / "none.ckks"),
+            )
+        )
+    with pytest.raises(ConfigError, match="absolute path"):
+        settings(secure_aggregation="ckks", ckks_server_context="keys/server.ckks")
+
+
+def test_attack_options_validate_partition_ids_and_names():
+    assert settings(attack="sign-flip", attack_partition_ids="0, 2")["attack"]
+    with pytest.raises(ConfigError, match="comma-separated"):
+        settings(attack_partition_ids="0;2")
+    with pytest.raises(ConfigError, match="choose one of"):
+        settings(attack="flip")
+
+
+def _context(node_config=None, run_config=None):
+    return Context(
+        run_id=1,
+        node_id=1,
+        node_config=node_config or {},
+        state=RecordDict(),
+        run_config=run_config or {},
+    )
+
+
+def test_secure_aggregation_mod_passes_plain_runs_through(monkeypatch):
+    monkeypatch.delenv("FLWR_EXT_CKKS_CONTEXT", raising=False)
+    from flwr_ext.inprocess import InProcessGrid
+
+    InProcessGrid({1: lambda m, c: m})  # task identity for creating messages
+    msg = Message(RecordDict(), dst_node_id=1, message_type="train")
+    seen = []
+
+    def call_next(message, context):
+        seen.append(message)
+        return Message(RecordDict({"m": MetricRecord({"x": 1})}), reply_to=message)
+
+    reply = secure_aggregation_mod(msg, _context(), call_next)
+    assert seen and not reply.has_error()
+    # The run asks for ckks (but this server did not announce it): ckks_mod runs
+    # and fails closed, and the ClientApp never runs.
+    seen.clear()
+    reply = secure_aggregation_mod(
+        msg, _context(run_config={"secure-aggregation": "ckks"}), call_next
+    )
+    assert reply.has_error() and "refusing to send the update" in reply.error.reason
+    assert not seen
+    # A site with keys refuses a plaintext train round even if the run says none.
+    site = _context(node_config={"ckks-context": "/secure/secret.ckks"})
+    assert site_requires_ckks(site)
+    reply = secure_aggregation_mod(msg, site, call_next)
+    assert reply.has_error() and "refusing to send the update" in reply.error.reason
+    assert not seen
