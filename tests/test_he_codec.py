@@ -336,3 +336,37 @@ def test_encrypted_model_file_round_trip_and_cli_decrypt(keysets, tmp_path, caps
         load_encrypted_model(tmp_path / "cut")
     with pytest.raises(ValueError, match=r"plaintext|ckks_mod"):
         save_encrypted_model(records[0], tmp_path / "plain.ckks-model")
+
+
+def test_a_failed_addition_half_way_is_rolled_back_exactly(keysets):
+    """A well-formed ciphertext at another scale loads; SEAL refuses to add it.
+
+    It is the *last* chunk, so every earlier chunk was already added when the
+    addition fails: they must be subtracted again, leaving the sum untouched.
+    """
+    import tenseal as ts
+
+    secret, server, _ = keysets["default"]
+    rng = np.random.default_rng(10)
+    records = [model(rng) for _ in range(3)]
+    encrypted = [encrypt_record(r, secret, 1.0, num_clients=3) for r in records]
+    header = EncryptedHeader.from_record(encrypted[2])
+    blobs = chunks(encrypted[2], header)
+    last_size = header.num_values - secret.profile.slots * (len(blobs) - 1)
+    other_scale = secret.context.copy()
+    other_scale.global_scale = 2**30
+    blobs[-1] = ts.ckks_vector(other_scale, np.zeros(last_size)).serialize()
+    bad = pack(header, blobs)  # valid checksums: only SEAL can object
+    total = CiphertextSum(server, None, "tenseal")
+    total.add(encrypted[0], "node 1")
+    total.add(encrypted[1], "node 2")
+    with pytest.raises(InvalidCiphertextError, match=r"node 3.*cannot be added"):
+        total.add(bad, "node 3")
+    assert total.count == 2
+    decrypted = decrypt_record(total.result(), secret)
+    assert decrypted.contributions == 2
+    expected = weighted_average(records[:2], [1.0, 1.0])
+    for key in ("conv.weight", "fc.bias"):
+        np.testing.assert_allclose(
+            decrypted.arrays[key].numpy(), expected[key], atol=1e-5
+        )

@@ -2,10 +2,14 @@
 
 The server holds a context without any key: it can load ciphertexts and add them,
 nothing else. :class:`CiphertextSum` keeps the running sum as deserialised
-ciphertexts. Each reply is first loaded and checked *completely* (every chunk), and
-only then added chunk by chunk in place, so a reply whose 100th chunk is corrupted
-is rejected without having touched the sum. Peak memory is therefore one
-accumulator plus one deserialised reply, whatever the number of clients.
+ciphertexts. Each reply is first checked and loaded *completely* (header, every
+chunk's CRC32, SEAL's validation of every ciphertext), and only then added chunk by
+chunk in place, so a reply whose 100th chunk is corrupted is rejected without
+having touched the sum. Should SEAL still refuse an addition half-way (a
+well-formed ciphertext at another level or scale), the chunks already added are
+subtracted again - exact in modular arithmetic - and the reply is rejected. Peak
+memory is one accumulator plus one deserialised reply, whatever the number of
+clients.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from flwr.app import ArrayRecord
 from ..records import Manifest
 from .codec import EncryptedHeader, InvalidCiphertextError, chunks, pack
 from .keys import CkksKeys
-from .wire import CiphertextError, SeededWire, get_wire
+from .wire import CiphertextError, get_wire
 
 __all__ = ["CiphertextSum"]
 
@@ -65,28 +69,41 @@ class CiphertextSum:
                 f"{what} encrypts a model with a different structure than the "
                 f"global model ({_manifest_difference(header.manifest, self.manifest)})"
             )
-        loaded = self._load_all(record, header, what)
+        # The first reply becomes the accumulator: check its metadata explicitly.
+        loaded = self._load_all(record, header, what, full_check=self._sum is None)
         if self._sum is None:
             self._sum = loaded
             self.manifest = header.manifest
         else:
-            for accumulator, ciphertext in zip(self._sum, loaded, strict=True):
-                self.wire.add_inplace(self.keys, accumulator, ciphertext)
+            self._add_or_roll_back(loaded, what)
         self.count += 1
         return header
 
+    def _add_or_roll_back(self, loaded: list[Any], what: str) -> None:
+        assert self._sum is not None
+        done = 0
+        try:
+            for accumulator, ciphertext in zip(self._sum, loaded, strict=True):
+                self.wire.add_inplace(self.keys, accumulator, ciphertext)
+                done += 1
+        except (ValueError, RuntimeError, TypeError) as err:
+            for accumulator, ciphertext in zip(
+                self._sum[:done], loaded[:done], strict=True
+            ):
+                self.wire.sub_inplace(self.keys, accumulator, ciphertext)
+            raise InvalidCiphertextError(
+                f"{what}: ciphertext {done} cannot be added to the sum ({err})"
+            ) from err
+
     def _load_all(
-        self, record: ArrayRecord, header: EncryptedHeader, what: str
+        self, record: ArrayRecord, header: EncryptedHeader, what: str, full_check: bool
     ) -> list[Any]:
         sizes = self.wire.chunk_sizes(self.keys, header.num_values)
         try:
             blobs = chunks(record, header)
-            if isinstance(self.wire, SeededWire):
-                return self.wire.load_many(self.keys, blobs)
-            return [
-                self.wire.load(self.keys, blob, size)
-                for blob, size in zip(blobs, sizes, strict=True)
-            ]
+            return self.wire.load_many(
+                self.keys, blobs, sizes, full_check=full_check
+            )
         except (CiphertextError, InvalidCiphertextError) as err:
             raise InvalidCiphertextError(f"{what}: {err}") from err
 

@@ -65,12 +65,39 @@ class Wire:
         """Encrypt ``vector`` (1-D float64) chunk by chunk; return the bytes."""
         raise NotImplementedError
 
-    def load(self, keys: CkksKeys, blob: bytes, num_values: int) -> Any:
-        """Deserialize and check one ciphertext that must carry ``num_values``."""
+    def load(
+        self, keys: CkksKeys, blob: bytes, num_values: int, *, full_check: bool = True
+    ) -> Any:
+        """Deserialize and check one ciphertext that must carry ``num_values``.
+
+        SEAL always validates the data against the parameters. ``full_check``
+        also checks ring size, level, polynomial count and scale explicitly; a
+        format where that costs a copy may skip it for ciphertexts that are only
+        added (SEAL's ``add`` refuses mismatched levels and scales itself, and
+        :class:`~flwr_ext.he.CiphertextSum` rolls a failed add back).
+        """
         raise NotImplementedError
+
+    def load_many(
+        self,
+        keys: CkksKeys,
+        blobs: Sequence[bytes],
+        sizes: Sequence[int],
+        *,
+        full_check: bool = True,
+    ) -> list[Any]:
+        """Load several ciphertexts (see :meth:`load`)."""
+        return [
+            self.load(keys, blob, size, full_check=full_check)
+            for blob, size in zip(blobs, sizes, strict=True)
+        ]
 
     def add_inplace(self, keys: CkksKeys, accumulator: Any, other: Any) -> None:
         """``accumulator += other`` (both from :meth:`load`)."""
+        raise NotImplementedError
+
+    def sub_inplace(self, keys: CkksKeys, accumulator: Any, other: Any) -> None:
+        """``accumulator -= other``: undoes :meth:`add_inplace` exactly (mod q)."""
         raise NotImplementedError
 
     def dump(self, keys: CkksKeys, ciphertexts: Sequence[Any]) -> list[bytes]:
@@ -111,8 +138,14 @@ class TensealWire(Wire):
                 for i in range(0, vector.shape[0], per)
             ]
 
-    def load(self, keys: CkksKeys, blob: bytes, num_values: int) -> Any:
-        """``ckks_vector_from`` plus the profile checks."""
+    def load(
+        self, keys: CkksKeys, blob: bytes, num_values: int, *, full_check: bool = True
+    ) -> Any:
+        """``ckks_vector_from`` plus the profile checks.
+
+        The explicit metadata check needs ``CKKSVector.ciphertext()``, which
+        copies the ciphertext; ``full_check=False`` skips it (see :meth:`Wire.load`).
+        """
         ts = tenseal()
         try:
             with quiet_native_stdout():
@@ -123,6 +156,8 @@ class TensealWire(Wire):
             raise CiphertextError(
                 f"ciphertext carries {vector.size()} values, expected {num_values}"
             )
+        if not full_check:
+            return vector
         parts = vector.ciphertext()
         if len(parts) != 1:
             raise CiphertextError(f"expected 1 SEAL ciphertext, got {len(parts)}")
@@ -132,6 +167,10 @@ class TensealWire(Wire):
     def add_inplace(self, keys: CkksKeys, accumulator: Any, other: Any) -> None:
         """TenSEAL's in-place ``add_``."""
         accumulator.add_(other)
+
+    def sub_inplace(self, keys: CkksKeys, accumulator: Any, other: Any) -> None:
+        """TenSEAL's in-place ``sub_``."""
+        accumulator.sub_(other)
 
     def dump(self, keys: CkksKeys, ciphertexts: Sequence[Any]) -> list[bytes]:
         """``CKKSVector.serialize()`` for each."""
@@ -184,8 +223,13 @@ class SeededWire(Wire):
                 blobs.append(Path(path).read_bytes())
         return blobs
 
-    def load(self, keys: CkksKeys, blob: bytes, num_values: int) -> Any:
-        """``Ciphertext.load`` (SEAL validates the data) plus the profile checks."""
+    def load(
+        self, keys: CkksKeys, blob: bytes, num_values: int, *, full_check: bool = True
+    ) -> Any:
+        """``Ciphertext.load`` (SEAL validates the data) plus the profile checks.
+
+        The checks read SEAL's metadata without a copy, so they always run.
+        """
         with _scratch_file() as path:
             return self._load_from(keys, blob, path)
 
@@ -201,7 +245,14 @@ class SeededWire(Wire):
         _check_seal_ciphertext(ciphertext, keys)
         return ciphertext
 
-    def load_many(self, keys: CkksKeys, blobs: Sequence[bytes]) -> list[Any]:
+    def load_many(
+        self,
+        keys: CkksKeys,
+        blobs: Sequence[bytes],
+        sizes: Sequence[int] | None = None,
+        *,
+        full_check: bool = True,
+    ) -> list[Any]:
         """Load several ciphertexts through one scratch file."""
         with _scratch_file() as path:
             return [self._load_from(keys, blob, path) for blob in blobs]
@@ -209,6 +260,10 @@ class SeededWire(Wire):
     def add_inplace(self, keys: CkksKeys, accumulator: Any, other: Any) -> None:
         """SEAL's ``Evaluator.add_inplace``."""
         keys.seal().evaluator.add_inplace(accumulator, other)
+
+    def sub_inplace(self, keys: CkksKeys, accumulator: Any, other: Any) -> None:
+        """SEAL's ``Evaluator.sub_inplace``."""
+        keys.seal().evaluator.sub_inplace(accumulator, other)
 
     def dump(self, keys: CkksKeys, ciphertexts: Sequence[Any]) -> list[bytes]:
         """Save each ciphertext (full size: a sum is no longer seeded)."""
