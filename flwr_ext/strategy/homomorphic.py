@@ -110,6 +110,10 @@ METRIC_DROPPED = "ckks-dropped"
 METRIC_SUMMED = "ckks-summed"
 METRIC_SECONDS = "ckks-aggregation-s"
 
+#: ``weight_unit=None``: examples per weight unit before any count is known (a power
+#: of two, so ``n / unit`` is exact in floating point).
+FIRST_ROUND_WEIGHT_UNIT = 1024.0
+
 #: Strategies whose aggregation needs the plaintext aggregate (server optimisers,
 #: loss-weighted averaging); refused in mode="encrypted".
 _NEEDS_PLAINTEXT: tuple[type, ...] = (FedOpt, FedAvgM, QFedAvg)
@@ -138,8 +142,10 @@ class HomomorphicAggregation(Strategy):
         model_i``. Each client may use ``1 / num_clients`` of the profile's
         magnitude bound, so a larger unit gives more headroom and a smaller one
         more precision (CKKS error is absolute: the average's error is about
-        ``1e-9 * weight_unit / mean(n_i)`` for the default profile). ``None``
-        means 1.0 in the first round and then the mean ``num-examples`` of the
+        ``c * weight_unit / mean(n_i)``, c ~ 1e-9 for the default profile and
+        ~3e-8 for compact). ``None`` means 1024 in the first round (the server
+        knows no example counts yet: sites of up to ~10^7 examples fit the
+        default profile's bound) and then the mean ``num-examples`` of the
         previous round's valid replies, so that weights are about 1.
     min_replies : int (default: 2)
         Fewest valid replies a round needs. The global model is decrypted by every
@@ -200,7 +206,9 @@ class HomomorphicAggregation(Strategy):
         self.decrypt_timeout = float(decrypt_timeout)
         self.weight_key: str = getattr(strategy, "weighted_by_key", "num-examples")
         self.arrayrecord_key: str = getattr(strategy, "arrayrecord_key", "arrays")
-        self._unit = 1.0 if weight_unit is None else float(weight_unit)
+        self._unit = (
+            FIRST_ROUND_WEIGHT_UNIT if weight_unit is None else float(weight_unit)
+        )
         self._manifest: Manifest | None = None
         self._sampled: set[int] = set()
         self._grid: Grid | None = None
