@@ -1,0 +1,1 @@
+"""hospital-diagnostics: federated malignant-vs-benign diagnosis, a Flower app."""

@@ -1,0 +1,158 @@
+"""ServerApp: the coordinator. It never sees a row of data.
+
+1. Validate the run config (a typo fails here, with the valid choices) and open
+   the results folder (an unwritable one fails here, before any training).
+2. Unless ``standardisation="site"``: ask every hospital for the sums of its
+   training rows' features and combine them into one scaler for all
+   (:mod:`flwr_ext.appkit.standardisation`).
+3. Run the strategy the run config names (FedAvg, a robust rule, DP, CKKS...)
+   for ``num-server-rounds`` through a :class:`RecordingGrid`, which records every
+   hospital's metrics per round and names any hospital that drops out.
+4. Write ``metrics.json``, ``metrics.csv``, the final model and the plots, and
+   log one summary line: ``flwr-ext result: app=hospital-diagnostics ...``.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+from flwr_ext.appkit.metrics import make_metrics_aggregator
+from flwr_ext.appkit.plots import plot_rounds
+from flwr_ext.appkit.recorder import RecordingGrid
+from flwr_ext.appkit.results import (
+    ResultsWriter,
+    resolve_output_dir,
+    round_history,
+    summary_line,
+)
+from flwr_ext.appkit.standardisation import combine, request_feature_stats
+from flwr_ext.appkit.strategies import build_strategy
+from flwr_ext.appkit.torch_train import model_to_arrays
+from flwr_ext.he import is_encrypted, save_encrypted_model
+from flwr_ext.strategy import ROBUST_STRATEGIES
+
+from .settings import APP_NAME, EVALUATION_METRICS, load_settings
+from .task import make_model, schema_for
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation and write the results."""
+    started = time.monotonic()
+    settings = load_settings(context.run_config)
+    writer = ResultsWriter(
+        resolve_output_dir(settings["output-dir"], APP_NAME, context.run_id)
+    )
+    log(INFO, "%s: results will be written to %s", APP_NAME, writer.directory)
+    strategy = build_strategy(
+        settings,
+        train_metrics_aggr_fn=make_metrics_aggregator((), max_keys=("epsilon",)),
+        evaluate_metrics_aggr_fn=make_metrics_aggregator(EVALUATION_METRICS),
+    )
+    schema = schema_for(settings)
+    num_features = len(schema.features)
+    model = make_model(num_features, settings["hidden-units"], settings["seed"])
+    grid = RecordingGrid(grid)
+
+    config = ConfigRecord()
+    if settings["standardisation"] == "federated":
+        stats = request_feature_stats(
+            grid,
+            num_features,
+            min_nodes=settings["min-nodes"],
+            timeout=settings["round-timeout"],
+        )
+        method = "median" if settings["strategy"] in ROBUST_STRATEGIES else "pooled"
+        combine([s for _, s in stats], method).to_config(config)
+        log(INFO, "feature scaling: %s of %d sites' statistics", method, len(stats))
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=model_to_arrays(model),
+        num_rounds=settings["num-server-rounds"],
+        timeout=settings["round-timeout"],
+        train_config=ConfigRecord(dict(config)),
+        evaluate_config=ConfigRecord(dict(config)),
+    )
+
+    history = round_history(grid, result)
+    seconds = time.monotonic() - started
+    final = history[-1] if history else {"aggregated": {}, "sites": {}, "dropped": []}
+    evaluation = final["aggregated"].get("evaluate", {})
+    dropped = sorted({(d["node-id"], d["site"]) for d in grid.dropouts()})
+    files = _write(writer, settings, context, history, result.arrays, seconds, dropped)
+    fields: dict[str, object] = {"run": context.run_id, "rounds": len(history)}
+    fields["sites"] = len(final["sites"])
+    for name in EVALUATION_METRICS:
+        fields[name] = float(evaluation.get(name, float("nan")))
+    if settings["dp-sgd"]:
+        fields["epsilon"] = float(
+            final["aggregated"].get("train", {}).get("epsilon", float("nan"))
+        )
+    fields["dropped"] = ",".join(site for _, site in dropped) or "none"
+    fields["seconds"] = f"{seconds:.1f}"
+    fields["output"] = str(writer.directory)
+    log(INFO, "%s: results in %s: %s", APP_NAME, writer.directory, ", ".join(files))
+    log(INFO, summary_line(APP_NAME, fields))
+
+
+def _write(
+    writer: ResultsWriter,
+    settings: dict,
+    context: Context,
+    history: list[dict],
+    arrays,
+    seconds: float,
+    dropped: list[tuple[int, str]],
+) -> list[str]:
+    """Write metrics, model and plots; return the file names written."""
+    run = {
+        "app": APP_NAME,
+        "run-id": context.run_id,
+        "run-config": dict(settings),
+        "wall-time-s": seconds,
+        "dropped-out": [{"node-id": n, "site": s} for n, s in dropped],
+    }
+    files = [p.name for p in writer.write_metrics(history, run=run)]
+    if is_encrypted(arrays):
+        # Under CKKS the server only ever holds the encrypted model; a hospital
+        # decrypts it: flwr-ext keys decrypt --context secret-context.ckks ...
+        files.append(
+            save_encrypted_model(arrays, writer.path("final_model.ckks-model")).name
+        )
+    else:
+        files.append(writer.write_arrays(arrays).name)
+        torch.save(arrays.to_torch_state_dict(), writer.path("final_model.pt"))
+        files.append("final_model.pt")
+    auroc = plot_rounds(
+        history,
+        "auroc",
+        writer.path("auroc.png"),
+        title="AUROC per round (held-out rows of each hospital)",
+        ylabel="AUROC",
+    )
+    if auroc is not None:
+        files.append(auroc.name)
+    if settings["dp-sgd"]:
+        epsilon = plot_rounds(
+            history,
+            "epsilon",
+            writer.path("epsilon.png"),
+            phase="train",
+            title="Cumulative record-level epsilon per hospital (DP-SGD)",
+            ylabel="epsilon",
+            aggregate_label="federation (max over hospitals)",
+        )
+        if epsilon is None:
+            log(WARNING, "DP-SGD is on but no site reported epsilon")
+        else:
+            files.append(epsilon.name)
+    return files
