@@ -19,6 +19,7 @@ from types import ModuleType
 __all__ = ["quiet_native_stdout", "tenseal"]
 
 _LOCK = threading.Lock()
+_DEVNULL: list[int] = []  # one fd for /dev/null, opened on first use
 
 
 def tenseal() -> ModuleType:
@@ -49,8 +50,9 @@ def quiet_native_stdout() -> Iterator[None]:
             yield
             return
         try:
-            with open(os.devnull, "wb") as devnull:
-                os.dup2(devnull.fileno(), fd)
+            if not _DEVNULL:
+                _DEVNULL.append(os.open(os.devnull, os.O_WRONLY))
+            os.dup2(_DEVNULL[0], fd)
             yield
         finally:
             os.dup2(saved, fd)

@@ -66,7 +66,13 @@ class Wire:
         raise NotImplementedError
 
     def load(
-        self, keys: CkksKeys, blob: bytes, num_values: int, *, full_check: bool = True
+        self,
+        keys: CkksKeys,
+        blob: bytes,
+        num_values: int,
+        *,
+        full_check: bool = True,
+        quiet: bool = True,
     ) -> Any:
         """Deserialize and check one ciphertext that must carry ``num_values``.
 
@@ -74,7 +80,9 @@ class Wire:
         also checks ring size, level, polynomial count and scale explicitly; a
         format where that costs a copy may skip it for ciphertexts that are only
         added (SEAL's ``add`` refuses mismatched levels and scales itself, and
-        :class:`~flwr_ext.he.CiphertextSum` rolls a failed add back).
+        :class:`~flwr_ext.he.CiphertextSum` rolls a failed add back). ``quiet``
+        redirects native stdout around the call (callers that load many
+        ciphertexts redirect once around the loop instead).
         """
         raise NotImplementedError
 
@@ -87,10 +95,11 @@ class Wire:
         full_check: bool = True,
     ) -> list[Any]:
         """Load several ciphertexts (see :meth:`load`)."""
-        return [
-            self.load(keys, blob, size, full_check=full_check)
-            for blob, size in zip(blobs, sizes, strict=True)
-        ]
+        with quiet_native_stdout():
+            return [
+                self.load(keys, blob, size, full_check=full_check, quiet=False)
+                for blob, size in zip(blobs, sizes, strict=True)
+            ]
 
     def add_inplace(self, keys: CkksKeys, accumulator: Any, other: Any) -> None:
         """``accumulator += other`` (both from :meth:`load`)."""
@@ -139,7 +148,13 @@ class TensealWire(Wire):
             ]
 
     def load(
-        self, keys: CkksKeys, blob: bytes, num_values: int, *, full_check: bool = True
+        self,
+        keys: CkksKeys,
+        blob: bytes,
+        num_values: int,
+        *,
+        full_check: bool = True,
+        quiet: bool = True,
     ) -> Any:
         """``ckks_vector_from`` plus the profile checks.
 
@@ -148,7 +163,7 @@ class TensealWire(Wire):
         """
         ts = tenseal()
         try:
-            with quiet_native_stdout():
+            with quiet_native_stdout() if quiet else contextlib.nullcontext():
                 vector = ts.ckks_vector_from(keys.context, blob)
         except (ValueError, RuntimeError, TypeError) as err:
             raise CiphertextError(f"ciphertext does not load ({err})") from err
@@ -184,11 +199,11 @@ class TensealWire(Wire):
         out = np.empty(num_values, dtype=np.float64)
         pos = 0
         sizes = self.chunk_sizes(keys, num_values)
-        for blob, size in zip(blobs, sizes, strict=True):
-            vector = self.load(keys, blob, size)
-            with quiet_native_stdout():
+        with quiet_native_stdout():
+            for blob, size in zip(blobs, sizes, strict=True):
+                vector = self.load(keys, blob, size, quiet=False)
                 out[pos : pos + size] = vector.decrypt()
-            pos += size
+                pos += size
         return out
 
 
@@ -224,21 +239,27 @@ class SeededWire(Wire):
         return blobs
 
     def load(
-        self, keys: CkksKeys, blob: bytes, num_values: int, *, full_check: bool = True
+        self,
+        keys: CkksKeys,
+        blob: bytes,
+        num_values: int,
+        *,
+        full_check: bool = True,
+        quiet: bool = True,
     ) -> Any:
         """``Ciphertext.load`` (SEAL validates the data) plus the profile checks.
 
         The checks read SEAL's metadata without a copy, so they always run.
         """
         with _scratch_file() as path:
-            return self._load_from(keys, blob, path)
+            return self._load_from(keys, blob, path, quiet)
 
-    def _load_from(self, keys: CkksKeys, blob: bytes, path: str) -> Any:
+    def _load_from(self, keys: CkksKeys, blob: bytes, path: str, quiet: bool) -> Any:
         seal = keys.seal()
         Path(path).write_bytes(blob)
         ciphertext = seal.sealapi.Ciphertext()
         try:
-            with quiet_native_stdout():
+            with quiet_native_stdout() if quiet else contextlib.nullcontext():
                 ciphertext.load(seal.context, path)
         except (ValueError, RuntimeError, TypeError) as err:
             raise CiphertextError(f"ciphertext does not load ({err})") from err
@@ -254,8 +275,8 @@ class SeededWire(Wire):
         full_check: bool = True,
     ) -> list[Any]:
         """Load several ciphertexts through one scratch file."""
-        with _scratch_file() as path:
-            return [self._load_from(keys, blob, path) for blob in blobs]
+        with _scratch_file() as path, quiet_native_stdout():
+            return [self._load_from(keys, blob, path, False) for blob in blobs]
 
     def add_inplace(self, keys: CkksKeys, accumulator: Any, other: Any) -> None:
         """SEAL's ``Evaluator.add_inplace``."""
@@ -286,13 +307,14 @@ class SeededWire(Wire):
         if len(blobs) != expected:
             raise CiphertextError(f"expected {expected} ciphertexts, got {len(blobs)}")
         out = np.empty(expected * per, dtype=np.float64)
-        for i, ciphertext in enumerate(self.load_many(keys, blobs)):
-            plain = seal.sealapi.Plaintext()
-            with quiet_native_stdout():
+        ciphertexts = self.load_many(keys, blobs)
+        with quiet_native_stdout():
+            for i, ciphertext in enumerate(ciphertexts):
+                plain = seal.sealapi.Plaintext()
                 seal.decryptor.decrypt(ciphertext, plain)
                 slots = np.asarray(seal.encoder.decode_complex(plain))
-            out[i * per : i * per + half] = slots.real
-            out[i * per + half : (i + 1) * per] = slots.imag
+                out[i * per : i * per + half] = slots.real
+                out[i * per + half : (i + 1) * per] = slots.imag
         return out[:num_values]
 
 
