@@ -14,6 +14,7 @@ Determinism: batches are drawn from a ``torch.Generator`` seeded with
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,6 +144,7 @@ def train_binary(
     server_round: int,
     site: int,
     proximal_mu: float = 0.0,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on one site's rows (plain, non-private SGD).
 
@@ -159,6 +161,10 @@ def train_binary(
     proximal_mu : float (default: 0.0)
         FedProx: adds ``mu / 2 * ||w - w_global||^2`` with ``w_global`` the
         weights the round started from.
+    loss_fn : callable, optional
+        ``(logits (n,), float targets (n,)) -> mean loss``, e.g. a weighted or
+        focal loss from :mod:`flwr_ext.appkit.losses` for rare positives.
+        Default: unweighted binary cross-entropy.
     """
     torch.set_num_threads(1)
     features = torch.as_tensor(x, dtype=torch.float32)
@@ -166,7 +172,8 @@ def train_binary(
     generator = _generator(seed, server_round, site)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9)
     start = [p.detach().clone() for p in model.parameters()]
-    loss_fn = nn.BCEWithLogitsLoss()
+    if loss_fn is None:
+        loss_fn = nn.BCEWithLogitsLoss()
     model.train()
     steps, last_epoch_loss = 0, float("nan")
     for _ in range(epochs):

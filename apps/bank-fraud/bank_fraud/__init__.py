@@ -1,0 +1,1 @@
+"""bank-fraud: a card-fraud detector trained across banks, a Flower app."""

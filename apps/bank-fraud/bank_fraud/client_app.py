@@ -1,0 +1,180 @@
+"""ClientApp: what runs inside each bank, on its own transactions only.
+
+- ``query``: answers the server's one-off feature-statistics request with the row
+  count, per-feature sums and sums of squares of its *training* rows (after the
+  log transform; see :mod:`flwr_ext.appkit.standardisation`).
+- ``train``: standardises its rows with the scaler the server sent (or its own,
+  under ``standardisation="site"``), trains the received model for
+  ``local-epochs`` with the class-imbalance loss of the run config
+  (:mod:`flwr_ext.appkit.losses`), and replies with the new weights,
+  ``num-examples`` and ``train-loss``.
+- ``evaluate``: scores its validation and test rows with the received model and
+  replies with its own AUPRC, recall at 1 % FPR and AUROC (exact, from its
+  scores), per-class histograms of its test scores and of its validation scores
+  (:mod:`flwr_ext.appkit.metrics`, :mod:`flwr_ext.appkit.thresholds`) - counts
+  per score bin, never a score or a transaction - and its bank name. The server
+  chooses the decision threshold from the validation histograms and computes
+  precision, recall and F1 at it from the test histograms.
+
+Mods, outermost first: ``secure_aggregation_mod`` runs ``ckks_mod`` (decrypts the
+global model, encrypts the update) when the bank holds a secret context or the
+run asks for ``secure-aggregation="ckks"``; ``byzantine_mod`` turns a bank
+Byzantine when its config says so (robustness experiments; otherwise it does
+nothing).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from logging import INFO
+from typing import Any
+
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from flwr.supercore import log
+from torch import nn
+
+from flwr_ext.appkit.losses import loss_from_settings
+from flwr_ext.appkit.metrics import site_metrics
+from flwr_ext.appkit.recorder import SITE_RECORD_KEY, site_record
+from flwr_ext.appkit.secure import secure_aggregation_mod
+from flwr_ext.appkit.site import site_from_context
+from flwr_ext.appkit.standardisation import (
+    FeatureStats,
+    Standardizer,
+    is_stats_query,
+    reply_feature_stats,
+)
+from flwr_ext.appkit.tabular import summarise
+from flwr_ext.appkit.thresholds import validation_metrics
+from flwr_ext.appkit.torch_train import (
+    arrays_to_model,
+    model_to_arrays,
+    predict_proba,
+    train_binary,
+)
+from flwr_ext.attacks import byzantine_mod, flip_labels_if_attacking
+
+from .settings import EVALUATION_METRICS, load_settings
+from .task import SiteData, load_site_data, make_model
+
+app = ClientApp(mods=[secure_aggregation_mod, byzantine_mod])
+
+_LABELS = ("legitimate", "fraud")
+
+
+def _site(context: Context) -> tuple[SiteData, Mapping[str, Any]]:
+    settings = load_settings(context.run_config)
+    spec = site_from_context(context, name_prefix="bank")
+    data = load_site_data(spec, settings)
+    if "logged" not in context.state.config_records:
+        log(
+            INFO,
+            "%s (%s): training %s; validation %s; test %s",
+            data.name,
+            data.description,
+            summarise(data.train, _LABELS),
+            summarise(data.validation, _LABELS),
+            summarise(data.test, _LABELS),
+        )
+        context.state["logged"] = ConfigRecord({"yes": True})
+    return data, settings
+
+
+def _standardizer(
+    msg: Message, data: SiteData, settings: Mapping[str, Any]
+) -> Standardizer:
+    if settings["standardisation"] == "site":
+        return Standardizer.fit(FeatureStats.from_array(data.train.x))
+    config = msg.content.config_records.get("config", {})
+    standardizer = Standardizer.from_config(config)
+    if standardizer is None:
+        raise ValueError(
+            "the server sent no feature-mean/feature-scale although "
+            "standardisation='federated'; is the ServerApp from this app?"
+        )
+    return standardizer
+
+
+def _model(msg: Message, data: SiteData, settings: Mapping[str, Any]) -> nn.Module:
+    model = make_model(data.num_features, settings["hidden-layers"], settings["seed"])
+    arrays: ArrayRecord = msg.content.array_records["arrays"]
+    arrays_to_model(model, arrays)
+    return model
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Answer the feature-statistics request."""
+    data, _ = _site(context)
+    if not is_stats_query(msg):
+        raise ValueError("unknown query; this ClientApp answers 'feature-stats' only")
+    return reply_feature_stats(msg, data.train.x)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received model on this bank's training rows."""
+    data, settings = _site(context)
+    x = _standardizer(msg, data, settings).transform(data.train.x)
+    y = flip_labels_if_attacking(data.train.y, context, num_classes=2)
+    model = _model(msg, data, settings)
+    config = msg.content.config_records.get("config", {})
+    result = train_binary(
+        model,
+        x,
+        y,
+        epochs=settings["local-epochs"],
+        learning_rate=settings["learning-rate"],
+        batch_size=settings["batch-size"],
+        seed=settings["seed"],
+        server_round=int(config.get("server-round", 0)),
+        site=zlib.crc32(data.name.encode()),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        loss_fn=loss_from_settings(settings, y),
+    )
+    metrics = {"num-examples": len(data.train), "train-loss": result.loss}
+    metrics.update(result.metrics)
+    return Message(
+        RecordDict(
+            {"arrays": model_to_arrays(model), "metrics": MetricRecord(metrics)}
+        ),
+        reply_to=msg,
+    )
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score this bank's validation and test rows with the received model."""
+    data, settings = _site(context)
+    standardizer = _standardizer(msg, data, settings)
+    model = _model(msg, data, settings)
+    bins = settings["metric-bins"]
+    test_scores = predict_proba(model, standardizer.transform(data.test.x))
+    metrics: dict[str, Any] = site_metrics(
+        data.test.y,
+        test_scores,
+        EVALUATION_METRICS,
+        threshold=settings["decision-threshold"],
+        num_bins=bins,
+    )
+    val_scores = predict_proba(model, standardizer.transform(data.validation.x))
+    metrics.update(validation_metrics(data.validation.y, val_scores, num_bins=bins))
+    metrics["num-examples"] = len(data.test)
+    return Message(
+        RecordDict(
+            {
+                "metrics": MetricRecord(metrics),
+                SITE_RECORD_KEY: site_record(data.name),
+            }
+        ),
+        reply_to=msg,
+    )
