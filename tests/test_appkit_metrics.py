@@ -102,6 +102,17 @@ def test_round_trip_through_a_metric_record_and_tampering_is_caught():
         BinaryStats.from_metrics({"tp": 1})
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exact_site_metrics_equal_scikit_learn_including_ties(seed):
+    y, s = _data(300, seed)
+    s = np.round(s, 2)  # many ties
+    values = site_metrics(y, s, ["auroc", "auprc", "recall-at-1pct-fpr"])
+    assert values["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert values["auprc"] == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    fpr, tpr, _ = roc_curve(y, s)
+    assert values["recall-at-1pct-fpr"] == pytest.approx(tpr[fpr <= 0.01].max())
+
+
 def test_site_metrics_exact_values_plus_statistics():
     y, s = _data(100, 7)
     values = site_metrics(y, s, NAMES)

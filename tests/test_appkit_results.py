@@ -4,7 +4,7 @@ import logging
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
@@ -179,3 +179,39 @@ def test_summary_line_is_one_parseable_line():
     assert line == (
         'flwr-ext result: app=hd auroc=0.9877 sites=3 output="/a b" eps=nan'
     )
+
+
+class UnavailableGrid(InProcessGrid):
+    """Node 2 is gone: the "SuperLink" answers for it, from node 0, as Flower's
+    does once a node's heartbeat has expired (ErrorCode.NODE_UNAVAILABLE)."""
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            if int(message.metadata.dst_node_id) != 2:
+                ids.extend(super().push_messages([message]))
+                continue
+            message_id = f"gone-{id(message)}"
+            message.metadata.__dict__["_message_id"] = message_id
+            error = Message(Error(code=5, reason="Node Unavailable"), reply_to=message)
+            error.metadata.__dict__["_src_node_id"] = 0
+            self._replies[message_id] = error
+            ids.append(message_id)
+        return ids
+
+
+def test_superlink_errors_for_an_unavailable_node_are_attributed_to_that_node(
+    caplog,
+):
+    grid = RecordingGrid(
+        UnavailableGrid({1: _site("a", 0.9), 2: _site("b", 0.8), 3: _site("c", 0.7)})
+    )
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        FedAvg(min_available_nodes=2).start(
+            grid=grid,
+            initial_arrays=ArrayRecord({"w": Array(np.zeros(2, np.float32))}),
+            num_rounds=1,
+        )
+    record = grid.phases["train"][1]
+    assert record.failed == {2: "Node Unavailable"} and record.missing == []
+    assert "node 2 replied with an error: Node Unavailable" in caplog.text

@@ -6,6 +6,7 @@ from flwr_ext.appkit.config import ConfigError, ConfigSchema
 from flwr_ext.appkit.secure import secure_aggregation_mod, site_requires_ckks
 from flwr_ext.appkit.strategies import (
     ATTACK_OPTIONS,
+    ROBUST_NAMES,
     STRATEGY_CHOICES,
     STRATEGY_OPTIONS,
     build_strategy,
@@ -23,6 +24,7 @@ def settings(**overrides):
 
 
 def test_every_robust_rule_and_flower_base_is_a_choice():
+    assert set(ROBUST_NAMES) == set(ROBUST_STRATEGIES)
     assert set(ROBUST_STRATEGIES) <= set(STRATEGY_CHOICES)
     assert {"fedavg", "fedprox", "fedadam", "dp-fedavg"} <= set(STRATEGY_CHOICES)
 

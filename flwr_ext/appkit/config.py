@@ -119,8 +119,12 @@ class Option:
     def _error(self, value: object) -> str | None:
         """Describe why ``value`` is invalid, or return None."""
         if not self._type_ok(value):
+            hint = ""
+            if self.type is str:
+                hint = f'; TOML strings need quotes: {self.name}="{value}"'
             return (
-                f"{self.name}={value!r} must be {_TYPE_NAMES[self.type]} ({self.help})"
+                f"{self.name}={value!r} must be {_TYPE_NAMES[self.type]} "
+                f"({self.help}){hint}"
             )
         converted = self._convert(value)
         if self.type is float and not math.isfinite(converted):

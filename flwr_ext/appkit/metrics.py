@@ -42,7 +42,6 @@ from typing import Any
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
 from flwr.supercore import log
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 __all__ = [
     "METRICS",
@@ -245,6 +244,37 @@ def _check_labels_scores(
 
 
 # ------------------------------------------------------------------ metrics
+def _exact_curve(
+    labels: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative (tp, fp) at every distinct score, highest first (ties grouped).
+
+    The same curve as scikit-learn's ``_binary_clf_curve``, in numpy only, so a
+    ClientApp need not import scikit-learn (seconds per message on a SuperNode
+    that starts one process per message).
+    """
+    order = np.argsort(-scores, kind="mergesort")
+    sorted_scores, sorted_labels = scores[order], labels[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(scores) - 1]
+    tp = np.cumsum(sorted_labels)[last_of_tie].astype(np.float64)
+    fp = (last_of_tie + 1) - tp
+    return tp, fp
+
+
+def _exact_auroc(labels: np.ndarray, scores: np.ndarray, _threshold: float) -> float:
+    tp, fp = _exact_curve(labels, scores)
+    tpr = np.r_[0.0, tp / tp[-1]]
+    fpr = np.r_[0.0, fp / fp[-1]]
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+def _exact_auprc(labels: np.ndarray, scores: np.ndarray, _threshold: float) -> float:
+    tp, fp = _exact_curve(labels, scores)
+    precision = tp / (tp + fp)
+    steps = np.diff(np.r_[0.0, tp / tp[-1]])
+    return float(np.sum(steps * precision))
+
+
 def _ratio(num: float, den: float) -> float:
     return float(num) / float(den) if den > 0 else math.nan
 
@@ -291,10 +321,9 @@ def recall_at_fpr(max_fpr: float) -> Callable[[BinaryStats], float]:
 
 def _exact_recall_at_fpr(max_fpr: float) -> Callable[..., float]:
     def metric(labels: np.ndarray, scores: np.ndarray, _threshold: float) -> float:
-        from sklearn.metrics import roc_curve
-
-        fpr, tpr, _ = roc_curve(labels, scores)
-        return float(tpr[fpr <= max_fpr].max(initial=0.0))
+        tp, fp = _exact_curve(labels, scores)
+        ok = fp / fp[-1] <= max_fpr
+        return float((tp[ok] / tp[-1]).max(initial=0.0))
 
     return metric
 
@@ -329,7 +358,7 @@ METRICS: dict[str, BinaryMetric] = {
         BinaryMetric(
             "auroc",
             _auroc,
-            lambda y, s, _t: float(roc_auc_score(y, s)),
+            _exact_auroc,
             "area under the ROC curve",
         ),
         BinaryMetric(
@@ -360,7 +389,7 @@ METRICS: dict[str, BinaryMetric] = {
         BinaryMetric(
             "auprc",
             _auprc,
-            lambda y, s, _t: float(average_precision_score(y, s)),
+            _exact_auprc,
             "area under the precision-recall curve (average precision)",
         ),
         BinaryMetric(

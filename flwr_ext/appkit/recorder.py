@@ -148,7 +148,11 @@ class RecordingGrid(Grid):
         started = time.perf_counter()
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         record.seconds = time.perf_counter() - started
-        self._record(phase, server_round, record, replies, timeout)
+        # Message ids are assigned when the grid pushes the messages.
+        destinations = {
+            m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages
+        }
+        self._record(phase, server_round, record, replies, timeout, destinations)
         return replies
 
     # ----------------------------------------------------------------- naming
@@ -181,10 +185,16 @@ class RecordingGrid(Grid):
         record: PhaseRecord,
         replies: list[Message],
         timeout: float | None,
+        destinations: dict[str, int],
     ) -> None:
         replied: set[int] = set()
         for reply in replies:
-            node_id = int(reply.metadata.src_node_id)
+            # An error the SuperLink writes for an unreachable node (heartbeat
+            # expired) comes from the SuperLink itself: attribute it to the node
+            # the instruction was for.
+            node_id = destinations.get(
+                reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id)
+            )
             replied.add(node_id)
             if reply.has_error():
                 record.failed[node_id] = str(reply.error.reason)

@@ -25,7 +25,6 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 from ..he.protocol import ClientSettings
-from ..mods import ckks_mod
 
 __all__ = ["secure_aggregation_mod", "site_requires_ckks"]
 
@@ -49,5 +48,7 @@ def secure_aggregation_mod(
             reply_to=msg,
         )
     if wanted:
+        from ..mods.ckks import ckks_mod  # not imported by plaintext runs
+
         return ckks_mod(msg, context, call_next)
     return call_next(msg, context)

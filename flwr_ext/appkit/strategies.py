@@ -31,20 +31,22 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from ..attacks import MOD_ATTACKS
-from ..strategy import ROBUST_STRATEGIES
-from ..strategy.robust import RobustAggregation
 from .config import ConfigError, Option
+
+if TYPE_CHECKING:
+    from ..strategy.robust import RobustAggregation
 
 __all__ = [
     "ATTACK_OPTIONS",
     "BASE_STRATEGIES",
     "DP_STRATEGIES",
+    "ROBUST_NAMES",
     "SECURE_AGGREGATION",
     "STRATEGY_CHOICES",
     "STRATEGY_OPTIONS",
@@ -55,11 +57,24 @@ __all__ = [
 MetricsAggrFn = Callable[[list[RecordDict], str], MetricRecord]
 
 BASE_STRATEGIES = ("fedavg", "fedprox", "fedadam")
+#: Names of :data:`flwr_ext.strategy.ROBUST_STRATEGIES` (a test keeps them equal).
+#: Spelt out so that validating a run config - which every ClientApp does - does
+#: not import the strategy package (and Opacus, SciPy, TenSEAL with it): on a
+#: SuperNode that starts one ClientApp process per message that is seconds per
+#: message.
+ROBUST_NAMES = (
+    "krum",
+    "multi-krum",
+    "trimmed-mean",
+    "median",
+    "geometric-median",
+    "centered-clipping",
+)
 DP_STRATEGIES = ("dp-fedavg",)
 #: Every value ``strategy`` accepts.
 STRATEGY_CHOICES: tuple[str, ...] = (
     *BASE_STRATEGIES,
-    *ROBUST_STRATEGIES,
+    *ROBUST_NAMES,
     *DP_STRATEGIES,
 )
 SECURE_AGGREGATION = ("none", "ckks")
@@ -223,13 +238,13 @@ def check_strategy_settings(settings: Mapping[str, Any]) -> None:
     name = settings["strategy"]
     secure = settings["secure-aggregation"]
     min_nodes = settings["min-nodes"]
-    if secure == "ckks" and name in ROBUST_STRATEGIES:
+    if secure == "ckks" and name in ROBUST_NAMES:
         problems.append(
             f"strategy={name!r} with secure-aggregation='ckks': a robust rule must "
             "compare individual updates, but the server holds only ciphertexts; "
             "use strategy='fedavg' with ckks, or secure-aggregation='none'"
         )
-    if name in ROBUST_STRATEGIES and secure != "ckks":
+    if name in ROBUST_NAMES and secure != "ckks":
         strategy = _robust(name, settings, _fedavg_kwargs(settings, None, None))
         needed = strategy.min_valid_replies()
         if needed > min_nodes:
@@ -294,7 +309,7 @@ def build_strategy(
         strategy = FedProx(proximal_mu=settings["proximal-mu"], **kwargs)
     elif name == "fedadam":
         strategy = FedAdam(eta=settings["server-learning-rate"], **kwargs)
-    elif name in ROBUST_STRATEGIES:
+    elif name in ROBUST_NAMES:
         strategy = _robust(name, settings, kwargs)
     elif name == "dp-fedavg":
         strategy = _dp_fedavg(FedAvg(**kwargs), settings)
@@ -325,6 +340,8 @@ def _fedavg_kwargs(
 def _robust(
     name: str, settings: Mapping[str, Any], kwargs: dict[str, Any]
 ) -> RobustAggregation:
+    from ..strategy import ROBUST_STRATEGIES
+
     cls = ROBUST_STRATEGIES[name]
     accepted = inspect.signature(cls.__init__).parameters
     options: dict[str, Any] = {}

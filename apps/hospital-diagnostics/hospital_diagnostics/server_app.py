@@ -8,7 +8,8 @@
 3. Run the strategy the run config names (FedAvg, a robust rule, DP, CKKS...)
    for ``num-server-rounds`` through a :class:`RecordingGrid`, which records every
    hospital's metrics per round and names any hospital that drops out.
-4. Write ``metrics.json``, ``metrics.csv``, the final model and the plots, and
+4. Write ``metrics.json``, ``metrics.csv``, the final model, its preprocessing
+   (``preprocessing.json``: columns, feature mean and scale) and the plots, and
    log one summary line: ``flwr-ext result: app=hospital-diagnostics ...``.
 """
 
@@ -32,10 +33,9 @@ from flwr_ext.appkit.results import (
     summary_line,
 )
 from flwr_ext.appkit.standardisation import combine, request_feature_stats
-from flwr_ext.appkit.strategies import build_strategy
+from flwr_ext.appkit.strategies import ROBUST_NAMES, build_strategy
 from flwr_ext.appkit.torch_train import model_to_arrays
 from flwr_ext.he import is_encrypted, save_encrypted_model
-from flwr_ext.strategy import ROBUST_STRATEGIES
 
 from .settings import APP_NAME, EVALUATION_METRICS, load_settings
 from .task import make_model, schema_for
@@ -70,9 +70,27 @@ def main(grid: Grid, context: Context) -> None:
             min_nodes=settings["min-nodes"],
             timeout=settings["round-timeout"],
         )
-        method = "median" if settings["strategy"] in ROBUST_STRATEGIES else "pooled"
-        combine([s for _, s in stats], method).to_config(config)
+        method = "median" if settings["strategy"] in ROBUST_NAMES else "pooled"
+        scaler = combine([s for _, s in stats], method)
+        scaler.to_config(config)
         log(INFO, "feature scaling: %s of %d sites' statistics", method, len(stats))
+    # The model expects standardised inputs: keep the recipe next to it.
+    writer.write_json(
+        "preprocessing.json",
+        {
+            "label": schema.label,
+            "positive-label": schema.positive_label,
+            "features": list(schema.features),
+            "standardisation": settings["standardisation"],
+            "feature-mean": list(config.get("feature-mean", [])),
+            "feature-scale": list(config.get("feature-scale", [])),
+            "note": "model input = (x - feature-mean) / feature-scale, columns in "
+            "'features' order; output = logit of malignant"
+            if settings["standardisation"] == "federated"
+            else "each hospital standardises with the mean and standard deviation "
+            "of its own training rows",
+        },
+    )
 
     result = strategy.start(
         grid=grid,
@@ -121,7 +139,8 @@ def _write(
         "wall-time-s": seconds,
         "dropped-out": [{"node-id": n, "site": s} for n, s in dropped],
     }
-    files = [p.name for p in writer.write_metrics(history, run=run)]
+    files = ["preprocessing.json"]
+    files += [p.name for p in writer.write_metrics(history, run=run)]
     if is_encrypted(arrays):
         # Under CKKS the server only ever holds the encrypted model; a hospital
         # decrypts it: flwr-ext keys decrypt --context secret-context.ckks ...

@@ -13,11 +13,7 @@ from collections.abc import Mapping
 
 from flwr_ext.appkit.config import ConfigSchema, Option, Settings
 from flwr_ext.appkit.results import OUTPUT_OPTIONS
-from flwr_ext.appkit.strategies import (
-    ATTACK_OPTIONS,
-    STRATEGY_OPTIONS,
-    check_strategy_settings,
-)
+from flwr_ext.appkit.strategies import ATTACK_OPTIONS, STRATEGY_OPTIONS
 from flwr_ext.appkit.torch_train import DPSGD_OPTIONS, TRAINING_OPTIONS
 
 __all__ = ["APP_NAME", "EVALUATION_METRICS", "SCHEMA", "load_settings"]
@@ -115,16 +111,18 @@ SCHEMA = ConfigSchema(
 
 
 def load_settings(run_config: Mapping[str, object]) -> Settings:
-    """Validate a run config (types, choices, ranges, and combinations).
+    """Validate a run config: types, choices and ranges of every key.
+
+    Combinations of strategy settings are checked by the ServerApp when it
+    builds the strategy (:func:`flwr_ext.appkit.strategies.build_strategy`),
+    before any round.
 
     Raises
     ------
     ConfigError
         Listing every problem, with the valid choices.
     """
-    settings = SCHEMA.validate(run_config)
-    check_strategy_settings(settings)
-    return settings
+    return SCHEMA.validate(run_config)
 
 
 if __name__ == "__main__":  # pragma: no cover - documentation helper

@@ -1,0 +1,182 @@
+"""hospital-diagnostics on Flower's Deployment Engine: real processes on 127.0.0.1.
+
+A ``flower-superlink`` with TLS (a self-signed CA made here) and three
+``flower-supernode`` processes, one per hospital, each reading its own CSV file
+through node config ``data-path`` and holding the data owners' CKKS secret context
+(``ckks-context``). The coordinator submits the app with ``flwr run`` and the test
+checks the run's final status, the metrics and the results folder, then stops
+every process it started.
+
+The fault test kills one hospital's SuperNode (SIGKILL, as a crash) once round 2
+has begun: the run must still complete with the other two, and the log must name
+the hospital that dropped out.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flwr_ext.launch import (
+    FlowerHome,
+    FlowerProcess,
+    make_tls_files,
+    run_log,
+    start_superlink,
+    start_supernode,
+    submit_run,
+    wait_for_run,
+)
+
+APP = Path(__file__).resolve().parents[2] / "apps" / "hospital-diagnostics"
+SUMMARY = "flwr-ext result: app=hospital-diagnostics"
+
+pytestmark = pytest.mark.e2e
+
+
+def write_hospital_csvs(directory: Path, count: int = 3) -> list[Path]:
+    """Give each hospital its own CSV: a non-IID share of WDBC (id, diagnosis, ...)."""
+    sys.path.insert(0, str(APP))
+    try:
+        from hospital_diagnostics.task import wdbc, write_csv
+    finally:
+        sys.path.remove(str(APP))
+    from flwr_ext.appkit.tabular import dirichlet_partition
+
+    data = wdbc()
+    parts = dirichlet_partition(data.y, count, alpha=1.0, seed=7, min_per_class=10)
+    return [
+        write_csv(directory / f"hospital-{i}.csv", data.subset(np.sort(rows)))
+        for i, rows in enumerate(parts)
+    ]
+
+
+def summary(log: str) -> dict[str, str]:
+    lines = [line for line in log.splitlines() if SUMMARY in line]
+    assert lines, log[-3000:]
+    text = lines[-1][lines[-1].index(SUMMARY) + len(SUMMARY) :]
+    return dict(part.split("=", 1) for part in text.split())
+
+
+class Federation:
+    """SuperLink + SuperNodes started by a test; ``stop()`` ends every one."""
+
+    def __init__(self, root: Path, *, tls: bool) -> None:
+        self.home = FlowerHome(root / "flwr-home")
+        self.tls = make_tls_files(root / "tls") if tls else None
+        self.processes: list[FlowerProcess] = []
+        self.nodes: list[FlowerProcess] = []
+        superlink, self.port = start_superlink(
+            self.home, simulation=False, tls=self.tls
+        )
+        self.processes.append(superlink)
+        self.home.add_connection(
+            "consortium",
+            self.port,
+            root_certificates=self.tls.ca_cert if self.tls else None,
+        )
+
+    def add_hospital(self, name: str, node_config: dict) -> FlowerProcess:
+        node = start_supernode(
+            self.home,
+            self.port,
+            node_config={**node_config, "site-name": name},
+            root_certificates=self.tls.ca_cert if self.tls else None,
+            name=f"supernode-{name}",
+        )
+        self.processes.append(node)
+        self.nodes.append(node)
+        return node
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):  # SuperNodes first
+            process.stop()
+        assert not any(p.alive() for p in self.processes)
+
+
+def test_tls_deployment_with_ckks_and_one_csv_per_hospital(tmp_path):
+    from flwr_ext.he import create_keys, decrypt_model_file
+
+    keys = create_keys(tmp_path / "keys")
+    csvs = write_hospital_csvs(tmp_path / "data")
+    federation = Federation(tmp_path, tls=True)
+    try:
+        for i, path in enumerate(csvs):
+            federation.add_hospital(
+                f"hospital-{i}",
+                {"data-path": str(path), "ckks-context": str(keys.secret)},
+            )
+        out = tmp_path / "results"
+        run_id = submit_run(
+            federation.home,
+            APP,
+            "consortium",
+            run_config={
+                "num-server-rounds": 1,
+                "local-epochs": 2,
+                "secure-aggregation": "ckks",
+                "ckks-server-context": str(keys.server),
+                "output-dir": str(out),
+                "round-timeout": 120.0,
+            },
+        )
+        outcome = wait_for_run(federation.home, "consortium", run_id, timeout=420)
+    finally:
+        federation.stop()
+    assert outcome.completed, f"{outcome.status}: {outcome.details}\n{outcome.log}"
+    values = summary(outcome.log)
+    assert values["sites"] == "3" and values["dropped"] == "none"
+    assert float(values["auroc"]) > 0.95
+    assert "ckks-summed" in outcome.log
+    data = json.loads((out / "metrics.json").read_text())
+    assert set(data["rounds"][-1]["sites"]) == {"hospital-0", "hospital-1",
+                                                "hospital-2"}  # fmt: skip
+    assert not (out / "final_model.pt").exists()
+    model = decrypt_model_file(out / "final_model.ckks-model", keys.secret)
+    assert np.isfinite(np.concatenate([a.numpy().ravel() for a in
+                                       model.arrays.values()])).all()  # fmt: skip
+
+
+def test_a_killed_supernode_drops_out_and_the_run_completes(tmp_path):
+    csvs = write_hospital_csvs(tmp_path / "data")
+    federation = Federation(tmp_path, tls=False)
+    try:
+        victims = [
+            federation.add_hospital(f"hospital-{i}", {"data-path": str(path)})
+            for i, path in enumerate(csvs)
+        ]
+        out = tmp_path / "results"
+        run_id = submit_run(
+            federation.home,
+            APP,
+            "consortium",
+            run_config={
+                "num-server-rounds": 3,
+                "local-epochs": 1,
+                "min-nodes": 2,
+                "round-timeout": 120.0,
+                "output-dir": str(out),
+            },
+        )
+        deadline = time.monotonic() + 300
+        while "[ROUND 2/3]" not in run_log(federation.home, "consortium", run_id):
+            assert time.monotonic() < deadline, "round 2 never started"
+            time.sleep(1.0)
+        victims[2].kill()  # SIGKILL the SuperNode and its ClientApp processes
+        outcome = wait_for_run(federation.home, "consortium", run_id, timeout=420)
+    finally:
+        federation.stop()
+    assert outcome.completed, f"{outcome.status}: {outcome.details}\n{outcome.log}"
+    assert "(hospital-2) sent no reply" in outcome.log or (
+        "(hospital-2) replied with an error" in outcome.log
+    ), outcome.log[-5000:]
+    values = summary(outcome.log)
+    assert values["dropped"] == "hospital-2" and values["sites"] == "2"
+    assert float(values["auroc"]) > 0.9
+    data = json.loads((out / "metrics.json").read_text())
+    assert [d["site"] for d in data["dropped-out"]] == ["hospital-2"]
