@@ -101,9 +101,7 @@ class CiphertextSum:
         sizes = self.wire.chunk_sizes(self.keys, header.num_values)
         try:
             blobs = chunks(record, header)
-            return self.wire.load_many(
-                self.keys, blobs, sizes, full_check=full_check
-            )
+            return self.wire.load_many(self.keys, blobs, sizes, full_check=full_check)
         except (CiphertextError, InvalidCiphertextError) as err:
             raise InvalidCiphertextError(f"{what}: {err}") from err
 
