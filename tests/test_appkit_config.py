@@ -82,7 +82,8 @@ def test_schemas_combine_and_defaults_can_be_replaced():
 def test_markdown_table_lists_every_option():
     table = SCHEMA.markdown_table()
     assert table.count("\n") == len(SCHEMA.options) + 1
-    assert "| `strategy` | `'fedavg'` | `fedavg`, `krum` |" in table
+    assert '| `strategy` | `"fedavg"` | `fedavg`, `krum` |' in table
+    assert "| `dp` | `false` | bool |" in table
     assert "| `name` | required |" in table
 
 

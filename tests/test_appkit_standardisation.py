@@ -110,3 +110,77 @@ def test_request_over_real_messages_drops_bad_and_missing_sites(caplog):
     np.testing.assert_allclose(scaler.mean, np.concatenate(SITES).mean(0))
     with pytest.raises(RuntimeError, match="need 4"):
         request_feature_stats(grid, 3, min_nodes=4, timeout=5, wait_s=0)
+
+
+# ------------------------------------------------------------ under CKKS
+from flwr_ext.appkit.encrypted_stats import (  # noqa: E402
+    decrypt_scaler,
+    is_encrypted_stats_query,
+    reply_encrypted_stats,
+    request_encrypted_feature_stats,
+    save_encrypted_scaler,
+    scaler_from_state,
+)
+
+
+def _ckks_client(x) -> ClientApp:
+    app = ClientApp()
+
+    @app.query()
+    def query(msg, context):
+        assert is_encrypted_stats_query(msg)
+        return reply_encrypted_stats(msg, context, x)
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def key_set(tmp_path_factory):
+    from flwr_ext.he import create_keys
+
+    return create_keys(tmp_path_factory.mktemp("keys") / "k")
+
+
+def test_encrypted_statistics_give_every_site_the_pooled_scaler(key_set, tmp_path):
+    nodes = {i + 1: _ckks_client(x) for i, x in enumerate(SITES)}
+    configs = {n: {"ckks-context": str(key_set.secret)} for n in nodes}
+    grid = InProcessGrid(nodes, node_configs=configs)
+    means, spreads = request_encrypted_feature_stats(
+        grid, key_set.server, 3, wire="tenseal", min_nodes=3, timeout=30
+    )
+    pooled = np.concatenate(SITES)
+    for node in nodes:
+        scaler = scaler_from_state(grid.context(node))
+        np.testing.assert_allclose(scaler.mean, pooled.mean(0), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(scaler.scale, pooled.std(0), rtol=1e-4)
+    # The server holds ciphertexts only; a data owner decrypts the same scaler.
+    save_encrypted_scaler(means, spreads, tmp_path)
+    decrypted = decrypt_scaler(tmp_path, key_set.secret)
+    np.testing.assert_allclose(decrypted.scale, pooled.std(0), rtol=1e-4)
+
+
+def test_encrypted_statistics_need_two_sites_and_the_sites_keys(key_set, tmp_path):
+    from flwr_ext.he import create_keys
+
+    other = create_keys(tmp_path / "other")
+    nodes = {1: _ckks_client(SITES[0]), 2: _ckks_client(SITES[1]),
+             3: _ckks_client(SITES[2])}  # fmt: skip
+    configs = {1: {"ckks-context": str(key_set.secret)},
+               2: {"ckks-context": str(key_set.secret)},
+               3: {"ckks-context": str(other.secret)}}  # fmt: skip
+    grid = InProcessGrid(nodes, node_configs=configs)
+    # Node 3 holds another key set: it is dropped; two sites still suffice.
+    request_encrypted_feature_stats(
+        grid, key_set.server, 3, wire="tenseal", min_nodes=2, timeout=30
+    )
+    assert scaler_from_state(grid.context(1)) is not None
+    assert scaler_from_state(grid.context(3)) is None
+    lonely = InProcessGrid(
+        {1: _ckks_client(SITES[0])},
+        node_configs={1: {"ckks-context": str(key_set.secret)}},
+    )
+    with pytest.raises(RuntimeError, match="need 2"):
+        request_encrypted_feature_stats(
+            lonely, key_set.server, 3, wire="tenseal", min_nodes=1, timeout=30,
+            wait_s=0,
+        )  # fmt: skip

@@ -2,7 +2,7 @@ import pytest
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from flwr_ext.appkit.config import ConfigError, ConfigSchema
+from flwr_ext.appkit.config import ConfigError, ConfigSchema, Option
 from flwr_ext.appkit.secure import secure_aggregation_mod, site_requires_ckks
 from flwr_ext.appkit.strategies import (
     ATTACK_OPTIONS,
@@ -14,7 +14,10 @@ from flwr_ext.appkit.strategies import (
 )
 from flwr_ext.strategy import ROBUST_STRATEGIES, HomomorphicAggregation
 
-SCHEMA = ConfigSchema([*STRATEGY_OPTIONS, *ATTACK_OPTIONS])
+SCHEMA = ConfigSchema(
+    [*STRATEGY_OPTIONS, *ATTACK_OPTIONS,
+     Option("num-server-rounds", int, 3, "rounds", min=1)]
+)  # fmt: skip
 
 
 def settings(**overrides):
@@ -44,6 +47,25 @@ def test_flower_base_strategies_and_their_parameters():
     assert isinstance(adam, FedAdam) and adam.eta == 0.2
     plain = build_strategy(settings(fraction_train=0.5))
     assert type(plain) is FedAvg and plain.fraction_train == 0.5
+
+
+def test_dp_fedavg_uses_the_federation_size_and_target_epsilon():
+    from flwr_ext.strategy import DPFedAvg
+
+    strategy = build_strategy(
+        settings(strategy="dp-fedavg", num_server_rounds=10, min_nodes=4,
+                 dp_fedavg_epsilon=8.0, dp_fedavg_clipping_norm=0.5)
+    )  # fmt: skip
+    assert isinstance(strategy, DPFedAvg) and strategy.num_clients == 4
+    assert strategy.target_epsilon == 8.0 and strategy.clipping_norm == 0.5
+    fixed = build_strategy(
+        settings(strategy="dp-fedavg", num_server_rounds=10,
+                 dp_fedavg_num_clients=7, dp_fedavg_noise_multiplier=2.0)
+    )  # fmt: skip
+    assert fixed.num_clients == 7 and fixed.noise_multiplier == 2.0
+    with pytest.raises(ConfigError, match="dp-fedavg"):
+        build_strategy(settings(strategy="dp-fedavg", num_server_rounds=10,
+                                fraction_train=0.5))  # fmt: skip
 
 
 def test_metric_aggregators_reach_the_base_strategy():

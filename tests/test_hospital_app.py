@@ -234,3 +234,42 @@ def test_start_up_fails_before_training_on_a_bad_config(tmp_path):
     with pytest.raises(ConfigError, match="choose one of"):
         run_in_process(tmp_path, strategy="avg")
     assert not (tmp_path / "out").exists()
+
+
+def test_readme_run_config_table_is_the_schema():
+    readme = (APP / "README.md").read_text()
+    start, end = "<!-- run-config:start -->\n", "\n<!-- run-config:end -->"
+    table = readme.split(start, 1)[1].split(end, 1)[0]
+    assert table == SCHEMA.markdown_table(), (
+        "README out of date: python -m hospital_diagnostics.settings --write-readme"
+    )
+
+
+def test_record_level_dp_sgd_reports_each_hospitals_epsilon(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        out = run_in_process(tmp_path, num_server_rounds=2, local_epochs=1,
+                             dp_sgd=True, dp_sgd_epsilon=2.0)  # fmt: skip
+    summary = _summary(caplog)
+    assert 0 < float(summary["epsilon"]) <= 2.0 + 1e-6
+    data = json.loads((out / "metrics.json").read_text())
+    per_site = [
+        s["train"]["dp-record-epsilon"] for s in data["rounds"][-1]["sites"].values()
+    ]
+    assert len(per_site) == 3 and max(per_site) == pytest.approx(
+        float(summary["epsilon"]), abs=1e-4
+    )
+    first = data["rounds"][0]["aggregated"]["train"]["dp-record-epsilon"]
+    assert first < float(summary["epsilon"])  # cumulative over rounds
+    assert (out / "epsilon.png").is_file()
+
+
+def test_central_dp_fedavg_reports_the_client_level_epsilon(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        out = run_in_process(tmp_path, strategy="dp-fedavg", num_server_rounds=2)
+    assert float(_summary(caplog)["client-epsilon"]) > 0
+    assert (out / "epsilon.png").is_file()
+
+
+def test_server_refuses_dp_sgd_with_fedprox(tmp_path):
+    with pytest.raises(ConfigError, match="proximal term"):
+        run_in_process(tmp_path, dp_sgd=True, strategy="fedprox")

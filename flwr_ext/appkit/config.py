@@ -313,14 +313,29 @@ class ConfigSchema:
         return Settings(values)
 
     def markdown_table(self) -> str:
-        """Render the options as a Markdown table (key, default, values, meaning)."""
+        """Render the options as a Markdown table (key, default, values, meaning).
+
+        Defaults are written as in TOML (``true``, ``"fedavg"``), as a user types
+        them in ``pyproject.toml`` or ``--run-config``.
+        """
         rows = ["| key | default | values | meaning |", "|---|---|---|---|"]
         for option in self.options.values():
-            default = "required" if option.default is None else f"`{option.default!r}`"
+            default = (
+                "required" if option.default is None else f"`{_toml(option.default)}`"
+            )
             rows.append(
                 f"| `{option.name}` | {default} | {option.describe()} | {option.help} |"
             )
         return "\n".join(rows)
+
+
+def _toml(value: object) -> str:
+    """Format a default as it is written in TOML (``true``, ``"x"``, ``0.5``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace('"', '\\"') + '"'
+    return repr(value)
 
 
 def _did_you_mean(name: str, known: Mapping[str, Option]) -> str:

@@ -15,6 +15,10 @@ therefore cannot list ``ckks_mod`` unconditionally. This mod decides per message
   configured;
 - else the message goes straight to the ClientApp.
 
+The QUERY messages of the encrypted statistics round
+(:mod:`flwr_ext.appkit.encrypted_stats`) always go straight to the ClientApp,
+which encrypts and decrypts them itself.
+
 Put it first in ``ClientApp(mods=[...])``, where ``ckks_mod`` belongs.
 """
 
@@ -25,6 +29,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 from ..he.protocol import ClientSettings
+from .encrypted_stats import is_encrypted_stats_query
 
 __all__ = ["secure_aggregation_mod", "site_requires_ckks"]
 
@@ -47,6 +52,9 @@ def secure_aggregation_mod(
             Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=f"ckks: {err}"),
             reply_to=msg,
         )
+    if wanted and is_encrypted_stats_query(msg):
+        # The ClientApp encrypts and decrypts these itself (encrypted_stats).
+        return call_next(msg, context)
     if wanted:
         from ..mods.ckks import ckks_mod  # not imported by plaintext runs
 

@@ -171,7 +171,17 @@ STRATEGY_OPTIONS: tuple[Option, ...] = (
         "dp-fedavg-noise-multiplier",
         float,
         1.0,
-        "dp-fedavg: Gaussian noise std in units of the clipping norm",
+        "dp-fedavg: Gaussian noise std in units of the clipping norm (used when "
+        "dp-fedavg-epsilon is 0)",
+        min=0.0,
+        min_exclusive=True,
+    ),
+    Option(
+        "dp-fedavg-epsilon",
+        float,
+        0.0,
+        "dp-fedavg: target epsilon over num-server-rounds (calibrates the noise "
+        "and stops training at the budget); 0: use dp-fedavg-noise-multiplier",
         min=0.0,
     ),
     Option(
@@ -186,13 +196,22 @@ STRATEGY_OPTIONS: tuple[Option, ...] = (
         "dp-fedavg-delta",
         float,
         1e-5,
-        "dp-fedavg: delta of the reported (epsilon, delta)",
+        "dp-fedavg: delta of the client-level (epsilon, delta)",
         min=0.0,
         max=1.0,
         min_exclusive=True,
         max_exclusive=True,
     ),
+    Option(
+        "dp-fedavg-num-clients",
+        int,
+        0,
+        "dp-fedavg: sites in the federation, the public denominator of the "
+        "noised mean; 0: min-nodes",
+        min=0,
+    ),
 )
+
 
 #: Run-config options read by :func:`flwr_ext.attacks.byzantine_mod` in simulation.
 ATTACK_OPTIONS: tuple[Option, ...] = (
@@ -357,20 +376,31 @@ def _robust(
 
 def _dp_fedavg(base: Strategy, settings: Mapping[str, Any]) -> Strategy:
     try:
-        from ..strategy import DPFedAvg  # type: ignore[attr-defined]
+        from ..strategy import DPFedAvg
     except ImportError:
         raise ConfigError(
             "run config",
             [
                 "strategy='dp-fedavg' needs flwr_ext.strategy.DPFedAvg, which this "
-                "installation of flwr-ext does not provide yet"
+                "installation of flwr-ext does not provide"
             ],
         ) from None
-    return DPFedAvg(  # pragma: no cover - wired when the DP strategy lands
-        base,
-        noise_multiplier=settings["dp-fedavg-noise-multiplier"],
-        clipping_norm=settings["dp-fedavg-clipping-norm"],
-    )
+    epsilon = settings["dp-fedavg-epsilon"]
+    num_clients = settings["dp-fedavg-num-clients"] or settings["min-nodes"]
+    try:
+        return DPFedAvg(
+            base,
+            num_clients=num_clients,
+            clipping_norm=settings["dp-fedavg-clipping-norm"],
+            noise_multiplier=None
+            if epsilon
+            else settings["dp-fedavg-noise-multiplier"],
+            target_epsilon=epsilon or None,
+            num_rounds=settings["num-server-rounds"] if epsilon else None,
+            delta=settings["dp-fedavg-delta"],
+        )
+    except ValueError as err:
+        raise ConfigError("run config", [f"strategy='dp-fedavg': {err}"]) from err
 
 
 def _homomorphic(strategy: Strategy, settings: Mapping[str, Any]) -> Strategy:

@@ -1,7 +1,8 @@
 """hospital-diagnostics through `flwr run` in Flower's Simulation Engine.
 
 One private simulation SuperLink (own FLWR_HOME, free port) serves every run of
-this module; each run has 3 simulated SuperNodes (hospitals) and must finish
+this module; each run has 3 simulated SuperNodes (hospitals; 4 for the robust
+rule, one of them Byzantine) and must finish
 with status ``finished:completed`` and a pooled AUROC above a floor. Runs are
 kept short (3 rounds, 1 local epoch): the point is that every configuration
 works end to end in Flower's engine, not its final accuracy (see
@@ -66,14 +67,16 @@ def engine(tmp_path_factory):
             links[ckks] = (home, process)
         return links[ckks][0]
 
-    def run(name: str, *, ckks: bool = False, **run_config) -> tuple[RunOutcome, Path]:
+    def run(
+        name: str, *, ckks: bool = False, nodes: int = 3, **run_config
+    ) -> tuple[RunOutcome, Path]:
         out = root / name
         config = {**SHORT, **run_config, "output-dir": str(out)}
         if ckks:
             config.update({"secure-aggregation": "ckks",
                            "ckks-server-context": str(keys.server)})  # fmt: skip
         home = link(ckks)
-        run_id = submit_run(home, APP, "sim", run_config=config, num_supernodes=3)
+        run_id = submit_run(home, APP, "sim", run_config=config, num_supernodes=nodes)
         outcome = wait_for_run(home, "sim", run_id, timeout=600)
         assert outcome.completed, (
             f"{name}: {outcome.status} {outcome.details}\n{outcome.log[-4000:]}"
@@ -105,6 +108,7 @@ def test_plain_fedavg_and_ckks_give_the_same_metrics(engine):
 
     ckks, ckks_out = engine("ckks", ckks=True)
     assert "ckks-summed" in ckks.log
+    assert "the server saw ciphertexts only" in ckks.log
     assert (ckks_out / "final_model.ckks-model").is_file()
     assert not (ckks_out / "final_model.pt").exists()  # the server never had it
     a, b = final_metrics(plain_out), final_metrics(ckks_out)
@@ -119,9 +123,22 @@ def test_plain_fedavg_and_ckks_give_the_same_metrics(engine):
 
 
 def test_robust_rule_with_a_byzantine_hospital(engine):
+    # Three honest hospitals and one that flips and boosts its update 20x: the
+    # coordinate-wise median keeps the model (FedAvg would be destroyed by it).
     outcome, _ = engine(
-        "median-byzantine", strategy="median", attack="scaling",
+        "median-byzantine", nodes=4, strategy="median", attack="scaling",
         **{"attack-strength": -20.0, "attack-partition-ids": "2"},
     )  # fmt: skip
-    assert float(summary(outcome)["auroc"]) > 0.95
-    assert "[Median] round 3: received 3" in outcome.log
+    values = summary(outcome)
+    assert float(values["auroc"]) > 0.95 and values["sites"] == "4"
+    assert "[Median] round 3: received 4" in outcome.log
+    assert "median of 4 sites' statistics" in outcome.log
+
+
+def test_record_level_dp_sgd(engine):
+    outcome, out = engine("dp-sgd", **{"dp-sgd": True, "dp-sgd-epsilon": 4.0})
+    values = summary(outcome)
+    assert 0 < float(values["epsilon"]) <= 4.0 + 1e-6
+    assert float(values["auroc"]) > 0.9
+    assert "[record-level DP]" in outcome.log
+    assert (out / "epsilon.png").is_file()

@@ -2,11 +2,13 @@
 
 - ``query``: answers the server's one-off feature-statistics request with the row
   count, per-feature sums and sums of squares of its *training* rows (see
-  :mod:`flwr_ext.appkit.standardisation`).
+  :mod:`flwr_ext.appkit.standardisation`) - under CKKS, with the encrypted
+  three-step variant of :mod:`flwr_ext.appkit.encrypted_stats`.
 - ``train``: standardises its rows with the scaler the server sent (or its own,
   under ``standardisation="site"``), trains the received model for
-  ``local-epochs``, replies with the new weights and ``num-examples``,
-  ``train-loss`` (and the cumulative ``epsilon`` under DP-SGD).
+  ``local-epochs`` (with record-level DP-SGD if ``dp-sgd``), replies with the new
+  weights and ``num-examples``, ``train-loss`` (and under DP-SGD the hospital's
+  cumulative ``dp-record-epsilon``, ``dp-record-delta``...).
 - ``evaluate``: scores its held-out rows with the received model and replies with
   its AUROC, sensitivity, specificity, accuracy and the summable statistics the
   server pools (:mod:`flwr_ext.appkit.metrics`), plus its site name.
@@ -34,6 +36,11 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.supercore import log
 
+from flwr_ext.appkit.encrypted_stats import (
+    is_encrypted_stats_query,
+    reply_encrypted_stats,
+    scaler_from_state,
+)
 from flwr_ext.appkit.metrics import site_metrics
 from flwr_ext.appkit.recorder import SITE_RECORD_KEY, site_record
 from flwr_ext.appkit.secure import secure_aggregation_mod
@@ -51,6 +58,7 @@ from flwr_ext.appkit.torch_train import (
     model_to_arrays,
     predict_proba,
     train_binary,
+    train_binary_dp,
 )
 from flwr_ext.attacks import byzantine_mod, flip_labels_if_attacking
 
@@ -77,15 +85,20 @@ def _site(context: Context) -> tuple[SiteData, dict]:
     return data, settings
 
 
-def _standardizer(msg: Message, data: SiteData, settings: dict) -> Standardizer:
+def _standardizer(
+    msg: Message, context: Context, data: SiteData, settings: dict
+) -> Standardizer:
     if settings["standardisation"] == "site":
         return Standardizer.fit(FeatureStats.from_array(data.train.x))
     config = msg.content.config_records.get("config", {})
-    standardizer = Standardizer.from_config(config)
+    # Plaintext runs: the server sends the pooled scaler in every round's config.
+    # Under CKKS the site decrypted it itself in the statistics round.
+    standardizer = Standardizer.from_config(config) or scaler_from_state(context)
     if standardizer is None:
         raise ValueError(
-            "the server sent no feature-mean/feature-scale although "
-            "standardisation='federated'; is the ServerApp from this app?"
+            "no feature scaler: the server sent none, and this site took no part "
+            "in the statistics round before training (it joined late, or the "
+            "ServerApp is not this app's)"
         )
     return standardizer
 
@@ -101,32 +114,49 @@ def _model(msg: Message, data: SiteData, settings: dict):
 def query(msg: Message, context: Context) -> Message:
     """Answer the feature-statistics request."""
     data, _ = _site(context)
-    if not is_stats_query(msg):
-        raise ValueError("unknown query; this ClientApp answers 'feature-stats' only")
-    return reply_feature_stats(msg, data.train.x)
+    if is_encrypted_stats_query(msg):
+        return reply_encrypted_stats(msg, context, data.train.x)
+    if is_stats_query(msg):
+        return reply_feature_stats(msg, data.train.x)
+    raise ValueError("unknown query; this ClientApp answers feature statistics only")
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received model on this hospital's training rows."""
     data, settings = _site(context)
-    x = _standardizer(msg, data, settings).transform(data.train.x)
+    x = _standardizer(msg, context, data, settings).transform(data.train.x)
     y = flip_labels_if_attacking(data.train.y, context, num_classes=2)
     model = _model(msg, data, settings)
     config = msg.content.config_records.get("config", {})
     server_round = int(config.get("server-round", 0))
-    result = train_binary(
-        model,
-        x,
-        y,
-        epochs=settings["local-epochs"],
-        learning_rate=settings["learning-rate"],
-        batch_size=settings["batch-size"],
-        seed=settings["seed"],
-        server_round=server_round,
-        site=zlib.crc32(data.name.encode()),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-    )
+    if settings["dp-sgd"]:
+        result = train_binary_dp(
+            model,
+            x,
+            y,
+            context,
+            epochs=settings["local-epochs"],
+            learning_rate=settings["learning-rate"],
+            batch_size=settings["batch-size"],
+            num_rounds=settings["num-server-rounds"],
+            target_epsilon=settings["dp-sgd-epsilon"],
+            target_delta=settings["dp-sgd-delta"],
+            max_grad_norm=settings["dp-sgd-max-grad-norm"],
+        )
+    else:
+        result = train_binary(
+            model,
+            x,
+            y,
+            epochs=settings["local-epochs"],
+            learning_rate=settings["learning-rate"],
+            batch_size=settings["batch-size"],
+            seed=settings["seed"],
+            server_round=server_round,
+            site=zlib.crc32(data.name.encode()),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+        )
     metrics = {"num-examples": len(data.train), "train-loss": result.loss}
     metrics.update(result.metrics)
     return Message(
@@ -141,7 +171,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score this hospital's held-out rows with the received model."""
     data, settings = _site(context)
-    x = _standardizer(msg, data, settings).transform(data.test.x)
+    x = _standardizer(msg, context, data, settings).transform(data.test.x)
     model = _model(msg, data, settings)
     scores = predict_proba(model, x)
     metrics = site_metrics(

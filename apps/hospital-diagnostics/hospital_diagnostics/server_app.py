@@ -23,6 +23,10 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from flwr_ext.appkit.encrypted_stats import (
+    request_encrypted_feature_stats,
+    save_encrypted_scaler,
+)
 from flwr_ext.appkit.metrics import make_metrics_aggregator
 from flwr_ext.appkit.plots import plot_rounds
 from flwr_ext.appkit.recorder import RecordingGrid
@@ -37,7 +41,12 @@ from flwr_ext.appkit.strategies import ROBUST_NAMES, build_strategy
 from flwr_ext.appkit.torch_train import model_to_arrays
 from flwr_ext.he import is_encrypted, save_encrypted_model
 
-from .settings import APP_NAME, EVALUATION_METRICS, load_settings
+from .settings import (
+    APP_NAME,
+    EVALUATION_METRICS,
+    check_server_settings,
+    load_settings,
+)
 from .task import make_model, schema_for
 
 app = ServerApp()
@@ -48,13 +57,14 @@ def main(grid: Grid, context: Context) -> None:
     """Run the federation and write the results."""
     started = time.monotonic()
     settings = load_settings(context.run_config)
+    check_server_settings(settings)
     writer = ResultsWriter(
         resolve_output_dir(settings["output-dir"], APP_NAME, context.run_id)
     )
     log(INFO, "%s: results will be written to %s", APP_NAME, writer.directory)
     strategy = build_strategy(
         settings,
-        train_metrics_aggr_fn=make_metrics_aggregator((), max_keys=("epsilon",)),
+        train_metrics_aggr_fn=_train_metrics_aggregator(settings),
         evaluate_metrics_aggr_fn=make_metrics_aggregator(EVALUATION_METRICS),
     )
     schema = schema_for(settings)
@@ -63,7 +73,18 @@ def main(grid: Grid, context: Context) -> None:
     grid = RecordingGrid(grid)
 
     config = ConfigRecord()
-    if settings["standardisation"] == "federated":
+    encrypted = settings["secure-aggregation"] == "ckks"
+    if settings["standardisation"] == "federated" and encrypted:
+        sums = request_encrypted_feature_stats(
+            grid,
+            settings["ckks-server-context"],
+            num_features,
+            wire=settings["ckks-wire"],
+            min_nodes=settings["min-nodes"],
+            timeout=settings["round-timeout"],
+        )
+        save_encrypted_scaler(*sums, writer.directory)
+    elif settings["standardisation"] == "federated":
         stats = request_feature_stats(
             grid,
             num_features,
@@ -74,23 +95,7 @@ def main(grid: Grid, context: Context) -> None:
         scaler = combine([s for _, s in stats], method)
         scaler.to_config(config)
         log(INFO, "feature scaling: %s of %d sites' statistics", method, len(stats))
-    # The model expects standardised inputs: keep the recipe next to it.
-    writer.write_json(
-        "preprocessing.json",
-        {
-            "label": schema.label,
-            "positive-label": schema.positive_label,
-            "features": list(schema.features),
-            "standardisation": settings["standardisation"],
-            "feature-mean": list(config.get("feature-mean", [])),
-            "feature-scale": list(config.get("feature-scale", [])),
-            "note": "model input = (x - feature-mean) / feature-scale, columns in "
-            "'features' order; output = logit of malignant"
-            if settings["standardisation"] == "federated"
-            else "each hospital standardises with the mean and standard deviation "
-            "of its own training rows",
-        },
-    )
+    writer.write_json("preprocessing.json", _preprocessing(schema, settings, config))
 
     result = strategy.start(
         grid=grid,
@@ -111,10 +116,14 @@ def main(grid: Grid, context: Context) -> None:
     fields["sites"] = len(final["sites"])
     for name in EVALUATION_METRICS:
         fields[name] = float(evaluation.get(name, float("nan")))
+    train = final["aggregated"].get("train", {})
+    if settings["dp-sgd"] or settings["strategy"] == "dp-fedavg":
+        from flwr_ext.privacy.keys import CLIENT_EPSILON, RECORD_EPSILON
     if settings["dp-sgd"]:
-        fields["epsilon"] = float(
-            final["aggregated"].get("train", {}).get("epsilon", float("nan"))
-        )
+        # Record level: the largest cumulative epsilon over the hospitals.
+        fields["epsilon"] = float(train.get(RECORD_EPSILON, float("nan")))
+    if settings["strategy"] == "dp-fedavg":
+        fields["client-epsilon"] = float(train.get(CLIENT_EPSILON, float("nan")))
     fields["dropped"] = ",".join(site for _, site in dropped) or "none"
     fields["seconds"] = f"{seconds:.1f}"
     fields["output"] = str(writer.directory)
@@ -140,6 +149,8 @@ def _write(
         "dropped-out": [{"node-id": n, "site": s} for n, s in dropped],
     }
     files = ["preprocessing.json"]
+    if (writer.directory / "feature-mean.ckks-model").exists():
+        files += ["feature-mean.ckks-model", "feature-spread.ckks-model"]
     files += [p.name for p in writer.write_metrics(history, run=run)]
     if is_encrypted(arrays):
         # Under CKKS the server only ever holds the encrypted model; a hospital
@@ -160,18 +171,66 @@ def _write(
     )
     if auroc is not None:
         files.append(auroc.name)
-    if settings["dp-sgd"]:
+    if settings["dp-sgd"] or settings["strategy"] == "dp-fedavg":
+        from flwr_ext.privacy.keys import CLIENT_EPSILON, RECORD_EPSILON
+
+        record_level = settings["dp-sgd"]
+        delta = settings["dp-sgd-delta" if record_level else "dp-fedavg-delta"]
         epsilon = plot_rounds(
             history,
-            "epsilon",
+            RECORD_EPSILON if record_level else CLIENT_EPSILON,
             writer.path("epsilon.png"),
             phase="train",
-            title="Cumulative record-level epsilon per hospital (DP-SGD)",
-            ylabel="epsilon",
-            aggregate_label="federation (max over hospitals)",
+            title="Cumulative record-level epsilon per hospital (DP-SGD)"
+            if record_level
+            else "Cumulative client-level epsilon of the released models (DP-FedAvg)",
+            ylabel=f"epsilon (delta = {delta:g})",
+            aggregate_label="federation (max over hospitals)"
+            if record_level
+            else "released global model",
         )
         if epsilon is None:
-            log(WARNING, "DP-SGD is on but no site reported epsilon")
+            log(WARNING, "DP is on but no epsilon was reported")
         else:
             files.append(epsilon.name)
     return files
+
+
+def _preprocessing(schema, settings: dict, config: ConfigRecord) -> dict:
+    """How to turn a CSV row into the model's input (kept next to the model)."""
+    recipe = {
+        "label": schema.label,
+        "positive-label": schema.positive_label,
+        "features": list(schema.features),
+        "standardisation": settings["standardisation"],
+    }
+    if settings["standardisation"] == "site":
+        recipe["note"] = (
+            "each hospital standardises with the mean and standard deviation of "
+            "its own training rows"
+        )
+    elif "feature-mean" in config:
+        recipe["feature-mean"] = list(config["feature-mean"])
+        recipe["feature-scale"] = list(config["feature-scale"])
+        recipe["note"] = (
+            "model input = (x - feature-mean) / feature-scale, columns in "
+            "'features' order; output = logit of malignant"
+        )
+    else:
+        recipe["note"] = (
+            "under CKKS the server never saw the pooled feature mean and scale: "
+            "they are in feature-mean.ckks-model and feature-spread.ckks-model; "
+            "a hospital decrypts them and the model with `python -m "
+            "hospital_diagnostics.decrypt --context secret-context.ckks "
+            "RESULTS_DIR`"
+        )
+    return recipe
+
+
+def _train_metrics_aggregator(settings: dict):
+    """Train metrics: the worst hospital's epsilon under DP-SGD, else averages."""
+    if settings["dp-sgd"]:
+        from flwr_ext.privacy import aggregate_silo_metrics
+
+        return aggregate_silo_metrics
+    return make_metrics_aggregator(())

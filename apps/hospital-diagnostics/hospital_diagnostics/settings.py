@@ -4,19 +4,30 @@ The schema is the single source of truth: the ServerApp and the ClientApp both
 validate ``context.run_config`` against it at start-up (a typo fails the run
 before any training, listing the valid choices), ``pyproject.toml`` repeats the
 defaults (a unit test keeps the two identical), and the README's table is
-rendered from it (``python -m hospital_diagnostics.settings``).
+rendered from it (``python -m hospital_diagnostics.settings --write-readme``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
-from flwr_ext.appkit.config import ConfigSchema, Option, Settings
+from flwr_ext.appkit.config import ConfigError, ConfigSchema, Option, Settings
 from flwr_ext.appkit.results import OUTPUT_OPTIONS
 from flwr_ext.appkit.strategies import ATTACK_OPTIONS, STRATEGY_OPTIONS
-from flwr_ext.appkit.torch_train import DPSGD_OPTIONS, TRAINING_OPTIONS
+from flwr_ext.appkit.torch_train import (
+    DPSGD_OPTIONS,
+    TRAINING_OPTIONS,
+    dp_sgd_available,
+)
 
-__all__ = ["APP_NAME", "EVALUATION_METRICS", "SCHEMA", "load_settings"]
+__all__ = [
+    "APP_NAME",
+    "EVALUATION_METRICS",
+    "SCHEMA",
+    "check_server_settings",
+    "load_settings",
+]
 
 APP_NAME = "hospital-diagnostics"
 
@@ -125,5 +136,43 @@ def load_settings(run_config: Mapping[str, object]) -> Settings:
     return SCHEMA.validate(run_config)
 
 
+def check_server_settings(settings: Settings) -> None:
+    """Refuse, at ServerApp start-up, combinations the sites could not honour.
+
+    Strategy combinations are checked by ``build_strategy``; this adds the
+    app's own: record-level DP-SGD needs :mod:`flwr_ext.privacy`, and does not
+    combine with FedProx's proximal term (not offered under DP-SGD).
+    """
+    problems = []
+    if settings["dp-sgd"]:
+        if not dp_sgd_available():
+            problems.append(
+                "dp-sgd=true needs flwr_ext.privacy.make_private (Opacus), which "
+                "this installation does not provide"
+            )
+        if settings["strategy"] == "fedprox":
+            problems.append(
+                "dp-sgd=true with strategy='fedprox': the proximal term is not "
+                "part of the DP-SGD training loop; use fedavg (or a robust rule)"
+            )
+    if problems:
+        raise ConfigError("run config", problems)
+
+
+def write_readme_table(readme: Path) -> None:
+    """Replace the run-config table of the app's README with the schema's."""
+    start, end = "<!-- run-config:start -->", "<!-- run-config:end -->"
+    text = readme.read_text()
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{SCHEMA.markdown_table()}\n{end}{tail}")
+
+
 if __name__ == "__main__":  # pragma: no cover - documentation helper
-    print(SCHEMA.markdown_table())
+    # python -m hospital_diagnostics.settings [--write-readme]
+    import sys
+
+    if "--write-readme" in sys.argv:
+        write_readme_table(Path(__file__).resolve().parents[1] / "README.md")
+    else:
+        print(SCHEMA.markdown_table())
