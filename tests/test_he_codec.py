@@ -370,3 +370,37 @@ def test_a_failed_addition_half_way_is_rolled_back_exactly(keysets):
         np.testing.assert_allclose(
             decrypted.arrays[key].numpy(), expected[key], atol=1e-5
         )
+
+
+def test_quiet_native_stdout_swallows_tenseal_warnings_and_restores(keysets, capfd):
+    """TenSEAL prints to fd 1 for vectors longer than a ciphertext; the guard hides it.
+
+    Uses the warning itself (first without the guard, to show it is real), then
+    checks nested enters/exits in non-LIFO order (suspended generators) restore fd 1.
+    """
+    import tenseal as ts
+
+    from flwr_ext.he._native import quiet_native_stdout
+
+    secret, _, _ = keysets["compact"]
+    too_long = np.zeros(secret.profile.slots + 1)
+    ts.ckks_vector(secret.context, too_long)
+    assert "does not fit in a single ciphertext" in capfd.readouterr().out
+
+    with quiet_native_stdout():
+        ts.ckks_vector(secret.context, too_long)
+    print("after")
+    assert capfd.readouterr().out == "after\n"
+
+    def holder():
+        with quiet_native_stdout():
+            yield
+
+    first, second = holder(), holder()
+    next(first)
+    next(second)
+    first.close()  # exits before the inner one: fd 1 must stay redirected
+    ts.ckks_vector(secret.context, too_long)
+    second.close()
+    print("restored")
+    assert capfd.readouterr().out == "restored\n"

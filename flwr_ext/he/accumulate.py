@@ -2,24 +2,26 @@
 
 The server holds a context without any key: it can load ciphertexts and add them,
 nothing else. :class:`CiphertextSum` keeps the running sum as deserialised
-ciphertexts. Each reply is first checked and loaded *completely* (header, every
-chunk's CRC32, SEAL's validation of every ciphertext), and only then added chunk by
-chunk in place, so a reply whose 100th chunk is corrupted is rejected without
-having touched the sum. Should SEAL still refuse an addition half-way (a
-well-formed ciphertext at another level or scale), the chunks already added are
-subtracted again - exact in modular arithmetic - and the reply is rejected. Peak
-memory is one accumulator plus one deserialised reply, whatever the number of
-clients.
+ciphertexts. A reply's header is checked first (kind, wire format, key fingerprint,
+profile, model structure, chunk count); then its chunks are streamed: each one's
+CRC32 is verified, SEAL loads and validates it, and it is added in place. If a
+chunk fails - corrupted, truncated, or a well-formed ciphertext at another level or
+scale that SEAL refuses to add - the chunks of that reply already added are
+subtracted again (exact in modular arithmetic) and the reply is rejected, leaving
+the sum as it was. Peak memory is one accumulator plus one ciphertext in flight
+(the replies themselves are held by Flower), whatever the number of clients.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from typing import Any
 
 from flwr.app import ArrayRecord
 
 from ..records import Manifest
-from .codec import EncryptedHeader, InvalidCiphertextError, chunks, pack
+from .codec import EncryptedHeader, InvalidCiphertextError, iter_chunks, pack
 from .keys import CkksKeys
 from .wire import CiphertextError, get_wire
 
@@ -69,41 +71,61 @@ class CiphertextSum:
                 f"{what} encrypts a model with a different structure than the "
                 f"global model ({_manifest_difference(header.manifest, self.manifest)})"
             )
-        # The first reply becomes the accumulator: check its metadata explicitly.
-        loaded = self._load_all(record, header, what, full_check=self._sum is None)
+        sizes = self.wire.chunk_sizes(self.keys, header.num_values)
         if self._sum is None:
-            self._sum = loaded
+            self._sum = self._first(record, header, sizes, what)
             self.manifest = header.manifest
         else:
-            self._add_or_roll_back(loaded, what)
+            self._add_streaming(record, header, sizes, what)
         self.count += 1
         return header
 
-    def _add_or_roll_back(self, loaded: list[Any], what: str) -> None:
+    def _first(
+        self, record: ArrayRecord, header: EncryptedHeader, sizes: list[int], what: str
+    ) -> list[Any]:
+        """Load the first reply completely; it becomes the accumulator."""
+        try:
+            blobs = iter_chunks(record, header)
+            return list(self.wire.iter_load(self.keys, blobs, sizes, full_check=True))
+        except (CiphertextError, InvalidCiphertextError) as err:
+            raise InvalidCiphertextError(f"{what}: {err}") from err
+
+    def _add_streaming(
+        self, record: ArrayRecord, header: EncryptedHeader, sizes: list[int], what: str
+    ) -> None:
+        """Add chunk by chunk; on any failure subtract what was added and raise."""
         assert self._sum is not None
         done = 0
+        blobs = iter_chunks(record, header)
+        loaded = self.wire.iter_load(self.keys, blobs, sizes, full_check=False)
         try:
-            for accumulator, ciphertext in zip(self._sum, loaded, strict=True):
-                self.wire.add_inplace(self.keys, accumulator, ciphertext)
-                done += 1
-        except (ValueError, RuntimeError, TypeError) as err:
-            for accumulator, ciphertext in zip(
-                self._sum[:done], loaded[:done], strict=True
-            ):
-                self.wire.sub_inplace(self.keys, accumulator, ciphertext)
+            # closing(): a suspended loader holds the native-stdout redirect (and
+            # its lock) and a scratch file; release them before any rollback.
+            with contextlib.closing(loaded):
+                for accumulator, ciphertext in zip(self._sum, loaded, strict=True):
+                    self.wire.add_inplace(self.keys, accumulator, ciphertext)
+                    done += 1
+        except (CiphertextError, InvalidCiphertextError) as err:
+            self._roll_back(record, header, sizes, done)
+            raise InvalidCiphertextError(f"{what}: {err}") from err
+        except (ValueError, RuntimeError, TypeError) as err:  # SEAL refused the add
+            self._roll_back(record, header, sizes, done)
             raise InvalidCiphertextError(
                 f"{what}: ciphertext {done} cannot be added to the sum ({err})"
             ) from err
 
-    def _load_all(
-        self, record: ArrayRecord, header: EncryptedHeader, what: str, full_check: bool
-    ) -> list[Any]:
-        sizes = self.wire.chunk_sizes(self.keys, header.num_values)
-        try:
-            blobs = chunks(record, header)
-            return self.wire.load_many(self.keys, blobs, sizes, full_check=full_check)
-        except (CiphertextError, InvalidCiphertextError) as err:
-            raise InvalidCiphertextError(f"{what}: {err}") from err
+    def _roll_back(
+        self, record: ArrayRecord, header: EncryptedHeader, sizes: list[int], done: int
+    ) -> None:
+        """Subtract the first ``done`` chunks again (they loaded before)."""
+        if not done:
+            return
+        assert self._sum is not None
+        blobs = itertools.islice(iter_chunks(record, header, verify=False), done)
+        loaded = self.wire.iter_load(self.keys, blobs, sizes[:done], full_check=False)
+        with contextlib.closing(loaded):
+            for accumulator, ciphertext in zip(self._sum[:done], loaded, strict=True):
+                self.wire.sub_inplace(self.keys, accumulator, ciphertext)
 
     def result(self) -> ArrayRecord | None:
         """Return the encrypted sum (kind ``"model"``), or None if nothing was added."""

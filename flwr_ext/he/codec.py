@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -221,16 +222,27 @@ def pack(header: EncryptedHeader, blobs: list[bytes]) -> ArrayRecord:
     return ArrayRecord(arrays)
 
 
-def chunks(record: ArrayRecord, header: EncryptedHeader) -> list[bytes]:
-    """Return the ciphertext bytes of ``record`` in order, checked against CRC32."""
-    blobs = [record[key].data for key in chunk_keys(header.num_chunks)]
-    for index, (blob, checksum) in enumerate(zip(blobs, header.checksums, strict=True)):
-        if zlib.crc32(blob) != checksum:
+def iter_chunks(
+    record: ArrayRecord, header: EncryptedHeader, verify: bool = True
+) -> Iterator[bytes]:
+    """Yield the ciphertext bytes of ``record`` in order, each checked on the way.
+
+    Checking chunk by chunk lets a consumer stream: a corrupted chunk raises when
+    it is reached (:class:`InvalidCiphertextError`), not before the first one.
+    """
+    for index, key in enumerate(chunk_keys(header.num_chunks)):
+        blob = record[key].data
+        if verify and zlib.crc32(blob) != header.checksums[index]:
             raise InvalidCiphertextError(
                 f"ciphertext {index} is corrupted or truncated ({len(blob)} bytes, "
                 "CRC32 mismatch)"
             )
-    return blobs
+        yield blob
+
+
+def chunks(record: ArrayRecord, header: EncryptedHeader) -> list[bytes]:
+    """Return the ciphertext bytes of ``record`` in order, checked against CRC32."""
+    return list(iter_chunks(record, header))
 
 
 def encrypt_record(

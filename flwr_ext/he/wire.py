@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,19 @@ class Wire:
         """
         raise NotImplementedError
 
+    def iter_load(
+        self,
+        keys: CkksKeys,
+        blobs: Iterable[bytes],
+        sizes: Sequence[int],
+        *,
+        full_check: bool = True,
+    ) -> Iterator[Any]:
+        """Load ciphertexts one at a time (see :meth:`load`), for streaming."""
+        with quiet_native_stdout():
+            for blob, size in zip(blobs, sizes, strict=True):
+                yield self.load(keys, blob, size, full_check=full_check, quiet=False)
+
     def load_many(
         self,
         keys: CkksKeys,
@@ -95,11 +108,7 @@ class Wire:
         full_check: bool = True,
     ) -> list[Any]:
         """Load several ciphertexts (see :meth:`load`)."""
-        with quiet_native_stdout():
-            return [
-                self.load(keys, blob, size, full_check=full_check, quiet=False)
-                for blob, size in zip(blobs, sizes, strict=True)
-            ]
+        return list(self.iter_load(keys, blobs, sizes, full_check=full_check))
 
     def add_inplace(self, keys: CkksKeys, accumulator: Any, other: Any) -> None:
         """``accumulator += other`` (both from :meth:`load`)."""
@@ -266,17 +275,18 @@ class SeededWire(Wire):
         _check_seal_ciphertext(ciphertext, keys)
         return ciphertext
 
-    def load_many(
+    def iter_load(
         self,
         keys: CkksKeys,
-        blobs: Sequence[bytes],
-        sizes: Sequence[int] | None = None,
+        blobs: Iterable[bytes],
+        sizes: Sequence[int],
         *,
         full_check: bool = True,
-    ) -> list[Any]:
-        """Load several ciphertexts through one scratch file."""
+    ) -> Iterator[Any]:
+        """Load ciphertexts one at a time through one scratch file."""
         with _scratch_file() as path, quiet_native_stdout():
-            return [self._load_from(keys, blob, path, False) for blob in blobs]
+            for blob in blobs:
+                yield self._load_from(keys, blob, path, False)
 
     def add_inplace(self, keys: CkksKeys, accumulator: Any, other: Any) -> None:
         """SEAL's ``Evaluator.add_inplace``."""
@@ -307,7 +317,7 @@ class SeededWire(Wire):
         if len(blobs) != expected:
             raise CiphertextError(f"expected {expected} ciphertexts, got {len(blobs)}")
         out = np.empty(expected * per, dtype=np.float64)
-        ciphertexts = self.load_many(keys, blobs)
+        ciphertexts = self.load_many(keys, blobs, self.chunk_sizes(keys, num_values))
         with quiet_native_stdout():
             for i, ciphertext in enumerate(ciphertexts):
                 plain = seal.sealapi.Plaintext()
