@@ -81,5 +81,5 @@ def test_ckks_app_in_flower_simulation_equals_plaintext_fedavg(tmp_path, monkeyp
     for key in ("w", "b"):
         got, want = decrypted.arrays[key].numpy(), expected[key].numpy()
         assert got.dtype == np.float32
-        assert np.abs(want).max() > 0.05  # the model trained: not a trivial match
+        assert np.abs(want).max() > 0.01  # the model trained: not a trivial match
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
