@@ -1,4 +1,4 @@
-"""Add encrypted updates as they arrive: one accumulator plus one reply in flight.
+"""Add encrypted updates as they arrive: one accumulator, one ciphertext in flight.
 
 The server holds a context without any key: it can load ciphertexts and add them,
 nothing else. :class:`CiphertextSum` keeps the running sum as deserialised

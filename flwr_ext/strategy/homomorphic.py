@@ -20,8 +20,8 @@ Per round:
 2. ``aggregate_train`` checks every reply (error replies, unsampled or duplicate
    senders, exactly one ArrayRecord and a valid weight, the key fingerprint and
    profile, the model structure, every ciphertext) and adds the valid ones to a
-   :class:`~flwr_ext.he.CiphertextSum` as they come - one accumulator and one reply
-   in flight. A malformed, truncated or foreign-key reply is dropped with one
+   :class:`~flwr_ext.he.CiphertextSum` as they come - one accumulator and one
+   ciphertext in flight. A malformed, truncated or foreign-key reply is dropped with one
    WARNING line and the round goes on.
 3. What happens to the sum depends on ``mode``:
 
