@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Context, RecordDict
 
 from flwr_ext.appkit.config import ConfigError
@@ -26,6 +27,7 @@ APP = Path(__file__).resolve().parents[1] / "apps" / "bank-fraud"
 sys.path.insert(0, str(APP))
 
 from bank_fraud.client_app import app as client_app  # noqa: E402
+from bank_fraud.decrypt import main as decrypt_main  # noqa: E402
 from bank_fraud.generator import (  # noqa: E402
     FEATURES,
     LOG_FEATURES,
@@ -60,6 +62,11 @@ def test_pyproject_run_config_equals_the_validated_schema_defaults():
         "serverapp": "bank_fraud.server_app:app",
         "clientapp": "bank_fraud.client_app:app",
     }
+
+
+def test_readme_documents_every_run_config_key_with_its_default():
+    readme = (APP / "README.md").read_text()
+    assert SCHEMA.markdown_table() in readme, "run: python -m bank_fraud.settings"
 
 
 def test_bad_run_config_fails_listing_every_problem():
@@ -330,12 +337,54 @@ def test_ckks_secure_aggregation_gives_the_plaintext_metrics(tmp_path, caplog):
         )  # fmt: skip
     assert (ckks / "final_model.ckks-model").is_file()
     assert not (ckks / "final_model.pt").exists()
+    assert "encrypted feature statistics" in caplog.text
+    preprocessing = json.loads((ckks / "preprocessing.json").read_text())
+    assert "feature-mean" not in preprocessing  # the coordinator never saw it
     a = json.loads((plain / "metrics.json").read_text())["rounds"][-1]
     b = json.loads((ckks / "metrics.json").read_text())["rounds"][-1]
     for key in ("auprc", "recall-at-1pct-fpr", "precision", "f1", "threshold"):
         assert a["aggregated"]["evaluate"][key] == pytest.approx(
             b["aggregated"]["evaluate"][key], abs=1e-4
         ), key
+    # A bank decrypts model and scaler: they match the plaintext run's.
+    assert decrypt_main([str(ckks), "--context", str(keys.secret)]) == 0
+    decrypted = json.loads((ckks / "decrypted" / "preprocessing.json").read_text())
+    plain_recipe = json.loads((plain / "preprocessing.json").read_text())
+    np.testing.assert_allclose(
+        decrypted["feature-mean"], plain_recipe["feature-mean"], rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        decrypted["feature-scale"], plain_recipe["feature-scale"], rtol=1e-4
+    )
+    assert decrypted["threshold"] == pytest.approx(plain_recipe["threshold"], abs=1e-4)
+    want = torch.load(plain / "final_model.pt")
+    got = torch.load(ckks / "decrypted" / "final_model.pt")
+    for name, tensor in want.items():
+        np.testing.assert_allclose(got[name].numpy(), tensor.numpy(), atol=1e-4)
+
+
+def test_record_level_dp_sgd_reports_the_worst_banks_epsilon(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        out = run_in_process(tmp_path, num_server_rounds=2, dp_sgd=True,
+                             dp_sgd_epsilon=4.0)  # fmt: skip
+    summary = _summary(caplog)
+    assert 0 < float(summary["epsilon"]) <= 4.0 + 1e-6
+    train = json.loads((out / "metrics.json").read_text())["rounds"][-1]["aggregated"]
+    assert train["train"]["dp-record-epsilon"] == pytest.approx(
+        float(summary["epsilon"]), abs=1e-4
+    )
+    assert (out / "epsilon.png").is_file()
+    with pytest.raises(ConfigError, match="proximal term"):
+        _settings(dp_sgd=True, strategy="fedprox")
+
+
+def test_user_level_dp_fedavg_reports_the_client_epsilon(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        run_in_process(tmp_path, num_server_rounds=2, strategy="dp-fedavg",
+                       dp_fedavg_noise_multiplier=1.0,
+                       dp_fedavg_num_clients=4)  # fmt: skip
+    summary = _summary(caplog)
+    assert float(summary["client-epsilon"]) > 0 and summary["sites"] == "4"
 
 
 def test_start_up_fails_before_training_on_a_bad_config(tmp_path):

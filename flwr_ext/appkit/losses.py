@@ -65,7 +65,7 @@ LOSS_OPTIONS: tuple[Option, ...] = (
     Option(
         "positive-weight",
         float,
-        10.0,
+        3.0,
         "weighted: loss weight of a positive row relative to a negative one; 0 "
         "= each site's own negatives/positives ratio",
         min=0.0,

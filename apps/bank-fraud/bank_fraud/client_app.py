@@ -2,12 +2,14 @@
 
 - ``query``: answers the server's one-off feature-statistics request with the row
   count, per-feature sums and sums of squares of its *training* rows (after the
-  log transform; see :mod:`flwr_ext.appkit.standardisation`).
+  log transform; see :mod:`flwr_ext.appkit.standardisation`) - under CKKS, with
+  the encrypted three-step variant of :mod:`flwr_ext.appkit.encrypted_stats`.
 - ``train``: standardises its rows with the scaler the server sent (or its own,
   under ``standardisation="site"``), trains the received model for
   ``local-epochs`` with the class-imbalance loss of the run config
-  (:mod:`flwr_ext.appkit.losses`), and replies with the new weights,
-  ``num-examples`` and ``train-loss``.
+  (:mod:`flwr_ext.appkit.losses`) - with record-level DP-SGD if ``dp-sgd`` -
+  and replies with the new weights, ``num-examples`` and ``train-loss`` (and
+  under DP-SGD the bank's cumulative ``dp-record-epsilon``...).
 - ``evaluate``: scores its validation and test rows with the received model and
   replies with its own AUPRC, recall at 1 % FPR and AUROC (exact, from its
   scores), per-class histograms of its test scores and of its validation scores
@@ -30,6 +32,7 @@ from collections.abc import Mapping
 from logging import INFO
 from typing import Any
 
+import numpy as np
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -42,6 +45,11 @@ from flwr.clientapp import ClientApp
 from flwr.supercore import log
 from torch import nn
 
+from flwr_ext.appkit.encrypted_stats import (
+    is_encrypted_stats_query,
+    reply_encrypted_stats,
+    scaler_from_state,
+)
 from flwr_ext.appkit.losses import loss_from_settings
 from flwr_ext.appkit.metrics import site_metrics
 from flwr_ext.appkit.recorder import SITE_RECORD_KEY, site_record
@@ -53,22 +61,20 @@ from flwr_ext.appkit.standardisation import (
     is_stats_query,
     reply_feature_stats,
 )
-from flwr_ext.appkit.tabular import summarise
 from flwr_ext.appkit.thresholds import validation_metrics
 from flwr_ext.appkit.torch_train import (
     arrays_to_model,
     model_to_arrays,
     predict_proba,
     train_binary,
+    train_binary_dp,
 )
 from flwr_ext.attacks import byzantine_mod, flip_labels_if_attacking
 
 from .settings import EVALUATION_METRICS, load_settings
-from .task import SiteData, load_site_data, make_model
+from .task import SiteData, describe_rows, load_site_data, make_model
 
 app = ClientApp(mods=[secure_aggregation_mod, byzantine_mod])
-
-_LABELS = ("legitimate", "fraud")
 
 
 def _site(context: Context) -> tuple[SiteData, Mapping[str, Any]]:
@@ -81,25 +87,28 @@ def _site(context: Context) -> tuple[SiteData, Mapping[str, Any]]:
             "%s (%s): training %s; validation %s; test %s",
             data.name,
             data.description,
-            summarise(data.train, _LABELS),
-            summarise(data.validation, _LABELS),
-            summarise(data.test, _LABELS),
+            describe_rows(data.train),
+            describe_rows(data.validation),
+            describe_rows(data.test),
         )
         context.state["logged"] = ConfigRecord({"yes": True})
     return data, settings
 
 
 def _standardizer(
-    msg: Message, data: SiteData, settings: Mapping[str, Any]
+    msg: Message, context: Context, data: SiteData, settings: Mapping[str, Any]
 ) -> Standardizer:
     if settings["standardisation"] == "site":
         return Standardizer.fit(FeatureStats.from_array(data.train.x))
     config = msg.content.config_records.get("config", {})
-    standardizer = Standardizer.from_config(config)
+    # Plaintext runs: the server sends the pooled scaler in every round's config.
+    # Under CKKS the bank decrypted it itself in the statistics round.
+    standardizer = Standardizer.from_config(config) or scaler_from_state(context)
     if standardizer is None:
         raise ValueError(
-            "the server sent no feature-mean/feature-scale although "
-            "standardisation='federated'; is the ServerApp from this app?"
+            "no feature scaler: the server sent none, and this bank took no part "
+            "in the statistics round before training (it joined late, or the "
+            "ServerApp is not this app's)"
         )
     return standardizer
 
@@ -115,32 +124,51 @@ def _model(msg: Message, data: SiteData, settings: Mapping[str, Any]) -> nn.Modu
 def query(msg: Message, context: Context) -> Message:
     """Answer the feature-statistics request."""
     data, _ = _site(context)
-    if not is_stats_query(msg):
-        raise ValueError("unknown query; this ClientApp answers 'feature-stats' only")
-    return reply_feature_stats(msg, data.train.x)
+    if is_encrypted_stats_query(msg):
+        return reply_encrypted_stats(msg, context, data.train.x)
+    if is_stats_query(msg):
+        return reply_feature_stats(msg, data.train.x)
+    raise ValueError("unknown query; this ClientApp answers feature statistics only")
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received model on this bank's training rows."""
     data, settings = _site(context)
-    x = _standardizer(msg, data, settings).transform(data.train.x)
+    x = _standardizer(msg, context, data, settings).transform(data.train.x)
     y = flip_labels_if_attacking(data.train.y, context, num_classes=2)
     model = _model(msg, data, settings)
     config = msg.content.config_records.get("config", {})
-    result = train_binary(
-        model,
-        x,
-        y,
-        epochs=settings["local-epochs"],
-        learning_rate=settings["learning-rate"],
-        batch_size=settings["batch-size"],
-        seed=settings["seed"],
-        server_round=int(config.get("server-round", 0)),
-        site=zlib.crc32(data.name.encode()),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-        loss_fn=loss_from_settings(settings, y),
-    )
+    loss_fn = loss_from_settings(settings, y)
+    if settings["dp-sgd"]:
+        result = train_binary_dp(
+            model,
+            x,
+            y,
+            context,
+            epochs=settings["local-epochs"],
+            learning_rate=settings["learning-rate"],
+            batch_size=settings["batch-size"],
+            num_rounds=settings["num-server-rounds"],
+            target_epsilon=settings["dp-sgd-epsilon"],
+            target_delta=settings["dp-sgd-delta"],
+            max_grad_norm=settings["dp-sgd-max-grad-norm"],
+            loss_fn=loss_fn,
+        )
+    else:
+        result = train_binary(
+            model,
+            x,
+            y,
+            epochs=settings["local-epochs"],
+            learning_rate=settings["learning-rate"],
+            batch_size=settings["batch-size"],
+            seed=settings["seed"],
+            server_round=int(config.get("server-round", 0)),
+            site=zlib.crc32(data.name.encode()),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            loss_fn=loss_fn,
+        )
     metrics = {"num-examples": len(data.train), "train-loss": result.loss}
     metrics.update(result.metrics)
     return Message(
@@ -155,10 +183,15 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score this bank's validation and test rows with the received model."""
     data, settings = _site(context)
-    standardizer = _standardizer(msg, data, settings)
+    standardizer = _standardizer(msg, context, data, settings)
     model = _model(msg, data, settings)
     bins = settings["metric-bins"]
     test_scores = predict_proba(model, standardizer.transform(data.test.x))
+    if not np.isfinite(test_scores).all():
+        raise ValueError(
+            "the global model's scores are NaN/Inf: its weights are not finite (a "
+            "diverged or poisoned aggregate), so this bank cannot evaluate it"
+        )
     metrics: dict[str, Any] = site_metrics(
         data.test.y,
         test_scores,

@@ -560,3 +560,29 @@ def write_transactions_csv(
                    int(data.y[i]), *(f"{v:.6g}" for v in data.x[i])]  # fmt: skip
             writer.writerow([*row, data.typology[i]] if with_typology else row)
     return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write one CSV per generated bank (``python -m bank_fraud.generator``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Write each generated bank's transactions as its own CSV file "
+        "(the app's 'transactions' format), e.g. to try a deployment."
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--banks", type=int, default=len(BANKS))
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--scale", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    for index in range(args.banks):
+        data = generate_bank(index, seed=args.seed, scale=args.scale)
+        path = write_transactions_csv(
+            args.out / f"bank-{index}-{data.bank.name}.csv", data
+        )
+        print(f"{path}: {len(data)} transactions, {int(data.y.sum())} fraudulent")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - command line
+    raise SystemExit(main())

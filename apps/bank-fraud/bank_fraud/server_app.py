@@ -30,6 +30,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from flwr_ext.appkit.encrypted_stats import (
+    request_encrypted_feature_stats,
+    save_encrypted_scaler,
+)
 from flwr_ext.appkit.histogram_recorder import HistogramRecordingGrid
 from flwr_ext.appkit.metrics import BinaryStats, make_metrics_aggregator
 from flwr_ext.appkit.plots import plot_rounds
@@ -41,7 +45,7 @@ from flwr_ext.appkit.results import (
     summary_line,
 )
 from flwr_ext.appkit.standardisation import combine, request_feature_stats
-from flwr_ext.appkit.strategies import build_strategy
+from flwr_ext.appkit.strategies import ROBUST_NAMES, build_strategy
 from flwr_ext.appkit.thresholds import (
     HISTOGRAM_KEYS,
     OperatingPoint,
@@ -52,8 +56,8 @@ from flwr_ext.appkit.thresholds import (
 )
 from flwr_ext.appkit.torch_train import model_to_arrays
 from flwr_ext.he import is_encrypted, save_encrypted_model
-from flwr_ext.strategy import ROBUST_STRATEGIES
 
+from .decrypt import NOTE as DECRYPTED_NOTE
 from .settings import APP_NAME, EVALUATION_METRICS, load_settings
 from .task import data_spec, make_model
 
@@ -80,7 +84,7 @@ def main(grid: Grid, context: Context) -> None:
     selection = settings["threshold-selection"]
     strategy = build_strategy(
         settings,
-        train_metrics_aggr_fn=make_metrics_aggregator((), max_keys=("epsilon",)),
+        train_metrics_aggr_fn=_train_metrics_aggregator(settings),
         evaluate_metrics_aggr_fn=make_threshold_metrics_aggregator(
             EVALUATION_METRICS, rule, selection=selection
         ),
@@ -91,14 +95,27 @@ def main(grid: Grid, context: Context) -> None:
     grid = HistogramRecordingGrid(grid, HISTOGRAM_KEYS)
 
     config = ConfigRecord()
-    if settings["standardisation"] == "federated":
+    encrypted = settings["secure-aggregation"] == "ckks"
+    if settings["standardisation"] == "federated" and encrypted:
+        # Under CKKS the banks' statistics are summed encrypted as well: only the
+        # banks ever see the pooled scaler (flwr_ext.appkit.encrypted_stats).
+        sums = request_encrypted_feature_stats(
+            grid,
+            settings["ckks-server-context"],
+            num_features,
+            wire=settings["ckks-wire"],
+            min_nodes=settings["min-nodes"],
+            timeout=settings["round-timeout"],
+        )
+        save_encrypted_scaler(*sums, writer.directory)
+    elif settings["standardisation"] == "federated":
         stats = request_feature_stats(
             grid,
             num_features,
             min_nodes=settings["min-nodes"],
             timeout=settings["round-timeout"],
         )
-        method = "median" if settings["strategy"] in ROBUST_STRATEGIES else "pooled"
+        method = "median" if settings["strategy"] in ROBUST_NAMES else "pooled"
         combine([s for _, s in stats], method).to_config(config)
         log(INFO, "feature scaling: %s of %d banks' statistics", method, len(stats))
 
@@ -129,15 +146,29 @@ def main(grid: Grid, context: Context) -> None:
         fields[name] = float(evaluation.get(name, math.nan))
     if settings["threshold-selection"] == "site":
         fields["threshold"] = "per-bank"
+    train = final["aggregated"].get("train", {})
+    # Imported here: plaintext runs never load Opacus (flwr_ext.privacy).
+    if settings["dp-sgd"] or settings["strategy"] == "dp-fedavg":
+        from flwr_ext.privacy.keys import CLIENT_EPSILON, RECORD_EPSILON
     if settings["dp-sgd"]:
-        fields["epsilon"] = float(
-            final["aggregated"].get("train", {}).get("epsilon", math.nan)
-        )
+        # Record level: the largest cumulative epsilon over the banks.
+        fields["epsilon"] = float(train.get(RECORD_EPSILON, math.nan))
+    if settings["strategy"] == "dp-fedavg":
+        fields["client-epsilon"] = float(train.get(CLIENT_EPSILON, math.nan))
     fields["dropped"] = ",".join(site for _, site in dropped) or "none"
     fields["seconds"] = f"{seconds:.1f}"
     fields["output"] = str(writer.directory)
     log(INFO, "%s: results in %s: %s", APP_NAME, writer.directory, ", ".join(files))
     log(INFO, summary_line(APP_NAME, fields))
+
+
+def _train_metrics_aggregator(settings: Mapping[str, Any]) -> Any:
+    """Train metrics: the worst bank's epsilon under DP-SGD, else averages."""
+    if settings["dp-sgd"]:
+        from flwr_ext.privacy import aggregate_silo_metrics
+
+        return aggregate_silo_metrics
+    return make_metrics_aggregator(())
 
 
 def _write_preprocessing(
@@ -148,31 +179,38 @@ def _write_preprocessing(
     evaluation: Mapping[str, float],
 ) -> None:
     """Write the recipe that turns a transaction into the model's input."""
-    federated = settings["standardisation"] == "federated"
-    writer.write_json(
-        "preprocessing.json",
+    if settings["standardisation"] == "site":
+        note = (
+            "each bank standardises with the mean and standard deviation of its "
+            "own (log-transformed) training rows"
+        )
+    elif "feature-mean" in config:
+        note = DECRYPTED_NOTE
+    else:
+        note = (
+            "under CKKS the coordinator never saw the pooled feature mean and "
+            "scale, nor the model: a bank decrypts them with `python -m "
+            "bank_fraud.decrypt --context secret-context.ckks RESULTS_DIR`"
+        )
+    recipe: dict[str, Any] = {
+        "label": spec.schema.label,
+        "positive-label": spec.schema.positive_label,
+        "features": list(spec.schema.features),
+        "log1p-columns": list(spec.log_columns),
+        "standardisation": settings["standardisation"],
+    }
+    if "feature-mean" in config:
+        recipe["feature-mean"] = list(config["feature-mean"])
+        recipe["feature-scale"] = list(config["feature-scale"])
+    recipe.update(
         {
-            "label": spec.schema.label,
-            "positive-label": spec.schema.positive_label,
-            "features": list(spec.schema.features),
-            "log1p-columns": list(spec.log_columns),
-            "standardisation": settings["standardisation"],
-            "feature-mean": list(config.get("feature-mean", [])),
-            "feature-scale": list(config.get("feature-scale", [])),
             "threshold-selection": settings["threshold-selection"],
             "threshold-rule": settings["threshold-rule"],
             "threshold": evaluation.get("threshold"),
-            "note": (
-                "model input = (x' - feature-mean) / feature-scale with x' = "
-                "log(1 + x) for log1p-columns, columns in 'features' order; output "
-                "= logit of fraud; flag a transaction when sigmoid(logit) >= "
-                "threshold"
-                if federated
-                else "each bank standardises with the mean and standard deviation "
-                "of its own (log-transformed) training rows"
-            ),
-        },
+            "note": note,
+        }
     )
+    writer.write_json("preprocessing.json", recipe)
 
 
 def _write(
@@ -221,9 +259,11 @@ def _write(
     if curve is not None:
         files.append(curve)
     if settings["dp-sgd"]:
+        from flwr_ext.privacy.keys import RECORD_EPSILON
+
         epsilon = plot_rounds(
             history,
-            "epsilon",
+            RECORD_EPSILON,
             writer.path("epsilon.png"),
             phase="train",
             title="Cumulative record-level epsilon per bank (DP-SGD)",

@@ -26,7 +26,11 @@ from flwr_ext.appkit.strategies import (
     check_strategy_settings,
 )
 from flwr_ext.appkit.thresholds import THRESHOLD_OPTIONS
-from flwr_ext.appkit.torch_train import DPSGD_OPTIONS, TRAINING_OPTIONS
+from flwr_ext.appkit.torch_train import (
+    DPSGD_OPTIONS,
+    TRAINING_OPTIONS,
+    dp_sgd_available,
+)
 
 __all__ = [
     "APP_NAME",
@@ -217,7 +221,7 @@ SCHEMA = ConfigSchema(
     {
         "num-server-rounds": 10,
         "local-epochs": 1,
-        "learning-rate": 0.01,
+        "learning-rate": 0.03,
         "batch-size": 64,
         "min-nodes": 3,
     }
@@ -235,6 +239,16 @@ def load_settings(run_config: Mapping[str, object]) -> Settings:
     settings = SCHEMA.validate(run_config)
     check_strategy_settings(settings)
     problems = []
+    if settings["dp-sgd"] and not dp_sgd_available():
+        problems.append(
+            "dp-sgd=true needs flwr_ext.privacy.make_private (Opacus), which this "
+            "installation does not provide"
+        )
+    if settings["dp-sgd"] and settings["strategy"] == "fedprox":
+        problems.append(
+            "dp-sgd=true with strategy='fedprox': the proximal term is not part of "
+            "the DP-SGD training loop; use fedavg (or a robust rule)"
+        )
     if settings["validation-fraction"] + settings["test-fraction"] >= 0.9:
         problems.append(
             f"validation-fraction + test-fraction = "

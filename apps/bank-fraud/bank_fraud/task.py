@@ -78,6 +78,7 @@ __all__ = [
     "DataSpec",
     "SiteData",
     "data_spec",
+    "describe_rows",
     "generated_bank",
     "load_bank_csv",
     "load_site_data",
@@ -402,3 +403,10 @@ def make_model(num_features: int, hidden_layers: str | Sequence[int], seed: int)
         return nn.Sequential(*layers)
     finally:
         torch.random.set_rng_state(state)
+
+
+def describe_rows(data: TabularData) -> str:
+    """Return e.g. ``"8100 rows, 37 fraud (0.46 %)"`` (rare rates need decimals)."""
+    frauds = int(data.y.sum())
+    share = 100.0 * frauds / max(len(data), 1)
+    return f"{len(data)} rows, {frauds} fraud ({share:.2f} %)"
