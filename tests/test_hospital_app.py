@@ -273,3 +273,51 @@ def test_central_dp_fedavg_reports_the_client_level_epsilon(tmp_path, caplog):
 def test_server_refuses_dp_sgd_with_fedprox(tmp_path):
     with pytest.raises(ConfigError, match="proximal term"):
         run_in_process(tmp_path, dp_sgd=True, strategy="fedprox")
+
+
+def test_ckks_in_process_equals_plaintext_and_a_hospital_can_decrypt_the_results(
+    tmp_path,
+):
+    from hospital_diagnostics.decrypt import decrypt_results
+
+    from flwr_ext.he import create_keys
+
+    keys = create_keys(tmp_path / "keys")
+    plain = run_in_process(tmp_path / "plain")
+    configs = {
+        i + 1: {
+            "partition-id": i,
+            "num-partitions": 3,
+            "ckks-context": str(keys.secret),
+        }
+        for i in range(3)
+    }
+    encrypted = run_in_process(
+        tmp_path / "ckks",
+        node_configs=configs,
+        secure_aggregation="ckks",
+        ckks_server_context=str(keys.server),
+    )
+    assert not (encrypted / "final_model.pt").exists()
+    a = json.loads((plain / "metrics.json").read_text())["rounds"][-1]
+    b = json.loads((encrypted / "metrics.json").read_text())["rounds"][-1]
+    for key in ("auroc", "sensitivity", "specificity", "accuracy"):
+        assert (
+            abs(a["aggregated"]["evaluate"][key] - b["aggregated"]["evaluate"][key])
+            <= 1e-4
+        )
+    out = decrypt_results(encrypted, keys.secret)
+    import torch
+
+    w_plain = torch.load(plain / "final_model.pt")
+    w_ckks = torch.load(out / "final_model.pt")
+    for name, tensor in w_plain.items():
+        assert torch.allclose(tensor, w_ckks[name], atol=1e-4), name
+    recipe_plain = json.loads((plain / "preprocessing.json").read_text())
+    recipe_ckks = json.loads((out / "preprocessing.json").read_text())
+    np.testing.assert_allclose(
+        recipe_ckks["feature-mean"], recipe_plain["feature-mean"], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        recipe_ckks["feature-scale"], recipe_plain["feature-scale"], rtol=1e-3
+    )
