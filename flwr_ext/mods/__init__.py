@@ -3,8 +3,12 @@
 - :func:`ckks_mod` - decrypts the CKKS-encrypted global model before the ClientApp
   sees it and encrypts the train reply (pairs with
   :class:`flwr_ext.strategy.HomomorphicAggregation`). Put it first.
+- :func:`distributed_dp_mod` - clips the client's update and adds its share of the
+  Gaussian noise (pairs with :class:`flwr_ext.strategy.DistributedDP`). List it
+  after any encrypting mod: ``ClientApp(mods=[ckks_mod, distributed_dp_mod])``.
 """
 
 from .ckks import ckks_mod
+from .distributed_dp import distributed_dp_mod
 
-__all__ = ["ckks_mod"]
+__all__ = ["ckks_mod", "distributed_dp_mod"]

@@ -6,6 +6,8 @@ FedAvg, FedProx, FedAdam and friends; unsound compositions fail at construction
 """
 
 from .composition import Role, check_composition
+from .distributed_dp import DistributedDP
+from .dp_fedavg import DPFedAvg
 from .homomorphic import HomomorphicAggregation
 from .robust import RobustAggregation
 from .robust_strategies import (
@@ -21,6 +23,8 @@ from .robust_strategies import (
 __all__ = [
     "ROBUST_STRATEGIES",
     "CenteredClipping",
+    "DPFedAvg",
+    "DistributedDP",
     "GeometricMedian",
     "HomomorphicAggregation",
     "Krum",

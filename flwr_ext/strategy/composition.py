@@ -83,9 +83,26 @@ _UNSOUND: dict[tuple[Role, Role], str] = {
         "instead of the clients' updates). Put the DP wrapper outside, with "
         "clients adding their noise share before encrypting"
     ),
+    (Role.DIFFERENTIAL_PRIVACY, Role.HOMOMORPHIC): (
+        "central DP clips and noises each client's plaintext update on the server, "
+        "but under homomorphic encryption the server holds only ciphertexts. Use "
+        "DistributedDP (clients clip and add their noise share with "
+        "distributed_dp_mod before encrypting)"
+    ),
     (Role.HOMOMORPHIC, Role.HOMOMORPHIC): (
         "updates are encrypted once, by the client mod; a second homomorphic "
         "wrapper would expect ciphertexts of ciphertexts"
+    ),
+}
+
+
+# (outer wrapper class name, inner role) -> why a pair the table above refuses is
+# sound for that particular wrapper.
+_SOUND_EXCEPTIONS: dict[tuple[str, Role], str] = {
+    ("DistributedDP", Role.HOMOMORPHIC): (
+        "clients clip and add their noise share before encrypting "
+        "(distributed_dp_mod); DistributedDP only counts replies and never reads "
+        "their arrays"
     ),
 }
 
@@ -118,7 +135,7 @@ def check_composition(outer_name: str, outer_role: Role, inner: Strategy) -> Non
         seen.add(id(current))
         role = strategy_role(current)
         reason = None if role is None else _UNSOUND.get((outer_role, role))
-        if reason is not None:
+        if reason is not None and (outer_name, role) not in _SOUND_EXCEPTIONS:
             raise ValueError(
                 f"{outer_name} cannot wrap {type(current).__name__}: {reason}."
             )
