@@ -89,6 +89,7 @@ class Row:
     server_peak_mb: float
     max_abs_error: float
     key_material_bytes: int
+    bare_server_per_client_s: float = float("nan")
 
 
 # ------------------------------------------------------------------- helpers
@@ -247,13 +248,35 @@ def bench_ckks(profile: str, wire: str, models, counts, expected, repeats, key_d
     """flwr-ext's codec, streaming sum and decryption."""
     files = create_keys(Path(key_dir) / f"{profile}-{wire}", profile)
     secret, server = load_keys(files.secret), load_keys(files.server)
-    results, replies = [], []
+    results, replies, bare = [], [], []
     for _ in range(repeats):
         result, replies = _ckks_repeat(secret, server, wire, models, counts, expected)
         results.append(result)
+        if wire == "tenseal":  # right after ours, under the same load
+            bare.append(_bare_tenseal_add(server, replies))
     payload = (str(files.server), wire, [_raw(reply) for reply in replies])
     peak = measure_server_peak("ckks", payload)
-    return _summarise(f"{profile} / {wire}", results, expected.size, 0, peak)
+    row = _summarise(f"{profile} / {wire}", results, expected.size, 0, peak)
+    if bare:
+        row.bare_server_per_client_s = statistics.median(bare) * 1e6 / expected.size
+    return row
+
+
+def _bare_tenseal_add(server, replies) -> float:
+    """CPU s per client of TenSEAL alone: ``ckks_vector_from`` + ``add_``.
+
+    The floor under flwr-ext's server step (which adds the header, CRC32 and
+    profile checks) on the same replies, measured right after it.
+    """
+    import tenseal as ts
+
+    blobs = [chunks(r, EncryptedHeader.from_record(r)) for r in replies]
+    start = _clock()
+    total = [ts.ckks_vector_from(server.context, b) for b in blobs[0]]
+    for reply in blobs[1:]:
+        for acc, blob in zip(total, reply, strict=True):
+            acc.add_(ts.ckks_vector_from(server.context, blob))
+    return (_clock() - start) / len(replies)
 
 
 def _ckks_repeat(
@@ -526,7 +549,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{platform.python_version()}; {time.perf_counter() - started:.0f} s total, "
         f"wall-clock / CPU time {(time.perf_counter() - started) / cpu:.2f}; "
         f"FLARE-style public context with relinearisation keys: "
-        f"{rows[-1].key_material_bytes / 1e6:.2f} MB"
+        f"{rows[-1].key_material_bytes / 1e6:.2f} MB; bare TenSEAL "
+        "ckks_vector_from + add_ on the same replies (ms / 1M / client): "
+        + ", ".join(
+            f"{r.name} {r.bare_server_per_client_s * 1e3:.1f}"
+            for r in rows
+            if r.bare_server_per_client_s == r.bare_server_per_client_s
+        )
     )
     print("\n" + table + note)
     if args.out is not None:
