@@ -156,15 +156,15 @@ def test_a_killed_supernode_drops_out_and_the_run_completes(tmp_path):
             APP,
             "consortium",
             run_config={
-                "num-server-rounds": 3,
-                "local-epochs": 1,
+                "num-server-rounds": 2,
+                "local-epochs": 2,
                 "min-nodes": 2,
                 "round-timeout": 120.0,
                 "output-dir": str(out),
             },
         )
         deadline = time.monotonic() + 300
-        while "[ROUND 2/3]" not in run_log(federation.home, "consortium", run_id):
+        while "[ROUND 2/2]" not in run_log(federation.home, "consortium", run_id):
             assert time.monotonic() < deadline, "round 2 never started"
             time.sleep(1.0)
         victims[2].kill()  # SIGKILL the SuperNode and its ClientApp processes
