@@ -15,6 +15,7 @@ from flwr_ext.aggregation import (
     nearest_neighbor_mixing,
     pairwise_squared_distances,
 )
+from flwr_ext.aggregation.distances import centred_gram, median_and_centred_gram
 
 ROBUST_RULES = [
     CoordinateMedian(),
@@ -243,3 +244,120 @@ def test_min_clients():
     assert TrimmedMeanRule(0.2).min_clients() == 1
     assert TrimmedMeanRule(0.45).min_clients() == 1
     assert NearestNeighborMixing(3).min_clients() == 4
+
+
+# ------------------------------------------------- Gram-space implementations
+def reference_weiszfeld(x, w, iters=2000, nu=1e-8):
+    """Plain Weiszfeld on the full matrix, from the coordinate-wise median."""
+    z = np.median(x, axis=0) if np.all(w == w[0]) else None
+    assert z is not None
+    for _ in range(iters):
+        dist = np.maximum(nu, np.linalg.norm(x - z, axis=1))
+        beta = w / dist
+        z = (beta / beta.sum()) @ x
+    return z
+
+
+def reference_centered_clipping(x, w, tau, iterations):
+    v = np.median(x, axis=0)
+    for _ in range(iterations):
+        diff = x - v
+        norms = np.linalg.norm(diff, axis=1)
+        radius = np.median(norms) if tau is None else tau
+        scale = np.where(norms > radius, radius / np.where(norms > 0, norms, 1), 1.0)
+        v = v + (w * scale) @ diff
+    return v
+
+
+# d > BLOCK_COLUMNS so the blockwise accumulation crosses block edges.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gram_space_geometric_median_matches_plain_weiszfeld(dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(11, 5000)) + rng.normal(0, 3, size=(11, 1))
+    x[:2] += 40.0  # two outliers
+    x = x.astype(dtype)
+    w = np.full(11, 1 / 11)
+    got, _ = geometric_median(x, w, max_iter=2000, tol=1e-12)
+    expected = reference_weiszfeld(x.astype(np.float64), w)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tau", [None, 5.0])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gram_space_centered_clipping_matches_the_direct_iteration(tau, dtype):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(12, 5000))
+    x[:3] = -8.0 * x[:3]  # three sign-flipped-looking rows
+    x = x.astype(dtype)
+    w = np.full(12, 1 / 12)
+    got = centered_clipping(x, w, tau=tau, iterations=3)
+    expected = reference_centered_clipping(x.astype(np.float64), w, tau, 3)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "rule", [GeometricMedianRule(), CenteredClippingRule()], ids=repr
+)
+def test_gram_overflow_falls_back_to_the_direct_iteration(rule):
+    honest = np.random.default_rng(3).uniform(-1, 1, size=(6, 4))
+    x = np.vstack([honest, np.full((2, 4), 1e200)])
+    out = rule.aggregate(x, np.ones(8))
+    assert np.isfinite(out).all()
+    assert np.abs(out).max() <= 3.0
+
+
+def test_nnm_keeps_float32_within_float32_rounding_of_the_exact_mix():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(9, 5000)).astype(np.float32)
+    mixed = nearest_neighbor_mixing(x, num_byzantine=2)
+    assert mixed.dtype == np.float32
+    exact = nearest_neighbor_mixing(x.astype(np.float64), num_byzantine=2)
+    assert exact.dtype == np.float64
+    # Each entry is a mean of 7 rows of magnitude <= 5: float32 accumulation
+    # error stays below 7 * 5 * 2**-24.
+    assert np.abs(mixed - exact).max() <= 7 * 5 * 2.0**-24
+
+
+def test_nnm_of_float32_rows_near_the_float32_maximum_does_not_overflow():
+    big = np.finfo(np.float32).max
+    x = np.vstack([np.zeros((5, 3)), np.full((3, 3), big)]).astype(np.float32)
+    mixed = nearest_neighbor_mixing(x, num_byzantine=3)
+    assert np.isfinite(mixed).all()
+    np.testing.assert_array_equal(mixed[:5], 0.0)
+
+
+def test_multikrum_is_the_weighted_mean_of_the_selected_rows():
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(9, 5000)).astype(np.float32)
+    x[0] += 50.0
+    w = rng.uniform(1, 3, size=9)
+    result = KrumRule(2, num_selected=5).aggregate_detailed(x, w)
+    sel = result.selected
+    assert sel.sum() == 5 and not sel[0]
+    expected = (w[sel] / w[sel].sum()) @ x[sel].astype(np.float64)
+    np.testing.assert_allclose(result.value, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rule", ALL_RULES, ids=repr)
+@pytest.mark.parametrize("uniform", [True, False])
+def test_overwriting_a_scratch_buffer_gives_the_same_aggregate(rule, uniform):
+    x, w = sample(d=5000)
+    x = x.astype(np.float32)
+    w = np.ones(len(x)) if uniform else w
+    expected = rule.aggregate(x, w)
+    scratch = x.copy()
+    got = rule.aggregate(scratch, w, overwrite_updates=True)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("n", [7, 8])
+def test_one_pass_median_and_gram_match_the_two_pass_computation(n):
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(n, 9000)).astype(np.float32)  # > 2 column blocks
+    centre, gram = median_and_centred_gram(x, np.ones(n))
+    expected_centre = np.median(x.astype(np.float64), axis=0)
+    np.testing.assert_allclose(centre, expected_centre, rtol=0, atol=1e-7)
+    y = x.astype(np.float64) - centre
+    np.testing.assert_allclose(gram, y @ y.T, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(centred_gram(x, centre), gram, rtol=1e-12)

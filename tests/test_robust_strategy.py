@@ -350,3 +350,21 @@ def test_constructor_errors_are_specific(factory, message):
 def test_unsound_compositions_fail_at_construction(factory, message):
     with pytest.raises(ValueError, match=message):
         factory()
+
+
+def test_an_update_that_overflows_float32_is_dropped_not_a_crash(caplog):
+    # Finite model values whose difference from the global model is not finite
+    # in float32 would otherwise reach the rule as Inf.
+    strategy = Median()
+    big = float(np.finfo(np.float32).max)
+    msgs = instructions(strategy, model(-big), NODES[:3])
+    replies = [
+        reply_to(msgs[0], model(-big)),
+        reply_to(msgs[1], model(-big)),
+        reply_to(msgs[2], model(big)),
+    ]
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        arrays, metrics = strategy.aggregate_train(1, replies)
+    assert value_of(arrays) == -big
+    assert metrics["robust-dropped"] == 1
+    assert "node 103: update (model - global model) overflows float32" in caplog.text

@@ -52,21 +52,48 @@ class AggregationRule(ABC):
         """Fewest rows for which the rule is defined (and keeps its guarantee)."""
         return 1
 
-    def aggregate(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """Aggregate ``updates`` ``(n, d)`` with ``weights`` ``(n,)`` into ``(d,)``."""
-        return self.aggregate_detailed(updates, weights).value
+    def aggregate(
+        self,
+        updates: np.ndarray,
+        weights: np.ndarray,
+        *,
+        overwrite_updates: bool = False,
+    ) -> np.ndarray:
+        """Aggregate ``updates`` ``(n, d)`` with ``weights`` ``(n,)`` into ``(d,)``.
+
+        ``overwrite_updates=True`` lets the rule use ``updates`` as scratch space
+        (e.g. sort it in place instead of sorting a copy): pass it only for a
+        buffer you own and no longer need, like scipy's ``overwrite_a``. By
+        default the inputs are never modified.
+        """
+        return self.aggregate_detailed(
+            updates, weights, overwrite_updates=overwrite_updates
+        ).value
 
     def aggregate_detailed(
-        self, updates: np.ndarray, weights: np.ndarray
+        self,
+        updates: np.ndarray,
+        weights: np.ndarray,
+        *,
+        overwrite_updates: bool = False,
     ) -> AggregationResult:
         """Like :meth:`aggregate`, also returning which rows were selected."""
         updates, weights = check_updates(updates, weights, self.min_clients())
-        value = self._aggregate(updates, weights)
+        if overwrite_updates:
+            value = self._aggregate_overwriting(updates, weights)
+        else:
+            value = self._aggregate(updates, weights)
         return AggregationResult(value, np.ones(updates.shape[0], dtype=bool))
 
     @abstractmethod
     def _aggregate(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Compute the aggregate from validated inputs (weights sum to 1)."""
+
+    def _aggregate_overwriting(
+        self, updates: np.ndarray, weights: np.ndarray
+    ) -> np.ndarray:
+        """Like :meth:`_aggregate`, free to overwrite ``updates`` (default: same)."""
+        return self._aggregate(updates, weights)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self._params().items())
@@ -90,7 +117,11 @@ class PreAggregation(ABC):
 
     @abstractmethod
     def transform(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """Return a new ``(n, d)`` float64 matrix; never modifies ``updates``."""
+        """Return a new ``(n, d)`` float matrix; never modifies ``updates``.
+
+        The result keeps a float input's dtype (float32 in, float32 out), so the
+        rule after it runs on the same fast path as without the step.
+        """
 
 
 def check_updates(

@@ -15,6 +15,9 @@ Choices made here (and why):
 - ``tau=None`` (default) sets the radius each iteration to the median distance of
   the rows to the current centre, so at least half the rows pass unclipped and the
   radius scales with the honest spread; a fixed ``tau`` is also accepted.
+- Every iterate is ``c + alpha @ (X - c)``, so distances come from the ``(n, n)``
+  Gram matrix of the centred rows (see :mod:`.distances`): the ``(n, d)`` matrix
+  is read once for the Gram matrix and once for the result.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import AggregationRule, check_fraction, check_int
-from .median import _coordinate_median
+from .distances import centred_gram, combine, median_and_centred_gram
 
 __all__ = ["CenteredClippingRule", "centered_clipping"]
 
@@ -35,15 +38,49 @@ def centered_clipping(
     iterations: int = 3,
     centre: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Run centered clipping on validated inputs; return float64 ``(d,)``."""
+    """Run centered clipping on validated inputs; return float64 ``(d,)``.
+
+    ``centre`` is the starting point (default: the coordinate-wise median).
+    """
+    if centre is None:
+        centre, gram = median_and_centred_gram(updates, weights)
+    else:
+        centre = np.asarray(centre, dtype=np.float64)
+        gram = centred_gram(updates, centre)
+    if not np.isfinite(gram).all():
+        return _centered_clipping_direct(updates, weights, tau, iterations, centre)
+    sq = np.diag(gram)
+    alpha = np.zeros(len(weights))  # v = centre + alpha @ (X - centre)
+    for _ in range(iterations):
+        g_alpha = gram @ alpha
+        norms = np.sqrt(np.maximum(sq - 2.0 * g_alpha + alpha @ g_alpha, 0.0))
+        scale = _clip_scale(norms, tau)
+        # v <- v + sum_i w_i s_i (x_i - v), written on the coefficients.
+        moved = weights * scale
+        alpha = alpha * (1.0 - moved.sum()) + moved
+    return combine(alpha, updates, centre)
+
+
+def _clip_scale(norms: np.ndarray, tau: float | None) -> np.ndarray:
+    """Per-row factor that shortens ``x_i - v`` to at most the radius."""
+    radius = float(np.median(norms)) if tau is None else tau
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(norms > radius, radius / norms, 1.0)
+
+
+def _centered_clipping_direct(
+    updates: np.ndarray,
+    weights: np.ndarray,
+    tau: float | None,
+    iterations: int,
+    v: np.ndarray,
+) -> np.ndarray:
+    """Centered clipping on the full matrix, for rows whose Gram overflows."""
     x = np.asarray(updates, dtype=np.float64)
-    v = _coordinate_median(updates, weights) if centre is None else centre.copy()
     for _ in range(iterations):
         diff = x - v
-        norms = np.linalg.norm(diff, axis=1)
-        radius = float(np.median(norms)) if tau is None else tau
-        with np.errstate(divide="ignore", invalid="ignore"):
-            scale = np.where(norms > radius, radius / norms, 1.0)
+        with np.errstate(over="ignore"):  # an overflowing norm is inf: clipped
+            scale = _clip_scale(np.linalg.norm(diff, axis=1), tau)
         v = v + (weights * scale) @ diff
     return v
 

@@ -3,6 +3,14 @@
 The geometric median minimises ``sum_i w_i * max(nu, |z - x_i|)`` (the smoothing
 ``nu`` keeps the iteration defined when ``z`` lands on a data point). It has
 breakdown point 1/2 and, unlike coordinate-wise rules, is rotation invariant.
+
+Every Weiszfeld iterate is the centre plus a combination of the centred rows,
+``z = c + beta @ (X - c)``, so its distances to the rows follow from the ``(n, n)``
+Gram matrix of the centred rows: ``|x_i - z|^2 = G_ii - 2 (G beta)_i +
+beta^T G beta``. The ``(n, d)`` matrix is read twice (once for ``G``, once for the
+result) however many iterations run; the iterations themselves cost ``O(n^2)``.
+The centre ``c`` is the coordinate-wise median, which is also the starting point
+(no huge first step, as a start at the mean would take with a 1e20 row).
 """
 
 from __future__ import annotations
@@ -10,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import AggregationRule, check_fraction, check_int
-from .median import _coordinate_median
+from .distances import combine, median_and_centred_gram
 
 __all__ = ["GeometricMedianRule", "geometric_median"]
 
@@ -45,10 +53,41 @@ def geometric_median(
     tuple[np.ndarray, int]
         The estimate (float64, ``(d,)``) and the number of iterations run.
     """
-    x = np.asarray(updates, dtype=np.float64)
-    z = _coordinate_median(updates, weights)  # robust start: no huge first step
+    # Robust start (no huge first step) and the Gram matrix, in one pass.
+    centre, gram = median_and_centred_gram(updates, weights)
+    if not np.isfinite(gram).all():
+        return _geometric_median_direct(updates, weights, centre, max_iter, tol, nu)
+    sq = np.diag(gram)
+    beta = np.zeros(len(weights))  # z = centre + beta @ (X - centre)
+    iterations = max_iter
     for iteration in range(1, max_iter + 1):
-        dist = np.maximum(nu, np.linalg.norm(x - z, axis=1))
+        g_beta = gram @ beta
+        dist = np.sqrt(np.maximum(sq - 2.0 * g_beta + beta @ g_beta, 0.0))
+        dist = np.maximum(nu, dist)
+        new = weights / dist
+        new /= new.sum()
+        step_vec = new - beta
+        step = float(np.sqrt(max(step_vec @ gram @ step_vec, 0.0)))
+        beta = new
+        if step <= tol * float(weights @ dist):
+            iterations = iteration
+            break
+    return combine(beta, updates, centre), iterations
+
+
+def _geometric_median_direct(
+    updates: np.ndarray,
+    weights: np.ndarray,
+    z: np.ndarray,
+    max_iter: int,
+    tol: float,
+    nu: float,
+) -> tuple[np.ndarray, int]:
+    """Weiszfeld on the full matrix, for rows so large their Gram overflows."""
+    x = np.asarray(updates, dtype=np.float64)
+    for iteration in range(1, max_iter + 1):
+        with np.errstate(over="ignore"):  # an overflowing distance is inf: weight 0
+            dist = np.maximum(nu, np.linalg.norm(x - z, axis=1))
         beta = weights / dist
         z_new = (beta / beta.sum()) @ x
         step = float(np.linalg.norm(z_new - z))

@@ -12,8 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import AggregationResult, AggregationRule, check_int, check_updates
-from .distances import pairwise_squared_distances
-from .mean import _weighted_mean
+from .distances import combine, pairwise_squared_distances
 
 __all__ = ["KrumRule", "krum_scores"]
 
@@ -73,9 +72,16 @@ class KrumRule(AggregationRule):
         return max(2 * self.num_byzantine + 3, self.num_selected or 1)
 
     def aggregate_detailed(
-        self, updates: np.ndarray, weights: np.ndarray
+        self,
+        updates: np.ndarray,
+        weights: np.ndarray,
+        *,
+        overwrite_updates: bool = False,
     ) -> AggregationResult:
-        """Aggregate, also returning the mask of the selected rows."""
+        """Aggregate, also returning the mask of the selected rows.
+
+        ``updates`` is only read (``overwrite_updates`` changes nothing).
+        """
         updates, weights = check_updates(updates, weights, self.min_clients())
         n = updates.shape[0]
         m = n - self.num_byzantine if self.num_selected is None else self.num_selected
@@ -83,9 +89,11 @@ class KrumRule(AggregationRule):
         chosen = np.argsort(scores, kind="stable")[:m]
         selected = np.zeros(n, dtype=bool)
         selected[chosen] = True
-        sub_w = weights[chosen]
-        sub_w = np.full(m, 1.0 / m) if sub_w.sum() == 0 else sub_w / sub_w.sum()
-        return AggregationResult(_weighted_mean(updates[chosen], sub_w), selected)
+        sub_w = np.where(selected, weights, 0.0)
+        total = sub_w.sum()
+        sub_w = selected / m if total == 0 else sub_w / total
+        # A weighted sum over the selected rows, without copying them out.
+        return AggregationResult(combine(sub_w, updates), selected)
 
     def _aggregate(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
         return self.aggregate_detailed(updates, weights).value

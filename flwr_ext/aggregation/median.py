@@ -31,10 +31,16 @@ def coordinate_median(
     return _coordinate_median(updates, weights)
 
 
-def _coordinate_median(updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def _coordinate_median(
+    updates: np.ndarray, weights: np.ndarray, overwrite: bool = False
+) -> np.ndarray:
     n = updates.shape[0]
     if np.all(weights == weights[0]):
-        ordered = np.sort(updates, axis=0)
+        if overwrite:
+            updates.sort(axis=0)  # the caller's scratch buffer: no copy
+            ordered = updates
+        else:
+            ordered = np.sort(updates, axis=0)
         lo, hi = (n - 1) // 2, n // 2
         return 0.5 * (ordered[lo].astype(np.float64) + ordered[hi])
     order = np.argsort(updates, axis=0)
@@ -54,3 +60,8 @@ class CoordinateMedian(AggregationRule):
 
     def _aggregate(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
         return _coordinate_median(updates, weights)
+
+    def _aggregate_overwriting(
+        self, updates: np.ndarray, weights: np.ndarray
+    ) -> np.ndarray:
+        return _coordinate_median(updates, weights, overwrite=True)

@@ -18,15 +18,29 @@ __all__ = ["NearestNeighborMixing", "nearest_neighbor_mixing"]
 
 
 def nearest_neighbor_mixing(updates: np.ndarray, num_byzantine: int) -> np.ndarray:
-    """Return a new ``(n, d)`` float64 matrix of mixed rows.
+    """Return a new ``(n, d)`` matrix of mixed rows.
 
     Parameters
     ----------
     updates : np.ndarray
-        Shape ``(n, d)``, finite, ``n > num_byzantine``.
+        Shape ``(n, d)``, finite, ``n > num_byzantine``. Not modified.
     num_byzantine : int
         ``f``; each row is averaged with its ``n - f`` nearest rows.
+
+    Returns
+    -------
+    np.ndarray
+        The mixed rows, in the input's float dtype (float64 for integer input),
+        computed by one matrix product ``mixing @ updates``. For float32 updates
+        each mean of ``k = n - f`` rows is accumulated in float32: a relative
+        error of order ``k * 2**-24``, far below the spread of client updates,
+        and it keeps the rule that follows on its fast float32 path (a float32
+        sort is several times faster than a float64 one). One product rather
+        than many small ones: with tiny inner dimensions a multithreaded BLAS
+        pays a thread hand-off per call, which on a busy machine costs
+        milliseconds each.
     """
+    updates = np.asarray(updates)
     n = updates.shape[0]
     k = n - num_byzantine
     if k < 1:
@@ -34,9 +48,10 @@ def nearest_neighbor_mixing(updates: np.ndarray, num_byzantine: int) -> np.ndarr
     dist = pairwise_squared_distances(updates)
     # Ties broken by index so the result does not depend on partition internals.
     order = np.argsort(dist, axis=1, kind="stable")[:, :k]
-    mixing = np.zeros((n, n))
+    dtype = updates.dtype if updates.dtype.kind == "f" else np.dtype(np.float64)
+    mixing = np.zeros((n, n), dtype=dtype)
     np.put_along_axis(mixing, order, 1.0 / k, axis=1)
-    return mixing @ np.asarray(updates, dtype=np.float64)
+    return mixing @ updates.astype(dtype, copy=False)
 
 
 class NearestNeighborMixing(PreAggregation):
@@ -61,6 +76,3 @@ class NearestNeighborMixing(PreAggregation):
         """Mix rows with their nearest neighbours (weights are not used)."""
         updates, _ = check_updates(updates, weights, self.min_clients())
         return nearest_neighbor_mixing(updates, self.num_byzantine)
-
-    def __repr__(self) -> str:
-        return f"NearestNeighborMixing(num_byzantine={self.num_byzantine})"

@@ -63,10 +63,24 @@ class TrimmedMeanRule(AggregationRule):
         return n
 
     def _aggregate(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        return self._trimmed(updates, weights, overwrite=False)
+
+    def _aggregate_overwriting(
+        self, updates: np.ndarray, weights: np.ndarray
+    ) -> np.ndarray:
+        return self._trimmed(updates, weights, overwrite=True)
+
+    def _trimmed(
+        self, updates: np.ndarray, weights: np.ndarray, overwrite: bool
+    ) -> np.ndarray:
         n = updates.shape[0]
         k = num_trimmed(self.beta, n)
         if np.all(weights == weights[0]):
-            ordered = np.sort(updates, axis=0) if k else updates
+            if k and overwrite:
+                updates.sort(axis=0)  # the caller's scratch buffer: no copy
+                ordered = updates
+            else:
+                ordered = np.sort(updates, axis=0) if k else updates
             return ordered[k : n - k].mean(axis=0, dtype=np.float64)
         order = np.argsort(updates, axis=0)[k : n - k]
         kept = np.take_along_axis(updates, order, axis=0)

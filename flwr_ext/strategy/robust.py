@@ -203,17 +203,27 @@ class RobustAggregation(Strategy):
         replies = list(replies)
         manifest = self._manifest
         matrix = np.empty((len(replies), manifest.size), dtype=_work_dtype(manifest))
+        global_vector = _flatten_global(self._global, manifest, matrix.dtype)
         valid: list[ValidReply] = []
         dropped: list[InvalidReplyError] = []
         seen: set[int] = set()
         for reply in replies:
             try:
                 self._check_sender(reply, seen)
-                valid.append(
-                    validate_train_reply(
-                        reply, manifest, self.weight_key, out=matrix[len(valid)]
-                    )
+                row = matrix[len(valid)]
+                checked = validate_train_reply(
+                    reply, manifest, self.weight_key, out=row
                 )
+                # Each row becomes an update while it is still in cache. Our own
+                # buffer: the replies stay untouched.
+                with np.errstate(over="ignore", invalid="ignore"):
+                    row -= global_vector
+                if not np.isfinite(row).all():
+                    raise InvalidReplyError(
+                        checked.node_id,
+                        f"update (model - global model) overflows {matrix.dtype}",
+                    )
+                valid.append(checked)
             except InvalidReplyError as err:
                 dropped.append(err)
                 log(
@@ -246,12 +256,13 @@ class RobustAggregation(Strategy):
             return None, self._round_metrics(server_round, valid, counts, started)
 
         updates = matrix[: len(valid)]
-        global_vector = _flatten_global(self._global, manifest, updates.dtype)
-        updates -= global_vector  # our own buffer: the replies stay untouched
         weights = self._weights([r.weight for r in valid])
+        # `updates` is this call's own buffer (the replies are never touched), and
+        # so is the pre-aggregation's output: the rule may overwrite it (e.g. sort
+        # it in place) instead of allocating another (n, d) matrix.
         if self.pre_aggregation is not None:
             updates = self.pre_aggregation.transform(updates, weights)
-        result = self.rule.aggregate_detailed(updates, weights)
+        result = self.rule.aggregate_detailed(updates, weights, overwrite_updates=True)
         counts[METRIC_SELECTED] = int(result.selected.sum())
         candidate = global_vector.astype(np.float64) + result.value
         if not np.isfinite(candidate).all():
