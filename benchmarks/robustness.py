@@ -404,7 +404,9 @@ def curves(
             if not runs:
                 continue
             length = min(len(c) for c in runs)
-            mean = 100 * np.nanmean([c[:length] for c in runs], axis=0)
+            with warnings.catch_warnings():  # all-NaN rounds (a NaN model) stay NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = 100 * np.nanmean([c[:length] for c in runs], axis=0)
             ax.plot(range(length), mean, label=labels[key])
         ax.set_title(ATTACK_LABELS[attack])
         ax.set_ylim(50, 100)  # below 50 % a run has failed; the table says how
