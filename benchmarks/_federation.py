@@ -10,10 +10,15 @@ so that a 30-round, 20-client run takes about a second on one core).
 
 How each attack reaches the server
 ----------------------------------
-- ``sign-flip``, ``scaling``, ``gaussian-noise``, ``weight-inflation`` and
-  ``nan-inf`` (half of the attackers send NaN, the other half +Inf) are applied by
+- ``sign-flip``, ``scaling``, ``gaussian-noise`` and ``nan-inf`` (half of the
+  attackers send NaN, the other half +Inf) are applied by
   :func:`~flwr_ext.attacks.byzantine_mod` inside the Byzantine nodes' ClientApp,
   configured through their ``node_config`` exactly as on a SuperNode.
+- ``weight-inflation``: the attackers claim :data:`WEIGHT_INFLATION` times their
+  ``num-examples`` *and* send sign-flipped updates (the mod's ``sign-flip``), so
+  the inflated claim amplifies something harmful; a claim on an honest update
+  would only test over-weighting one honest client. :class:`ByzantineGrid`
+  rewrites the claim in those nodes' replies.
 - ``label-flip`` poisons the Byzantine nodes' training labels
   (:func:`~flwr_ext.attacks.flip_labels_if_attacking` in the ClientApp).
 - ``alie`` and ``ipm`` are *omniscient*: the attacker must know the honest updates
@@ -52,7 +57,13 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import Strategy
 from sklearn.datasets import load_digits
 
-from flwr_ext.attacks import alie, byzantine_mod, flip_labels_if_attacking, ipm
+from flwr_ext.attacks import (
+    alie,
+    byzantine_mod,
+    flip_labels_if_attacking,
+    inflate_weight,
+    ipm,
+)
 from flwr_ext.inprocess import InProcessGrid
 from flwr_ext.records import Manifest, unflatten
 
@@ -94,6 +105,8 @@ ATTACKS: tuple[str, ...] = (
 OMNISCIENT_ATTACKS = ("alie", "ipm")
 #: IPM's epsilon: the small value of Xie et al. that hides in the honest spread.
 IPM_EPSILON = 0.1
+#: Factor by which weight-inflation attackers multiply their ``num-examples``.
+WEIGHT_INFLATION = 100.0
 
 
 # ---------------------------------------------------------------------------- data
@@ -357,6 +370,8 @@ def byzantine_node_config(attack: str, index: int, seed: int) -> dict:
         return {}
     if attack == "nan-inf":
         return {"attack": "nan" if index % 2 == 0 else "inf"}
+    if attack == "weight-inflation":
+        return {"attack": "sign-flip"}  # ByzantineGrid inflates the claim
     if attack not in ATTACKS:
         raise ValueError(f"unknown attack {attack!r}; choose one of {ATTACKS}")
     return {"attack": attack, "attack-seed": seed * 1000 + index}
@@ -400,6 +415,8 @@ class ByzantineGrid(InProcessGrid):
     omniscient : str or None
         ``"alie"`` or ``"ipm"``: replace the Byzantine nodes' train replies with
         that attack computed from the honest updates of the round.
+    weight_factor : float (default: 1.0)
+        Multiply the ``num-examples`` the Byzantine nodes claim by this factor.
     """
 
     def __init__(
@@ -410,12 +427,14 @@ class ByzantineGrid(InProcessGrid):
         run_config: dict | None = None,
         byzantine: Iterable[int] = (),
         omniscient: str | None = None,
+        weight_factor: float = 1.0,
     ) -> None:
         super().__init__(nodes, node_configs=node_configs, run_config=run_config)
         if omniscient is not None and omniscient not in _OMNISCIENT:
             raise ValueError(f"omniscient must be one of {sorted(_OMNISCIENT)}")
         self.byzantine = frozenset(byzantine)
         self.omniscient = omniscient
+        self.weight_factor = weight_factor
         self._instructions: dict[str, Message] = {}
         self._handed_over: list[tuple[Message, tuple]] = []
         #: Replies the strategy modified in place (counted once each).
@@ -434,6 +453,8 @@ class ByzantineGrid(InProcessGrid):
         replies = list(super().pull_messages(message_ids))
         if self.omniscient is not None:
             replies = self._attack(replies)
+        if self.weight_factor != 1.0:
+            replies = [self._inflate(r) for r in replies]
         self._handed_over = [(r, _fingerprint(r)) for r in replies]
         return replies
 
@@ -447,6 +468,25 @@ class ByzantineGrid(InProcessGrid):
             if _fingerprint(reply) != before:
                 self.modified_replies += 1
         self._handed_over = []
+
+    def _inflate(self, reply: Message) -> Message:
+        """Return ``reply`` with its claimed ``num-examples`` inflated (attackers)."""
+        if reply.has_error() or int(reply.metadata.src_node_id) not in self.byzantine:
+            return reply
+        instruction = self._instructions.get(reply.metadata.reply_to_message_id)
+        if instruction is None:
+            return reply
+        content: dict = {}
+        for key, record in reply.content.items():
+            if isinstance(record, MetricRecord) and "num-examples" in record:
+                claimed = dict(record.items())
+                claimed["num-examples"] = inflate_weight(
+                    float(claimed["num-examples"]), self.weight_factor
+                )
+                content[key] = MetricRecord(claimed)
+            else:
+                content[key] = record
+        return Message(RecordDict(content), reply_to=instruction)
 
     def _attack(self, replies: list[Message]) -> list[Message]:
         train: list[tuple[Message, Message]] = []
@@ -598,6 +638,7 @@ def run_federation(spec: RunSpec, factory: StrategyFactory) -> RunResult:
         node_configs=node_configs,
         byzantine=byzantine,
         omniscient=spec.attack if spec.attack in OMNISCIENT_ATTACKS else None,
+        weight_factor=WEIGHT_INFLATION if spec.attack == "weight-inflation" else 1.0,
     )
     initial = init_mlp(np.random.default_rng([spec.seed, 2]))
     initial_record = ArrayRecord({k: Array(v) for k, v in initial.items()})

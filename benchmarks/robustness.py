@@ -68,7 +68,7 @@ ATTACK_LABELS = {
     "label-flip": "label flip",
     "alie": "ALIE",
     "ipm": "IPM",
-    "weight-inflation": "weight x100",
+    "weight-inflation": "sign flip, weight x100",
     "nan-inf": "NaN/Inf",
 }
 

@@ -101,23 +101,24 @@ def test_in_place_modification_of_replies_is_detected():
     assert trimmed.replies_modified == 3  # Flower's FedTrimmedAvg pops the arrays
 
 
+def node(msg: Message, context: Context) -> Message:
+    """Node i returns global + i, claiming one example."""
+    w = msg.content["arrays"]["w"].numpy()
+    delta = np.float32(context.node_id)
+    return Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord({"w": Array(w + delta)}),
+                "metrics": MetricRecord({"num-examples": 1}),
+            }
+        ),
+        reply_to=msg,
+    )
+
+
 @pytest.mark.parametrize("attack", ["ipm", "alie"])
 def test_omniscient_adversary_replaces_byzantine_replies(attack):
-    """Honest node i returns global + i; node 1 is Byzantine and omniscient."""
-
-    def node(msg: Message, context: Context) -> Message:
-        w = msg.content["arrays"]["w"].numpy()
-        delta = np.float32(context.node_id)
-        return Message(
-            RecordDict(
-                {
-                    "arrays": ArrayRecord({"w": Array(w + delta)}),
-                    "metrics": MetricRecord({"num-examples": 1}),
-                }
-            ),
-            reply_to=msg,
-        )
-
+    """Node 1 is Byzantine and omniscient; nodes 2-4 are honest."""
     grid = ByzantineGrid(
         {1: node, 2: node, 3: node, 4: node}, byzantine=[1], omniscient=attack
     )
@@ -132,6 +133,17 @@ def test_omniscient_adversary_replaces_byzantine_replies(attack):
     expected = (honest.sum() + byzantine) / 4
     np.testing.assert_allclose(result.arrays["w"].numpy(), expected, rtol=1e-6)
     assert grid.finish() == 0
+
+
+def test_weight_inflation_multiplies_the_attackers_claim():
+    grid = ByzantineGrid({1: node, 2: node, 3: node}, byzantine=[1], weight_factor=100)
+    result = FedAvg(fraction_evaluate=0.0).start(
+        grid=grid,
+        initial_arrays=ArrayRecord({"w": Array(np.zeros(2, np.float32))}),
+        num_rounds=1,
+    )
+    expected = (100 * 1 + 2 + 3) / 102
+    np.testing.assert_allclose(result.arrays["w"].numpy(), expected, rtol=1e-6)
 
 
 def test_every_configuration_builds_for_both_fractions():
