@@ -27,6 +27,18 @@ lands in both. One concept per module:
   with a documented default), metrics JSON/CSV, final model, summary line.
 - :mod:`~flwr_ext.appkit.plots` - PNG plots on matplotlib's Agg canvas.
 
+Brought by the bank-fraud template, for rare positive classes:
+
+- :mod:`~flwr_ext.appkit.losses` - weighted cross-entropy and focal loss.
+- :mod:`~flwr_ext.appkit.splits` - train/validation/test by time or per class.
+- :mod:`~flwr_ext.appkit.thresholds` - the decision threshold chosen on pooled
+  (or per-site) validation histograms; exact precision/recall/F1 at it.
+- :mod:`~flwr_ext.appkit.histogram_recorder` - a RecordingGrid that also keeps
+  sites' score histograms (per-site curves and thresholds after the run).
+- :mod:`~flwr_ext.appkit.pr_curves` - precision-recall curves as a PNG.
+- :mod:`~flwr_ext.appkit.ckks_results` - a data owner decrypts a CKKS run's
+  model and scaler.
+
 Nothing here reads files or environment variables at import time.
 """
 
