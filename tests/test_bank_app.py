@@ -391,3 +391,22 @@ def test_start_up_fails_before_training_on_a_bad_config(tmp_path):
     with pytest.raises(ConfigError, match="choose one of"):
         run_in_process(tmp_path, threshold_rule="f2")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_nan_global_model_gets_a_clear_evaluate_error():
+    from flwr.app import ArrayRecord, ConfigRecord, Message
+
+    run_config = {**SCHEMA.defaults(), **SMALL, "standardisation": "site"}
+    grid = InProcessGrid({1: client_app},
+                         node_configs={1: {"partition-id": 0, "num-partitions": 4}},
+                         run_config=run_config)  # fmt: skip
+    model = make_model(len(FEATURES), "32,16", seed=1)
+    state = {k: torch.full_like(v, float("nan")) for k, v in model.state_dict().items()}
+    message = Message(
+        RecordDict({"arrays": ArrayRecord(state),
+                    "config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=1, message_type="evaluate",
+    )  # fmt: skip
+    (reply,) = grid.send_and_receive([message], timeout=30)
+    assert reply.has_error()
+    assert "scores are NaN/Inf" in reply.error.reason

@@ -30,9 +30,10 @@ so the server can:
    scores (:func:`counts_at`).
 
 :func:`make_threshold_metrics_aggregator` does this every round as a Flower
-``evaluate_metrics_aggr_fn``; :func:`site_threshold_metrics` does it per site for
-the results folder. If the validation rows hold no positive (or no negative), no
-rule can be evaluated and ``decision-threshold`` is used, with a WARNING.
+``evaluate_metrics_aggr_fn``; :func:`add_site_threshold_metrics` does it per
+site for the results folder. If the validation rows hold no positive (or no
+negative), no rule can be evaluated and ``decision-threshold`` is used, with a
+WARNING.
 
 Bins are uniform in logit space (200 bins: about 0.12 logit apart), so the
 chosen threshold is within half a bin of the best one on the validation rows.
@@ -77,8 +78,6 @@ __all__ = [
     "counts_at",
     "make_threshold_metrics_aggregator",
     "operating_curve",
-    "operating_point",
-    "site_threshold_metrics",
     "threshold_rule_from_settings",
     "validation_metrics",
     "validation_stats",
@@ -422,11 +421,6 @@ def _choice(
     return ThresholdChoice(index, point.threshold, point, rule, reason)
 
 
-def operating_point(test: BinaryStats, choice: ThresholdChoice) -> OperatingPoint:
-    """Return the counts of ``test`` at ``choice``'s threshold."""
-    return counts_at(test, choice.index)
-
-
 # -------------------------------------------------------------- site side
 def validation_metrics(
     labels: np.ndarray, scores: np.ndarray, *, num_bins: int
@@ -467,33 +461,16 @@ def validation_stats(record: Mapping[str, Any]) -> BinaryStats:
 
 
 # ------------------------------------------------------------ server side
-def site_threshold_metrics(
-    test: BinaryStats,
-    validation: BinaryStats | None,
-    rule: ThresholdRule,
-    *,
-    federated: ThresholdChoice | None = None,
-) -> dict[str, float]:
-    """Return a site's metrics at its threshold: the federated one, or its own.
-
-    Parameters
-    ----------
-    test : BinaryStats
-        The site's test histograms.
-    validation : BinaryStats or None
-        The site's validation histograms (used when ``federated`` is None).
-    rule : ThresholdRule
-        The rule (for the site's own threshold, or its fallback).
-    federated : ThresholdChoice, optional
-        The consortium's threshold (``threshold-selection = "federated"``).
-    """
-    if federated is not None:
-        index = federated.index
-    elif validation is not None:
-        index = choose_threshold(validation, rule).index
-    else:
-        index = _nearest_edge(score_bin_edges(test.num_bins), rule.fallback)
-    return counts_at(test, index).metrics()
+def _own_index(
+    num_bins: int, validation: BinaryStats | None, rule: ThresholdRule
+) -> int:
+    """Bin edge of a site's own threshold (``threshold-selection = "site"``)."""
+    if validation is None:
+        return _nearest_edge(score_bin_edges(num_bins), rule.fallback)
+    choice = choose_threshold(validation, rule)
+    if choice.reason:
+        log(WARNING, "threshold (a site): %s", choice.reason)
+    return choice.index
 
 
 def make_threshold_metrics_aggregator(
@@ -539,7 +516,9 @@ def make_threshold_metrics_aggregator(
             choice = choose_threshold(pooled_val, rule)
             if choice.reason:
                 log(WARNING, "threshold: %s", choice.reason)
-            point = operating_point(_sum(t for t, _ in pairs), choice)  # type: ignore[arg-type]
+            pooled_test = _sum(t for t, _ in pairs)
+            assert pooled_test is not None
+            point = counts_at(pooled_test, choice.index)
             out.update(point.metrics())
             for key, value in choice.validation.metrics().items():
                 if key in ("precision", "recall", "f1"):
@@ -548,14 +527,7 @@ def make_threshold_metrics_aggregator(
             total = None
             thresholds: list[tuple[float, float]] = []
             for test, val in pairs:
-                if val is None:
-                    index = _nearest_edge(score_bin_edges(test.num_bins), rule.fallback)
-                else:
-                    choice = choose_threshold(val, rule)
-                    if choice.reason:
-                        log(WARNING, "threshold (a site): %s", choice.reason)
-                    index = choice.index
-                point = counts_at(test, index)
+                point = counts_at(test, _own_index(test.num_bins, val, rule))
                 total = point if total is None else _add_points(total, point)
                 rows = float(test.positives + test.negatives)
                 thresholds.append((point.threshold, rows))
@@ -660,11 +632,8 @@ def add_site_threshold_metrics(
         if record is None or not lists:
             continue
         threshold = (entry["aggregated"].get("evaluate") or {}).get("threshold")
-        if selection == "federated" and threshold is not None:
-            index = _nearest_edge(
-                score_bin_edges(len(next(iter(lists.values()))["hist-pos"])),
-                float(threshold),
-            )
+        if selection == "federated" and threshold is None:
+            continue  # no pooled threshold this round (no valid evaluation)
         for node_id, values in sorted(lists.items()):
             scalars = record.per_node.get(node_id, {})
             try:
@@ -680,15 +649,10 @@ def add_site_threshold_metrics(
             except ValueError:
                 val = None
             if selection == "federated":
-                if threshold is None:
-                    continue
-                point = counts_at(test, index)
-            elif val is not None:
-                point = counts_at(test, choose_threshold(val, rule).index)
+                edges = score_bin_edges(test.num_bins)
+                point = counts_at(test, _nearest_edge(edges, float(threshold)))
             else:
-                point = counts_at(
-                    test, _nearest_edge(score_bin_edges(test.num_bins), rule.fallback)
-                )
+                point = counts_at(test, _own_index(test.num_bins, val, rule))
             site = grid.site_of(node_id)
             metrics = entry["sites"].setdefault(site, {"node-id": node_id})
             metrics.setdefault("evaluate", {}).update(
