@@ -16,6 +16,10 @@ lands in both. One concept per module:
   errors, stratified splits, non-IID Dirichlet partitions.
 - :mod:`~flwr_ext.appkit.standardisation` - one feature scaler for all sites from
   federated sums (a QUERY round), or per site.
+- :mod:`~flwr_ext.appkit.encrypted_stats` - the same statistics round under CKKS:
+  the server adds ciphertexts, only the sites decrypt the pooled scaler.
+- :mod:`~flwr_ext.appkit.secure` - ``secure_aggregation_mod``: ``ckks_mod`` when
+  the run asks for CKKS or the site holds a secret context.
 - :mod:`~flwr_ext.appkit.torch_train` - the local training loop (SGD, FedProx
   term, DP-SGD) and scoring for a binary PyTorch model.
 - :mod:`~flwr_ext.appkit.metrics` - binary metrics per site and pooled from
