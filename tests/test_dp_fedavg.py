@@ -277,8 +277,8 @@ def test_reported_epsilon_equals_an_independent_opacus_computation(accountant):
         delta=1e-5,
         accountant=accountant,
     )
-    result = start_run(strategy, 20, 4)
-    for rnd in range(1, 5):
+    result = start_run(strategy, 20, 3)
+    for rnd in (1, 3):
         m = result.train_metrics_clientapp[rnd]
         z, q, n, delta = (
             m[keys.NOISE_MULTIPLIER],
@@ -296,7 +296,7 @@ def test_reported_epsilon_equals_an_independent_opacus_computation(accountant):
             reference.history = [(z, q, n)]
             expected = reference.get_epsilon(delta=delta, alphas=list(RDP_ORDERS))
         assert m[keys.CLIENT_EPSILON] == pytest.approx(expected, rel=1e-12)
-    assert strategy.privacy_spent().releases == 4
+    assert strategy.privacy_spent().releases == 3
 
 
 def test_adaptive_clipping_epsilon_accounts_the_clipped_count():

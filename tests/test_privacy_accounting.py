@@ -32,7 +32,11 @@ from flwr_ext.privacy import (
     effective_noise_multiplier,
     update_noise_multiplier,
 )
-from flwr_ext.privacy.accountant import PRV_MAX_EPSILON, epsilon_and_method
+from flwr_ext.privacy.accountant import (
+    PRV_MAX_EPSILON,
+    epsilon_and_method,
+    rdp_upper_bound,
+)
 
 DELTA = 1e-5
 
@@ -109,6 +113,14 @@ def test_matches_google_dp_accounting_through_flowers_accountant():
         ours = compute_epsilon([(z, q, k)], DELTA, "rdp")
         # Different order grids: agreement within 2 %.
         assert ours == pytest.approx(theirs, rel=0.02)
+
+
+def test_fast_integer_order_bound_is_an_upper_bound():
+    for history in ([(1.82, 0.2, 50)], [(1.5, 0.1, 100)], [(3.0, 1.0, 7)]):
+        bound = rdp_upper_bound(history, DELTA)
+        rdp = compute_epsilon(history, DELTA, "rdp")
+        assert bound >= rdp >= compute_epsilon(history, DELTA, "prv")
+        assert bound <= 1.1 * rdp  # and nearly as tight
 
 
 def test_prv_falls_back_to_rdp_where_no_privacy_is_left():

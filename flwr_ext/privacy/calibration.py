@@ -20,7 +20,7 @@ import functools
 import math
 from collections.abc import Callable
 
-from .accountant import ACCOUNTANTS, compute_epsilon
+from .accountant import ACCOUNTANTS, compute_epsilon, rdp_upper_bound
 from .validation import (
     check_choice,
     check_int,
@@ -110,12 +110,17 @@ def _calibrate(
     def epsilon(z: float, method: str = accountant) -> float:
         return compute_epsilon([(z, sampling_rate, num_releases)], delta, method)
 
-    # RDP first (closed form, milliseconds): its z meets the target under RDP,
-    # and PRV's ε is never above RDP's, so it brackets PRV's z from above.
-    z_rdp = _bisect(lambda z: epsilon(z, "rdp"), target_epsilon, tolerance, 1.0)
     if accountant == "rdp":
-        return z_rdp
-    return _bisect(epsilon, target_epsilon, tolerance, z_rdp)
+        return _bisect(epsilon, target_epsilon, tolerance, 1.0)
+
+    # A fast RDP bound first (integer orders: milliseconds): its z meets the
+    # target under that bound, and PRV's ε is never above it, so it brackets
+    # PRV's z from above and few PRV evaluations remain.
+    def bound(z: float) -> float:
+        return rdp_upper_bound([(z, sampling_rate, num_releases)], delta)
+
+    z_bound = _bisect(bound, target_epsilon, tolerance, 1.0)
+    return _bisect(epsilon, target_epsilon, tolerance, z_bound)
 
 
 def _bisect(
