@@ -284,7 +284,7 @@ class Trained:
 
 
 def _quiet() -> None:
-    """Silence Flower's INFO logs (it sets its logger's level when imported)."""
+    """Silence Flower's INFO logs in this process (benchmark processes only)."""
     import flwr.supercore  # noqa: F401
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -576,7 +576,6 @@ def run_spec(
     spec: Spec, scale: float, rounds: int | None, keys: Sequence[str]
 ) -> dict[str, Any]:
     """Run one spec and score its final model; return a JSON-able dict."""
-    _quiet()
     import torch
     from bank_fraud.settings import load_settings
 
@@ -990,7 +989,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with runs_path.open("a") as sink:
         if args.jobs > 1:
             context = get_context("spawn")
-            with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+            with ProcessPoolExecutor(
+                args.jobs, mp_context=context, initializer=_quiet
+            ) as pool:
                 futures = {
                     pool.submit(run_spec, s, args.scale, args.rounds, keys): s
                     for s in todo
@@ -998,6 +999,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for future in as_completed(futures):
                     _record(future.result(), sink, done)
         else:
+            _quiet()
             for spec in todo:
                 _record(run_spec(spec, args.scale, args.rounds, keys), sink, done)
     runs = [done[s.key] for s in specs if s.key in done]
