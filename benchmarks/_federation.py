@@ -19,6 +19,10 @@ How each attack reaches the server
   the inflated claim amplifies something harmful; a claim on an honest update
   would only test over-weighting one honest client. :class:`ByzantineGrid`
   rewrites the claim in those nodes' replies.
+- ``malformed``: not an attack on the model but on the server's parsing. The
+  attackers take turns sending the replies that crash Flower's built-ins: an
+  array with the wrong shape, a missing array, an extra ArrayRecord, and an
+  error reply (:data:`MALFORMED_KINDS`); :class:`ByzantineGrid` builds them.
 - ``label-flip`` poisons the Byzantine nodes' training labels
   (:func:`~flwr_ext.attacks.flip_labels_if_attacking` in the ClientApp).
 - ``alie`` and ``ipm`` are *omniscient*: the attacker must know the honest updates
@@ -48,12 +52,14 @@ from flwr.app import (
     Array,
     ArrayRecord,
     Context,
+    Error,
     Message,
     MessageType,
     MetricRecord,
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import Strategy
 from sklearn.datasets import load_digits
 
@@ -100,6 +106,7 @@ ATTACKS: tuple[str, ...] = (
     "ipm",
     "weight-inflation",
     "nan-inf",
+    "malformed",
 )
 #: Attacks the adversary grid applies (they read the honest updates of the round).
 OMNISCIENT_ATTACKS = ("alie", "ipm")
@@ -107,6 +114,8 @@ OMNISCIENT_ATTACKS = ("alie", "ipm")
 IPM_EPSILON = 0.1
 #: Factor by which weight-inflation attackers multiply their ``num-examples``.
 WEIGHT_INFLATION = 100.0
+#: What the ``malformed`` attackers send, in turn (attacker i sends kind i mod 4).
+MALFORMED_KINDS = ("wrong-shape", "missing-array", "extra-arrayrecord", "error")
 
 
 # ---------------------------------------------------------------------------- data
@@ -366,7 +375,7 @@ def byzantine_node_config(attack: str, index: int, seed: int) -> dict:
     Omniscient attacks (ALIE, IPM) need no entry: :class:`ByzantineGrid` applies
     them. ``nan-inf`` alternates NaN and +Inf between attackers.
     """
-    if attack == "none" or attack in OMNISCIENT_ATTACKS:
+    if attack in ("none", "malformed") or attack in OMNISCIENT_ATTACKS:
         return {}
     if attack == "nan-inf":
         return {"attack": "nan" if index % 2 == 0 else "inf"}
@@ -417,6 +426,9 @@ class ByzantineGrid(InProcessGrid):
         that attack computed from the honest updates of the round.
     weight_factor : float (default: 1.0)
         Multiply the ``num-examples`` the Byzantine nodes claim by this factor.
+    malformed : bool (default: False)
+        Replace the Byzantine nodes' train replies with malformed ones
+        (:data:`MALFORMED_KINDS`, the i-th attacker sends kind i mod 4).
     """
 
     def __init__(
@@ -428,6 +440,7 @@ class ByzantineGrid(InProcessGrid):
         byzantine: Iterable[int] = (),
         omniscient: str | None = None,
         weight_factor: float = 1.0,
+        malformed: bool = False,
     ) -> None:
         super().__init__(nodes, node_configs=node_configs, run_config=run_config)
         if omniscient is not None and omniscient not in _OMNISCIENT:
@@ -435,6 +448,7 @@ class ByzantineGrid(InProcessGrid):
         self.byzantine = frozenset(byzantine)
         self.omniscient = omniscient
         self.weight_factor = weight_factor
+        self.malformed = malformed
         self._instructions: dict[str, Message] = {}
         self._handed_over: list[tuple[Message, tuple]] = []
         #: Replies the strategy modified in place (counted once each).
@@ -455,6 +469,8 @@ class ByzantineGrid(InProcessGrid):
             replies = self._attack(replies)
         if self.weight_factor != 1.0:
             replies = [self._inflate(r) for r in replies]
+        if self.malformed:
+            replies = [self._malform(r) for r in replies]
         self._handed_over = [(r, _fingerprint(r)) for r in replies]
         return replies
 
@@ -468,6 +484,43 @@ class ByzantineGrid(InProcessGrid):
             if _fingerprint(reply) != before:
                 self.modified_replies += 1
         self._handed_over = []
+
+    def _malform(self, reply: Message) -> Message:
+        """Return a malformed replacement for an attacker's train reply."""
+        node = int(reply.metadata.src_node_id)
+        instruction = self._instructions.get(reply.metadata.reply_to_message_id)
+        if (
+            reply.has_error()
+            or node not in self.byzantine
+            or instruction is None
+            or instruction.metadata.message_type != MessageType.TRAIN
+        ):
+            return reply
+        kind = MALFORMED_KINDS[
+            sorted(self.byzantine).index(node) % len(MALFORMED_KINDS)
+        ]
+        if kind == "error":
+            return Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="malformed"),
+                reply_to=instruction,
+            )
+        content: dict = {}
+        for key, record in reply.content.items():
+            if isinstance(record, ArrayRecord):
+                arrays = {k: a.numpy() for k, a in record.items()}
+                first, last = next(iter(arrays)), list(arrays)[-1]
+                if kind == "wrong-shape":
+                    arrays[first] = np.ascontiguousarray(arrays[first].T)
+                elif kind == "missing-array":
+                    del arrays[last]
+                content[key] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+                if kind == "extra-arrayrecord":
+                    content["extra"] = ArrayRecord(
+                        {k: Array(v) for k, v in arrays.items()}
+                    )
+            else:
+                content[key] = record
+        return Message(RecordDict(content), reply_to=instruction)
 
     def _inflate(self, reply: Message) -> Message:
         """Return ``reply`` with its claimed ``num-examples`` inflated (attackers)."""
@@ -639,6 +692,7 @@ def run_federation(spec: RunSpec, factory: StrategyFactory) -> RunResult:
         byzantine=byzantine,
         omniscient=spec.attack if spec.attack in OMNISCIENT_ATTACKS else None,
         weight_factor=WEIGHT_INFLATION if spec.attack == "weight-inflation" else 1.0,
+        malformed=spec.attack == "malformed",
     )
     initial = init_mlp(np.random.default_rng([spec.seed, 2]))
     initial_record = ArrayRecord({k: Array(v) for k, v in initial.items()})

@@ -70,6 +70,7 @@ ATTACK_LABELS = {
     "ipm": "IPM",
     "weight-inflation": "sign flip, weight x100",
     "nan-inf": "NaN/Inf",
+    "malformed": "malformed replies",
 }
 
 

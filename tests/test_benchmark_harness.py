@@ -94,6 +94,24 @@ def test_failures_are_recorded_not_raised():
     assert crash.status == "crash" and crash.error == "ValueError: boom"
 
 
+def test_malformed_replies_crash_flowers_fedavg_but_not_ours():
+    # 4 of 5 nodes attack: one of each kind (wrong shape, missing array, extra
+    # ArrayRecord, error reply); one honest reply remains.
+    malformed = dict(fraction=0.8, num_clients=5)
+    kw = dict(rounds=1, train=TINY, **malformed)
+    crash = run_federation(
+        RunSpec("flwr-fedavg", "malformed", seed=0, **kw),
+        strategy_config("flwr-fedavg").build,
+    )
+    assert crash.status == "crash"
+    assert crash.error.startswith("InconsistentMessageReplies")
+    ours = run_federation(
+        RunSpec("ours-median", "malformed", seed=0, **kw),
+        strategy_config("ours-median").build,
+    )
+    assert ours.status == "ok" and ours.rounds_without_update == 0
+
+
 def test_in_place_modification_of_replies_is_detected():
     trimmed = run_federation(
         spec("flwr-trimmedavg", "none"), strategy_config("flwr-trimmedavg").build
