@@ -277,7 +277,7 @@ def tables(summary: dict, rounds: int, seeds: int, num_clients: int) -> str:
             label = f"**{labels[key]}**" if key == RECOMMENDED else labels[key]
             row = [label, *(cells[a].text() if a in cells else "" for a in attacks)]
             failure = cells[attack].failure
-            worst_text = failure if failure in ("crash", "NaN") else f"{worst:.1f}"
+            worst_text = failure if failure is not None else f"{worst:.1f}"
             row += [
                 f"{worst_text} ({ATTACK_LABELS[attack]})",
                 f"{worst - ref_mean:+.1f}",
@@ -345,10 +345,14 @@ def heatmap(summary: dict, fraction: float, path: Path, num_clients: int) -> Non
         worst, attack = worst_case(cells)
         values[i, -1] = worst
         failure = cells[attack].failure
-        row_text.append(failure if failure in ("crash", "NaN") else f"{worst:.1f}")
+        row_text.append(failure if failure is not None else f"{worst:.1f}")
         texts.append(row_text)
     fig, ax = plt.subplots(figsize=(1.05 * len(attacks) + 4, 0.42 * len(keys) + 1.8))
-    image = ax.imshow(values, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    # Colour by distance to clean FedAvg: the interesting range is a few points,
+    # so everything 15+ points below it (including crash / NaN) is the same red.
+    reference = by_strategy.get(REFERENCE, {}).get("none")
+    ref = reference.mean if reference is not None else float(np.nanmax(values))
+    image = ax.imshow(values, cmap="RdYlGn", vmin=ref - 15, vmax=ref + 3, aspect="auto")
     for i, row_text in enumerate(texts):
         for j, text in enumerate(row_text):
             ax.text(j, i, text, ha="center", va="center", fontsize=7.5)
@@ -364,9 +368,10 @@ def heatmap(summary: dict, fraction: float, path: Path, num_clients: int) -> Non
     f = round(fraction * num_clients)
     ax.set_title(
         f"Final test accuracy (%), digits, {num_clients} clients, Dirichlet 0.5, "
-        f"f = {f} ({fraction:.0%}); crash / NaN count as 0"
+        f"f = {f} ({fraction:.0%}); crash / NaN count as 0; ★ recommended"
     )
-    fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01)
+    bar = fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01)
+    bar.set_label(f"accuracy (%); clean FedAvg = {ref:.1f}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
