@@ -14,6 +14,7 @@ nothing a caller gets from here aliases a client's reply.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from numbers import Real
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.common.constant import SType
 
 __all__ = [
     "ArraySpec",
@@ -176,6 +178,16 @@ def flatten(
     mismatch = manifest.describe_mismatch(record)
     if mismatch is not None:
         raise ValueError(f"Cannot flatten ArrayRecord: {mismatch}.")
+    return _fill(record, manifest, dtype, out), manifest
+
+
+def _fill(
+    record: ArrayRecord,
+    manifest: Manifest,
+    dtype: np.dtype | type = np.float64,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Copy ``record`` (already checked against ``manifest``) into one vector."""
     if out is None:
         out = np.empty(manifest.size, dtype=dtype)
     elif out.shape != (manifest.size,):
@@ -183,7 +195,7 @@ def flatten(
     pos = 0
     for spec in manifest.specs:
         try:
-            array = record[spec.key].numpy()
+            array = _values(record[spec.key])
         except (TypeError, ValueError, OSError, EOFError) as err:
             raise ValueError(f"array '{spec.key}' does not deserialize: {err}") from err
         if array.shape != spec.shape or array.dtype.str != spec.dtype:
@@ -193,7 +205,67 @@ def flatten(
             )
         out[pos : pos + spec.size] = array.reshape(-1)
         pos += spec.size
-    return out, manifest
+    return out
+
+
+#: Parsed ``.npy`` headers: header bytes -> (shape, dtype, data offset), or None
+#: for layouts read by ``Array.numpy()``. The replies of a run share a handful of
+#: headers, and parsing one costs more than copying a small array. Bounded, so
+#: distinct headers sent by a client cannot grow it without limit.
+_NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], np.dtype, int] | None] = {}
+_NPY_HEADERS_MAX = 512
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _values(array: Array) -> np.ndarray:
+    """Return an Array's values; a read-only view of its bytes when possible.
+
+    ``Array.numpy()`` (``np.load``) copies the payload in 256 KiB chunks into a
+    new array and re-parses the header each time; for a numpy-serialised Array
+    the values can be viewed in place (the caller copies them where they go).
+    Anything unusual (another serialisation, Fortran order, object dtype, a
+    truncated payload) takes ``Array.numpy()``, with its errors.
+    """
+    data = array.data
+    if array.stype != SType.NUMPY or not isinstance(data, bytes):
+        return array.numpy()
+    layout = _npy_layout(data)
+    if layout is None:
+        return array.numpy()
+    shape, dtype, offset = layout
+    count = math.prod(shape)
+    if len(data) - offset < count * dtype.itemsize:
+        return array.numpy()
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+def _npy_layout(data: bytes) -> tuple[tuple[int, ...], np.dtype, int] | None:
+    """Shape, dtype and data offset of ``.npy`` bytes (None: use np.load)."""
+    if data[:6] != _NPY_MAGIC or len(data) < 12:
+        return None
+    if data[6] == 1:
+        offset = 10 + int.from_bytes(data[8:10], "little")
+        read_header = np.lib.format.read_array_header_1_0
+    elif data[6] == 2:
+        offset = 12 + int.from_bytes(data[8:12], "little")
+        read_header = np.lib.format.read_array_header_2_0
+    else:
+        return None
+    header = data[:offset]
+    if header in _NPY_HEADERS:
+        return _NPY_HEADERS[header]
+    try:
+        stream = io.BytesIO(header)
+        np.lib.format.read_magic(stream)
+        shape, fortran_order, dtype = read_header(stream)
+    except (ValueError, TypeError, SyntaxError):
+        layout = None
+    else:
+        ok = not fortran_order and not dtype.hasobject
+        layout = (tuple(int(s) for s in shape), dtype, offset) if ok else None
+    if len(_NPY_HEADERS) < _NPY_HEADERS_MAX:
+        _NPY_HEADERS[header] = layout
+    return layout
 
 
 def unflatten(vector: np.ndarray, manifest: Manifest) -> ArrayRecord:
@@ -361,7 +433,7 @@ def validate_train_reply(
         raise InvalidReplyError(node_id, mismatch)
     metrics, weight = validate_metrics(message, weight_key, node_id)
     try:
-        vector, _ = flatten(record, manifest, out=out)
+        vector = _fill(record, manifest, out=out)
     except ValueError as err:  # e.g. a payload that does not deserialize
         raise InvalidReplyError(node_id, f"arrays could not be read: {err}") from err
     if not np.isfinite(vector).all():

@@ -182,3 +182,37 @@ def test_record_structure_errors(setup):
             arrayrecord_key="arrays",
         )
     assert ConfigRecord  # imported for symmetry with Flower's own tests
+
+
+# ------------------------------------------------- reading Array payloads in place
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.array(3.5, dtype=np.float64),  # 0-d
+        np.arange(5, dtype=np.int16),
+        np.arange(6, dtype=">f4").reshape(2, 3),  # big-endian
+        np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),
+        np.zeros((0, 3), dtype=np.float32),
+    ],
+    ids=["float32-2d", "0-d", "int16", "big-endian", "fortran", "empty"],
+)
+def test_flatten_reads_payloads_exactly_like_numpy_load(value):
+    record = ArrayRecord({"a": Array(value)})
+    vector, _ = flatten(record)
+    np.testing.assert_array_equal(vector, record["a"].numpy().reshape(-1))
+    # A second reply with the same header takes the cached layout.
+    vector2, _ = flatten(ArrayRecord({"a": Array(np.asarray(value + 1))}))
+    np.testing.assert_array_equal(vector2, vector + 1)
+
+
+def test_flatten_of_a_truncated_payload_is_a_clear_error_and_never_a_view():
+    good = Array(np.arange(10, dtype=np.float32))
+    truncated = Array(
+        dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data[:-8]
+    )
+    with pytest.raises(ValueError, match="array 'a' does not deserialize"):
+        flatten(ArrayRecord({"a": truncated}))
+    vector, _ = flatten(ArrayRecord({"a": good}))
+    vector[0] = 99.0  # a private copy: the payload is untouched
+    assert good.numpy()[0] == 0.0
