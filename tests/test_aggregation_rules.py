@@ -93,7 +93,10 @@ def test_nnm_by_hand():
 
 
 # ------------------------------------------------------------- distances
-def test_distances_exact_for_nearly_identical_float32_models():
+# float32 rows: the Gram matrix is formed in float32 blocks (ranking precision);
+# the same rows as float64: full float64 precision.
+@pytest.mark.parametrize(("dtype", "rtol"), [(np.float32, 1e-5), (np.float64, 1e-9)])
+def test_distances_exact_for_nearly_identical_float32_models(dtype, rtol):
     rng = np.random.default_rng(0)
     base = rng.normal(0, 1000, size=5000).astype(np.float32)
     rows = np.stack(
@@ -102,13 +105,25 @@ def test_distances_exact_for_nearly_identical_float32_models():
     exact = np.array(
         [[np.sum((a.astype(np.float64) - b) ** 2) for b in rows] for a in rows]
     )
-    got = pairwise_squared_distances(rows)
-    np.testing.assert_allclose(got, exact, rtol=1e-9, atol=1e-12)
+    got = pairwise_squared_distances(rows.astype(dtype))
+    np.testing.assert_allclose(got, exact, rtol=rtol, atol=1e-12)
     # The textbook float32 Gram form is wrong here: that is the bug we avoid.
     gram = rows @ rows.T
     sq = np.diag(gram)
     naive = sq[:, None] + sq[None, :] - 2 * gram
     assert np.abs(naive - exact).max() > 10 * exact.max()
+
+
+def test_float32_rows_beyond_1e19_fall_back_to_the_float64_gram():
+    rng = np.random.default_rng(2)
+    honest = rng.normal(0, 1e-3, size=(5, 100)).astype(np.float32)
+    rows = np.vstack([honest, np.full((1, 100), 1e30, np.float32)])
+    dist = pairwise_squared_distances(rows)
+    assert np.isfinite(dist).all()
+    h = honest.astype(np.float64)
+    exact = ((h[:, None, :] - h[None, :, :]) ** 2).sum(-1)
+    np.testing.assert_allclose(dist[:5, :5], exact, rtol=1e-9, atol=1e-15)
+    assert dist[5, :5].min() > 1e61
 
 
 def test_a_huge_row_does_not_drown_honest_distances():

@@ -17,6 +17,14 @@ if every row is) the centred rows are as small as the honest spread. Rules that 
 a robust *point* anyway (geometric median, centered clipping) centre on the
 coordinate-wise median instead.
 
+Precision. Geometric median and centered clipping iterate on their Gram matrix and
+form their result from it, so it is computed in float64. Krum and NNM only *rank*
+distances: for float32 updates their Gram matrix is computed block by block in
+float32 (each block's product accumulated in float64), which is twice as fast and
+leaves a relative error of about 1e-6 on the distances, against 1e-16 in float64
+and against *everything* for Flower's uncentred float32 form on near-equal models.
+If that Gram matrix overflows float32 (rows beyond ~1e19), it is redone in float64.
+
 Everything here streams over column blocks: one pass over the ``(n, d)`` update
 matrix (kept in its own dtype, usually float32) builds the ``(n, n)`` Gram matrix,
 and iterative rules then work on that small matrix, touching the big one once more
@@ -42,8 +50,10 @@ __all__ = [
 BLOCK_COLUMNS = 4096
 
 
-def centred_gram(updates: np.ndarray, centre: np.ndarray) -> np.ndarray:
-    """Return ``(X - centre) (X - centre)^T`` in float64, shape ``(n, n)``.
+def centred_gram(
+    updates: np.ndarray, centre: np.ndarray, dtype: type = np.float64
+) -> np.ndarray:
+    """Return ``(X - centre) (X - centre)^T``, shape ``(n, n)``, as float64.
 
     Parameters
     ----------
@@ -51,19 +61,23 @@ def centred_gram(updates: np.ndarray, centre: np.ndarray) -> np.ndarray:
         ``X``, shape ``(n, d)``, any float dtype. Not modified, not copied whole.
     centre : np.ndarray
         Shape ``(d,)``.
+    dtype : numpy dtype (default: float64)
+        Precision of each column block's product (accumulated over blocks in
+        float64). float32 halves the time and suits ranking distances only.
 
     Returns
     -------
     np.ndarray
-        Symmetric, float64; entries may be ``inf`` if they overflow (rows with
-        values beyond ~1e150, only possible for float64 inputs).
+        Symmetric, float64; entries may be ``inf`` or NaN if they overflow (rows
+        with values beyond ~1e150 in float64, ~1e19 in float32).
     """
     n, d = updates.shape
     gram = np.zeros((n, n))
+    centre = np.asarray(centre, dtype=dtype)
     with np.errstate(over="ignore", invalid="ignore"):
         for start in range(0, d, BLOCK_COLUMNS):
             stop = min(start + BLOCK_COLUMNS, d)
-            block = updates[:, start:stop].astype(np.float64)
+            block = updates[:, start:stop].astype(dtype)
             block -= centre[start:stop]
             gram += block @ block.T
     return gram
@@ -115,13 +129,19 @@ def combine(
     give a weighted mean. Accumulated per column block in float64, so a float32
     ``X`` is never copied to float64 as a whole.
     """
-    d = updates.shape[1]
+    n, d = updates.shape
     coefficients = np.asarray(coefficients, dtype=np.float64)
-    out = np.empty(d)
     rest = 1.0 - float(coefficients.sum())
-    for start in range(0, d, BLOCK_COLUMNS):
-        stop = min(start + BLOCK_COLUMNS, d)
-        out[start:stop] = coefficients @ updates[:, start:stop].astype(np.float64)
+    rows = np.flatnonzero(coefficients)
+    if len(rows) == 1:  # Krum: one row, no pass over the others
+        out = coefficients[rows[0]] * updates[rows[0]].astype(np.float64)
+    else:
+        if 0 < len(rows) <= n // 2:  # few rows: read only those
+            updates, coefficients = updates[rows], coefficients[rows]
+        out = np.empty(d)
+        for start in range(0, d, BLOCK_COLUMNS):
+            stop = min(start + BLOCK_COLUMNS, d)
+            out[start:stop] = coefficients @ updates[:, start:stop].astype(np.float64)
     if centre is not None and rest != 0.0:
         out += rest * centre
     return out
@@ -166,7 +186,12 @@ def pairwise_squared_distances(updates: np.ndarray) -> np.ndarray:
         overflows float64, which only happens for rows with values beyond ~1e150).
     """
     updates = np.asarray(updates)
-    centre = updates[_median_norm_row(updates)].astype(np.float64)
+    centre = updates[_median_norm_row(updates)]
+    if updates.dtype == np.float32:
+        gram = centred_gram(updates, centre, np.float32)
+        if np.isfinite(gram).all():
+            return distances_from_gram(gram)
+    centre = centre.astype(np.float64)
     gram = centred_gram(updates, centre)
     if np.isfinite(gram).all():
         return distances_from_gram(gram)

@@ -77,12 +77,15 @@ class KrumRule(AggregationRule):
         weights: np.ndarray,
         *,
         overwrite_updates: bool = False,
+        check_finite: bool = True,
     ) -> AggregationResult:
         """Aggregate, also returning the mask of the selected rows.
 
         ``updates`` is only read (``overwrite_updates`` changes nothing).
         """
-        updates, weights = check_updates(updates, weights, self.min_clients())
+        updates, weights = check_updates(
+            updates, weights, self.min_clients(), check_finite=check_finite
+        )
         n = updates.shape[0]
         m = n - self.num_byzantine if self.num_selected is None else self.num_selected
         scores = krum_scores(updates, self.num_byzantine)

@@ -215,14 +215,17 @@ class RobustAggregation(Strategy):
                     reply, manifest, self.weight_key, out=row
                 )
                 # Each row becomes an update while it is still in cache. Our own
-                # buffer: the replies stay untouched.
-                with np.errstate(over="ignore", invalid="ignore"):
-                    row -= global_vector
-                if not np.isfinite(row).all():
+                # buffer: the replies stay untouched. Both terms are finite, so
+                # only an overflow can make the difference non-finite, and the
+                # floating-point status flag catches that without another pass.
+                try:
+                    with np.errstate(over="raise"):
+                        row -= global_vector
+                except FloatingPointError:
                     raise InvalidReplyError(
                         checked.node_id,
                         f"update (model - global model) overflows {matrix.dtype}",
-                    )
+                    ) from None
                 valid.append(checked)
             except InvalidReplyError as err:
                 dropped.append(err)
@@ -262,7 +265,14 @@ class RobustAggregation(Strategy):
         # it in place) instead of allocating another (n, d) matrix.
         if self.pre_aggregation is not None:
             updates = self.pre_aggregation.transform(updates, weights)
-        result = self.rule.aggregate_detailed(updates, weights, overwrite_updates=True)
+        # Every row was checked finite above: skip the rule's O(n d) re-check,
+        # unless a pre-aggregation step produced the rows the rule sees.
+        result = self.rule.aggregate_detailed(
+            updates,
+            weights,
+            overwrite_updates=True,
+            check_finite=self.pre_aggregation is not None,
+        )
         counts[METRIC_SELECTED] = int(result.selected.sum())
         candidate = global_vector.astype(np.float64) + result.value
         if not np.isfinite(candidate).all():
