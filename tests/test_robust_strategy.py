@@ -368,3 +368,27 @@ def test_an_update_that_overflows_float32_is_dropped_not_a_crash(caplog):
     assert value_of(arrays) == -big
     assert metrics["robust-dropped"] == 1
     assert "node 103: update (model - global model) overflows float32" in caplog.text
+
+
+def test_scalar_and_integer_arrays_keep_their_shape_and_dtype():
+    # A 0-d array (e.g. a BatchNorm step counter) must stay 0-d, an int64 array
+    # int64, through the robust aggregate and the inner strategy's step.
+    def scalar_model(value: float) -> ArrayRecord:
+        return ArrayRecord(
+            {
+                "w": Array(np.full((3, 2), value, dtype=np.float32)),
+                "scale": Array(np.array(value, dtype=np.float32)),
+                "steps": Array(np.array([7, 7], dtype=np.int64)),
+            }
+        )
+
+    strategy = Median()
+    msgs = instructions(strategy, scalar_model(0.0), NODES[:5])
+    replies = [
+        reply_to(m, scalar_model(v)) for m, v in zip(msgs, range(5), strict=True)
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays["scale"].numpy().shape == ()
+    assert float(arrays["scale"].numpy()) == 2.0
+    assert arrays["steps"].numpy().dtype == np.int64
+    assert arrays["steps"].numpy().shape == (2,)

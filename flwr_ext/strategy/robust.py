@@ -466,5 +466,7 @@ def _cast_like(
         dtype = np.dtype(spec.dtype)
         if dtype.kind in "iu" and value.dtype.kind == "f":
             value = np.rint(value)
-        out[spec.key] = Array(np.ascontiguousarray(value, dtype=dtype))
+        # np.asarray, not np.ascontiguousarray: the latter turns a 0-d array
+        # into shape (1,).
+        out[spec.key] = Array(np.asarray(value, dtype=dtype, order="C"))
     return ArrayRecord(out)
