@@ -296,12 +296,22 @@ def unflatten(vector: np.ndarray, manifest: Manifest) -> ArrayRecord:
 
 
 class InvalidReplyError(ValueError):
-    """A client reply that must not be aggregated; ``reason`` says why."""
+    """A client reply that must not be aggregated; ``reason`` says why.
 
-    def __init__(self, node_id: int, reason: str) -> None:
+    ``proves_faulty`` is True when the reply's own content shows its sender did not
+    follow the protocol (NaN, a wrong shape, a missing weight...), and False when an
+    honest node could have sent it (an error reply: the ClientApp crashed). Robust
+    strategies use it to lower the number of Byzantine clients still to tolerate
+    among the valid replies.
+    """
+
+    def __init__(
+        self, node_id: int, reason: str, *, proves_faulty: bool = True
+    ) -> None:
         super().__init__(f"reply from node {node_id}: {reason}")
         self.node_id = node_id
         self.reason = reason
+        self.proves_faulty = proves_faulty
 
 
 @dataclass(frozen=True)
@@ -415,6 +425,7 @@ def validate_train_reply(
         raise InvalidReplyError(
             node_id,
             f"client error {message.error.code}: {message.error.reason}",
+            proves_faulty=False,
         )
     array_records = message.content.array_records
     if len(array_records) != 1:

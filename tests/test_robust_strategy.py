@@ -392,3 +392,65 @@ def test_scalar_and_integer_arrays_keep_their_shape_and_dtype():
     assert float(arrays["scale"].numpy()) == 2.0
     assert arrays["steps"].numpy().dtype == np.int64
     assert arrays["steps"].numpy().shape == (2,)
+
+
+def _nan_model() -> ArrayRecord:
+    return ArrayRecord(
+        {
+            "w": Array(np.full((3, 2), np.nan, dtype=np.float32)),
+            "b": Array(np.zeros(2, dtype=np.float32)),
+        }
+    )
+
+
+@pytest.mark.parametrize("discount", [True, False])
+def test_rejected_replies_lower_f_for_krum(caplog, discount):
+    # Krum(f=2) needs 7 valid replies. Two of 7 nodes send NaN: those two are
+    # proven Byzantine, so the 5 valid replies hold none, and Krum with f=0
+    # (needs 3) is sound. With discount_rejected=False the round is skipped.
+    strategy = Krum(num_byzantine=2, discount_rejected=discount)
+
+    def poison(msgs, replies):
+        return replies[:5] + [reply_to(m, _nan_model()) for m in msgs[5:]]
+
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        (arrays, metrics), _ = run_round(strategy, [1.0] * 7, mutate=poison)
+    assert metrics["robust-dropped"] == 2
+    if discount:
+        assert value_of(arrays) == 1.0
+        assert "2 rejected replies prove their senders Byzantine" in caplog.text
+    else:
+        assert arrays is None
+        assert "needs at least 7: keeping the previous global model" in caplog.text
+
+
+def test_error_replies_do_not_lower_f(caplog):
+    # An honest ClientApp can crash: an error reply proves nothing about its
+    # sender, so f stays 2 and 5 valid replies are too few for Krum.
+    strategy = MultiKrum(num_byzantine=2)
+
+    def crash(msgs, replies):
+        errors = [
+            Message(Error(code=0, reason="out of memory"), reply_to=m) for m in msgs[5:]
+        ]
+        return replies[:5] + errors
+
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        (arrays, _), _ = run_round(strategy, [1.0] * 7, mutate=crash)
+    assert arrays is None
+    assert "needs at least 7" in caplog.text
+
+
+def test_nnm_and_multikrum_lower_f_together():
+    # f=3 with NNM: 3 malformed replies of 9 leave 6 honest rows; MultiKrum then
+    # averages all n - 0 = 6 of them.
+    strategy = MultiKrum(num_byzantine=3, pre_aggregation="nnm")
+
+    def poison(msgs, replies):
+        return replies[:6] + [reply_to(m, _nan_model()) for m in msgs[6:]]
+
+    (arrays, metrics), _ = run_round(
+        strategy, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 0.0, 0.0, 0.0], mutate=poison
+    )
+    assert metrics["robust-selected"] == 6
+    assert value_of(arrays) == pytest.approx(3.5)

@@ -52,6 +52,18 @@ class AggregationRule(ABC):
         """Fewest rows for which the rule is defined (and keeps its guarantee)."""
         return 1
 
+    def excluding_faulty(self, num_excluded: int) -> AggregationRule:
+        """Return this rule for a round whose ``num_excluded`` faulty rows are gone.
+
+        Under the Byzantine model at most ``f`` of the sampled clients are faulty,
+        and an honest client never sends a malformed reply; so when the caller has
+        rejected ``num_excluded`` replies that prove their sender faulty, the rows
+        left hold at most ``f - num_excluded`` Byzantine ones. Rules with an ``f``
+        parameter (Krum) return a copy tolerating that many; the others return
+        ``self``.
+        """
+        return self
+
     def aggregate(
         self,
         updates: np.ndarray,
@@ -123,6 +135,10 @@ class PreAggregation(ABC):
     def min_clients(self) -> int:
         """Fewest rows for which the step is defined."""
         return 1
+
+    def excluding_faulty(self, num_excluded: int) -> PreAggregation:
+        """See :meth:`AggregationRule.excluding_faulty` (``self`` unless f-based)."""
+        return self
 
     @abstractmethod
     def transform(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -67,6 +67,12 @@ class KrumRule(AggregationRule):
     def _params(self) -> dict[str, object]:
         return {"num_byzantine": self.num_byzantine, "num_selected": self.num_selected}
 
+    def excluding_faulty(self, num_excluded: int) -> KrumRule:
+        """Krum tolerating ``f - num_excluded`` (never below 0) Byzantine rows."""
+        if num_excluded <= 0 or self.num_byzantine == 0:
+            return self
+        return KrumRule(max(0, self.num_byzantine - num_excluded), self.num_selected)
+
     def min_clients(self) -> int:
         """``2f + 3``: Krum's guarantee needs ``n > 2f + 2``."""
         return max(2 * self.num_byzantine + 3, self.num_selected or 1)

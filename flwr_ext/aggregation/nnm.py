@@ -68,6 +68,12 @@ class NearestNeighborMixing(PreAggregation):
     def __init__(self, num_byzantine: int) -> None:
         self.num_byzantine = check_int("num_byzantine", num_byzantine, 0)
 
+    def excluding_faulty(self, num_excluded: int) -> NearestNeighborMixing:
+        """NNM tolerating ``f - num_excluded`` (never below 0) Byzantine rows."""
+        if num_excluded <= 0 or self.num_byzantine == 0:
+            return self
+        return NearestNeighborMixing(max(0, self.num_byzantine - num_excluded))
+
     def min_clients(self) -> int:
         """``f + 1``."""
         return self.num_byzantine + 1

@@ -16,6 +16,14 @@ The wrapper speaks Flower; the math lives in :mod:`flwr_ext.aggregation`. Per ro
    float64 for float32 models) and checked to be finite; if it is not, or if too few
    replies are valid for the rule, the round keeps the previous global model.
 
+Rejected replies lower ``f``. Under the Byzantine model at most ``f`` of the sampled
+clients are faulty and honest clients follow the protocol, so a reply rejected for
+its *content* (NaN, a wrong shape, a bad weight) proves its sender Byzantine: with
+``d`` such rejections the valid replies hold at most ``f - d`` Byzantine ones, and
+the ``f``-based rules (Krum, Multi-Krum, NNM) run with ``f - d`` for that round.
+Error replies do not count (an honest ClientApp can crash). ``discount_rejected=False``
+keeps ``f`` fixed.
+
 Client weights. A client's ``num-examples`` cannot be verified, and a client that
 claims 100x its share would otherwise dominate a weighted rule. The default
 ``weighting="uniform"`` counts every valid reply once, which is what the robustness
@@ -95,6 +103,14 @@ class RobustAggregation(Strategy):
     weight_cap : float (default: 2.0)
         With ``weighting="capped"``: no client weighs more than ``weight_cap``
         times the median claimed weight of the round. Must be >= 1.
+    discount_rejected : bool (default: True)
+        A reply rejected for its content (NaN, wrong shape, bad weight...) proves
+        its sender Byzantine, and honest clients never send one; so with ``d``
+        such rejections the valid replies hold at most ``f - d`` Byzantine ones,
+        and ``f``-based rules (Krum, NNM) run with ``f - d`` for that round. Error
+        replies (an honest ClientApp can crash) do not count. Without it, ``f``
+        attackers sending garbage at f = 30 % leave Krum with ``n <= 2f + 2``
+        valid replies and the model never moves. ``False`` keeps ``f`` fixed.
 
     Notes
     -----
@@ -115,6 +131,7 @@ class RobustAggregation(Strategy):
         num_byzantine: int | None = None,
         weighting: Weighting = "uniform",
         weight_cap: float = 2.0,
+        discount_rejected: bool = True,
     ) -> None:
         check_composition(type(self).__name__, Role.ROBUST, strategy)
         if not isinstance(rule, AggregationRule):
@@ -150,6 +167,11 @@ class RobustAggregation(Strategy):
         self.weight_cap = check_fraction(
             "weight_cap", weight_cap, 1.0, float("inf"), high_inclusive=True
         )
+        if not isinstance(discount_rejected, bool):
+            raise TypeError(
+                f"discount_rejected must be True or False, got {discount_rejected!r}"
+            )
+        self.discount_rejected = discount_rejected
         self.weight_key: str = getattr(strategy, "weighted_by_key", "num-examples")
         self.arrayrecord_key: str = getattr(strategy, "arrayrecord_key", "arrays")
         self._global: ArrayRecord | None = None
@@ -158,9 +180,12 @@ class RobustAggregation(Strategy):
 
     # ------------------------------------------------------------------ set-up
     def min_valid_replies(self) -> int:
-        """Fewest valid replies a round needs before the rule is applied."""
-        pre = self.pre_aggregation.min_clients() if self.pre_aggregation else 1
-        return max(self.rule.min_clients(), pre)
+        """Fewest valid replies a round needs before the rule is applied.
+
+        This is the figure for a round without rejected replies; see
+        ``discount_rejected`` for rounds with some.
+        """
+        return _min_valid(self.rule, self.pre_aggregation)
 
     def summary(self) -> None:
         """Log the robust configuration, then the inner strategy's."""
@@ -243,7 +268,24 @@ class RobustAggregation(Strategy):
             METRIC_DROPPED: len(dropped),
             METRIC_SELECTED: 0,
         }
-        needed = self.min_valid_replies()
+        rule, pre_aggregation = self.rule, self.pre_aggregation
+        proven_faulty = sum(err.proves_faulty for err in dropped)
+        if self.discount_rejected and proven_faulty:
+            rule = rule.excluding_faulty(proven_faulty)
+            if pre_aggregation is not None:
+                pre_aggregation = pre_aggregation.excluding_faulty(proven_faulty)
+            if rule is not self.rule or pre_aggregation is not self.pre_aggregation:
+                log(
+                    INFO,
+                    "[%s] round %d: %d rejected replies prove their senders "
+                    "Byzantine: the %d valid replies hold at most f - %d of them",
+                    type(self).__name__,
+                    server_round,
+                    proven_faulty,
+                    len(valid),
+                    proven_faulty,
+                )
+        needed = _min_valid(rule, pre_aggregation)
         if len(valid) < needed:
             log(
                 WARNING,
@@ -253,7 +295,7 @@ class RobustAggregation(Strategy):
                 server_round,
                 len(valid),
                 len(replies),
-                self.rule,
+                rule,
                 needed,
             )
             return None, self._round_metrics(server_round, valid, counts, started)
@@ -263,15 +305,15 @@ class RobustAggregation(Strategy):
         # `updates` is this call's own buffer (the replies are never touched), and
         # so is the pre-aggregation's output: the rule may overwrite it (e.g. sort
         # it in place) instead of allocating another (n, d) matrix.
-        if self.pre_aggregation is not None:
-            updates = self.pre_aggregation.transform(updates, weights)
+        if pre_aggregation is not None:
+            updates = pre_aggregation.transform(updates, weights)
         # Every row was checked finite above: skip the rule's O(n d) re-check,
         # unless a pre-aggregation step produced the rows the rule sees.
-        result = self.rule.aggregate_detailed(
+        result = rule.aggregate_detailed(
             updates,
             weights,
             overwrite_updates=True,
-            check_finite=self.pre_aggregation is not None,
+            check_finite=pre_aggregation is not None,
         )
         counts[METRIC_SELECTED] = int(result.selected.sum())
         candidate = global_vector.astype(np.float64) + result.value
@@ -292,9 +334,14 @@ class RobustAggregation(Strategy):
     def _check_sender(self, reply: Message, seen: set[int]) -> None:
         node_id = int(reply.metadata.src_node_id)
         if self._sampled and node_id not in self._sampled:
-            raise InvalidReplyError(node_id, "node was not sampled in this round")
+            raise InvalidReplyError(
+                node_id, "node was not sampled in this round", proves_faulty=False
+            )
         if node_id in seen:
-            raise InvalidReplyError(node_id, "second reply from the same node")
+            # The node's first reply is among the valid ones: no row is removed.
+            raise InvalidReplyError(
+                node_id, "second reply from the same node", proves_faulty=False
+            )
         seen.add(node_id)
 
     def _weights(self, claimed: list[float]) -> np.ndarray:
@@ -413,6 +460,11 @@ class RobustAggregation(Strategy):
         return self._aggregate_client_metrics(
             valid, getattr(self.strategy, "evaluate_metrics_aggr_fn", None)
         )
+
+
+def _min_valid(rule: AggregationRule, pre_aggregation: PreAggregation | None) -> int:
+    pre = pre_aggregation.min_clients() if pre_aggregation is not None else 1
+    return max(rule.min_clients(), pre)
 
 
 def _work_dtype(manifest: Manifest) -> type:

@@ -48,6 +48,10 @@ _COMMON_DOC = """    strategy : Strategy, optional
         :class:`~flwr_ext.strategy.robust.RobustAggregation`.
     weight_cap : float (default: 2.0)
         Cap, in multiples of the median claim, for ``weighting="capped"``.
+    discount_rejected : bool (default: True)
+        Replies rejected for their content prove their senders Byzantine, so
+        ``f``-based rules run with ``f`` minus their number for that round: see
+        :class:`~flwr_ext.strategy.robust.RobustAggregation`.
 """
 
 
@@ -71,6 +75,7 @@ class Krum(RobustAggregation):
         pre_aggregation: PreAggregationArg = None,
         weighting: Weighting = "uniform",
         weight_cap: float = 2.0,
+        discount_rejected: bool = True,
     ) -> None:
         super().__init__(
             strategy if strategy is not None else FedAvg(),
@@ -79,6 +84,7 @@ class Krum(RobustAggregation):
             num_byzantine=num_byzantine,
             weighting=weighting,
             weight_cap=weight_cap,
+            discount_rejected=discount_rejected,
         )
 
 
@@ -104,6 +110,7 @@ class MultiKrum(RobustAggregation):
         pre_aggregation: PreAggregationArg = None,
         weighting: Weighting = "uniform",
         weight_cap: float = 2.0,
+        discount_rejected: bool = True,
     ) -> None:
         super().__init__(
             strategy if strategy is not None else FedAvg(),
@@ -112,6 +119,7 @@ class MultiKrum(RobustAggregation):
             num_byzantine=num_byzantine,
             weighting=weighting,
             weight_cap=weight_cap,
+            discount_rejected=discount_rejected,
         )
 
 
@@ -137,6 +145,7 @@ class TrimmedMean(RobustAggregation):
         pre_aggregation: PreAggregationArg = None,
         weighting: Weighting = "uniform",
         weight_cap: float = 2.0,
+        discount_rejected: bool = True,
     ) -> None:
         super().__init__(
             strategy if strategy is not None else FedAvg(),
@@ -145,6 +154,7 @@ class TrimmedMean(RobustAggregation):
             num_byzantine=num_byzantine,
             weighting=weighting,
             weight_cap=weight_cap,
+            discount_rejected=discount_rejected,
         )
 
 
@@ -167,6 +177,7 @@ class Median(RobustAggregation):
         pre_aggregation: PreAggregationArg = None,
         weighting: Weighting = "uniform",
         weight_cap: float = 2.0,
+        discount_rejected: bool = True,
     ) -> None:
         super().__init__(
             strategy if strategy is not None else FedAvg(),
@@ -175,6 +186,7 @@ class Median(RobustAggregation):
             num_byzantine=num_byzantine,
             weighting=weighting,
             weight_cap=weight_cap,
+            discount_rejected=discount_rejected,
         )
 
 
@@ -203,6 +215,7 @@ class GeometricMedian(RobustAggregation):
         pre_aggregation: PreAggregationArg = None,
         weighting: Weighting = "uniform",
         weight_cap: float = 2.0,
+        discount_rejected: bool = True,
     ) -> None:
         super().__init__(
             strategy if strategy is not None else FedAvg(),
@@ -211,6 +224,7 @@ class GeometricMedian(RobustAggregation):
             num_byzantine=num_byzantine,
             weighting=weighting,
             weight_cap=weight_cap,
+            discount_rejected=discount_rejected,
         )
 
 
@@ -240,6 +254,7 @@ class CenteredClipping(RobustAggregation):
         pre_aggregation: PreAggregationArg = None,
         weighting: Weighting = "uniform",
         weight_cap: float = 2.0,
+        discount_rejected: bool = True,
     ) -> None:
         super().__init__(
             strategy if strategy is not None else FedAvg(),
@@ -248,6 +263,7 @@ class CenteredClipping(RobustAggregation):
             num_byzantine=num_byzantine,
             weighting=weighting,
             weight_cap=weight_cap,
+            discount_rejected=discount_rejected,
         )
 
 
