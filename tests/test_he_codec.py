@@ -31,6 +31,7 @@ from flwr_ext.he.codec import (
     STYPE_CIPHERTEXT,
     EncryptedHeader,
     chunks,
+    iter_chunks,
     pack,
 )
 from flwr_ext.records import Manifest
@@ -404,3 +405,20 @@ def test_quiet_native_stdout_swallows_tenseal_warnings_and_restores(keysets, cap
     second.close()
     print("restored")
     assert capfd.readouterr().out == "restored\n"
+
+
+def test_a_flip_in_a_middle_chunk_stops_the_stream_there(keysets):
+    secret, _, _ = keysets["default"]
+    big = ArrayRecord({"w": Array(np.linspace(-1, 1, 5 * 4096).astype(np.float32))})
+    encrypted = encrypt_record(big, secret, 1.0)
+    header = EncryptedHeader.from_record(encrypted)
+    assert header.num_chunks >= 5
+    assert len(chunks(encrypted, header)) == header.num_chunks
+    flipped = bytearray(encrypted["ckks-00003"].data)
+    flipped[100] ^= 0x01
+    bad = _replace_chunk(encrypted, 3, bytes(flipped))
+    seen = []
+    with pytest.raises(InvalidCiphertextError, match="ciphertext 3 is corrupted"):
+        for blob in iter_chunks(bad, header):
+            seen.append(blob)
+    assert len(seen) == 3
