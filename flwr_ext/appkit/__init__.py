@@ -18,6 +18,8 @@ lands in both. One concept per module:
   federated sums (a QUERY round), or per site.
 - :mod:`~flwr_ext.appkit.encrypted_stats` - the same statistics round under CKKS:
   the server adds ciphertexts, only the sites decrypt the pooled scaler.
+- :mod:`~flwr_ext.appkit.scaling` - the ServerApp's scaling step before round 1:
+  plaintext or encrypted statistics round, as the run config asks.
 - :mod:`~flwr_ext.appkit.secure` - ``secure_aggregation_mod``: ``ckks_mod`` when
   the run asks for CKKS or the site holds a secret context.
 - :mod:`~flwr_ext.appkit.torch_train` - the local training loop (SGD, FedProx

@@ -30,10 +30,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from flwr_ext.appkit.encrypted_stats import (
-    request_encrypted_feature_stats,
-    save_encrypted_scaler,
-)
 from flwr_ext.appkit.histogram_recorder import HistogramRecordingGrid
 from flwr_ext.appkit.metrics import BinaryStats, make_metrics_aggregator
 from flwr_ext.appkit.plots import plot_rounds
@@ -44,8 +40,8 @@ from flwr_ext.appkit.results import (
     round_history,
     summary_line,
 )
-from flwr_ext.appkit.standardisation import combine, request_feature_stats
-from flwr_ext.appkit.strategies import ROBUST_NAMES, build_strategy
+from flwr_ext.appkit.scaling import prepare_feature_scaling
+from flwr_ext.appkit.strategies import build_strategy
 from flwr_ext.appkit.thresholds import (
     HISTOGRAM_KEYS,
     OperatingPoint,
@@ -95,29 +91,9 @@ def main(grid: Grid, context: Context) -> None:
     grid = HistogramRecordingGrid(grid, HISTOGRAM_KEYS)
 
     config = ConfigRecord()
-    encrypted = settings["secure-aggregation"] == "ckks"
-    if settings["standardisation"] == "federated" and encrypted:
-        # Under CKKS the banks' statistics are summed encrypted as well: only the
-        # banks ever see the pooled scaler (flwr_ext.appkit.encrypted_stats).
-        sums = request_encrypted_feature_stats(
-            grid,
-            settings["ckks-server-context"],
-            num_features,
-            wire=settings["ckks-wire"],
-            min_nodes=settings["min-nodes"],
-            timeout=settings["round-timeout"],
-        )
-        save_encrypted_scaler(*sums, writer.directory)
-    elif settings["standardisation"] == "federated":
-        stats = request_feature_stats(
-            grid,
-            num_features,
-            min_nodes=settings["min-nodes"],
-            timeout=settings["round-timeout"],
-        )
-        method = "median" if settings["strategy"] in ROBUST_NAMES else "pooled"
-        combine([s for _, s in stats], method).to_config(config)
-        log(INFO, "feature scaling: %s of %d banks' statistics", method, len(stats))
+    prepare_feature_scaling(
+        grid, settings, num_features, config, writer.directory, sites="banks"
+    )
 
     result = strategy.start(
         grid=grid,

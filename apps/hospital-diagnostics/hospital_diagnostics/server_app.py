@@ -23,10 +23,6 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from flwr_ext.appkit.encrypted_stats import (
-    request_encrypted_feature_stats,
-    save_encrypted_scaler,
-)
 from flwr_ext.appkit.metrics import make_metrics_aggregator
 from flwr_ext.appkit.plots import plot_rounds
 from flwr_ext.appkit.recorder import RecordingGrid
@@ -36,8 +32,8 @@ from flwr_ext.appkit.results import (
     round_history,
     summary_line,
 )
-from flwr_ext.appkit.standardisation import combine, request_feature_stats
-from flwr_ext.appkit.strategies import ROBUST_NAMES, build_strategy
+from flwr_ext.appkit.scaling import prepare_feature_scaling
+from flwr_ext.appkit.strategies import build_strategy
 from flwr_ext.appkit.torch_train import model_to_arrays
 from flwr_ext.he import is_encrypted, save_encrypted_model
 
@@ -73,28 +69,9 @@ def main(grid: Grid, context: Context) -> None:
     grid = RecordingGrid(grid)
 
     config = ConfigRecord()
-    encrypted = settings["secure-aggregation"] == "ckks"
-    if settings["standardisation"] == "federated" and encrypted:
-        sums = request_encrypted_feature_stats(
-            grid,
-            settings["ckks-server-context"],
-            num_features,
-            wire=settings["ckks-wire"],
-            min_nodes=settings["min-nodes"],
-            timeout=settings["round-timeout"],
-        )
-        save_encrypted_scaler(*sums, writer.directory)
-    elif settings["standardisation"] == "federated":
-        stats = request_feature_stats(
-            grid,
-            num_features,
-            min_nodes=settings["min-nodes"],
-            timeout=settings["round-timeout"],
-        )
-        method = "median" if settings["strategy"] in ROBUST_NAMES else "pooled"
-        scaler = combine([s for _, s in stats], method)
-        scaler.to_config(config)
-        log(INFO, "feature scaling: %s of %d sites' statistics", method, len(stats))
+    prepare_feature_scaling(
+        grid, settings, num_features, config, writer.directory, sites="hospitals"
+    )
     writer.write_json("preprocessing.json", _preprocessing(schema, settings, config))
 
     result = strategy.start(
