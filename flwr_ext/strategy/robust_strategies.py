@@ -198,7 +198,8 @@ class GeometricMedian(RobustAggregation):
     max_iter : int (default: 100)
         Cap on Weiszfeld iterations.
     tol : float (default: 1e-7)
-        Relative objective improvement at which iteration stops.
+        Iteration stops when a step moves the estimate by less than ``tol`` times
+        the weighted mean distance from the estimate to the updates.
     num_byzantine : int or None (default: None)
         Needed only with ``pre_aggregation="nnm"``.
     """
