@@ -402,7 +402,9 @@ def curves(
         rows, cols, figsize=(4 * cols, 2.8 * rows), sharex=True, sharey=True
     )
     for ax, attack in zip(np.ravel(axes), attacks, strict=False):
-        for key in keys:
+        # A fixed colour per strategy: a crashed strategy has no curve in a
+        # panel, and must not hand its colour to the next one.
+        for colour, key in enumerate(keys):
             cell = by_strategy[key].get(attack)
             if cell is None:
                 continue
@@ -413,7 +415,7 @@ def curves(
             with warnings.catch_warnings():  # all-NaN rounds (a NaN model) stay NaN
                 warnings.simplefilter("ignore", RuntimeWarning)
                 mean = 100 * np.nanmean([c[:length] for c in runs], axis=0)
-            ax.plot(range(length), mean, label=labels[key])
+            ax.plot(range(length), mean, label=labels[key], color=f"C{colour}")
         ax.set_title(ATTACK_LABELS[attack])
         ax.set_ylim(50, 100)  # below 50 % a run has failed; the table says how
         ax.grid(alpha=0.3)
