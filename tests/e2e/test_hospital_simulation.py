@@ -132,7 +132,7 @@ def test_robust_rule_with_a_byzantine_hospital(engine):
     values = summary(outcome)
     assert float(values["auroc"]) > 0.95 and values["sites"] == "4"
     assert "[Median] round 3: received 4" in outcome.log
-    assert "median of 4 sites' statistics" in outcome.log
+    assert "median of 4 hospitals' statistics" in outcome.log
 
 
 def test_record_level_dp_sgd(engine):
