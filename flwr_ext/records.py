@@ -18,17 +18,20 @@ import io
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from logging import WARNING
 from numbers import Real
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common.constant import SType
+from flwr.supercore import log
 
 __all__ = [
     "ArraySpec",
     "InvalidReplyError",
     "Manifest",
     "ValidReply",
+    "conform_to_manifest",
     "flatten",
     "unflatten",
     "validate_metrics",
@@ -285,14 +288,57 @@ def unflatten(vector: np.ndarray, manifest: Manifest) -> ArrayRecord:
     for spec in manifest.specs:
         chunk = vector[pos : pos + spec.size].reshape(spec.shape)
         pos += spec.size
-        dtype = np.dtype(spec.dtype)
-        if dtype.kind in "iu":
-            info = np.iinfo(dtype)
-            chunk = np.clip(np.rint(chunk), info.min, info.max)
-        # np.array, not np.ascontiguousarray: the latter turns 0-d arrays (e.g.
-        # BatchNorm's num_batches_tracked) into shape (1,).
-        arrays[spec.key] = Array(np.array(chunk, dtype=dtype, order="C"))
+        arrays[spec.key] = _as_spec(chunk, spec)
     return ArrayRecord(arrays)
+
+
+def _as_spec(values: np.ndarray, spec: ArraySpec) -> Array:
+    """Return ``values`` as an Array of ``spec``'s dtype (ints: rounded, clipped)."""
+    dtype = np.dtype(spec.dtype)
+    if dtype.kind in "iu" and values.dtype.kind == "f":
+        info = np.iinfo(dtype)
+        values = np.clip(np.rint(values), info.min, info.max)
+    # np.array, not np.ascontiguousarray: the latter turns 0-d arrays (e.g.
+    # BatchNorm's num_batches_tracked) into shape (1,).
+    return Array(np.array(values, dtype=dtype, order="C"))
+
+
+def conform_to_manifest(
+    arrays: ArrayRecord, manifest: Manifest, who: str, server_round: int
+) -> ArrayRecord | None:
+    """Return a strategy's new model with the global model's keys, shapes and dtypes.
+
+    Wrappers hand their aggregate to an inner Flower strategy, whose step may
+    drop arrays, change dtypes (FedAdam returns float64 for a float32 model) or
+    produce NaN. Returns None, with one log line naming ``who`` and the array,
+    when the result cannot be the next global model (missing array, wrong shape,
+    non-finite value): the caller then keeps the previous one.
+    """
+    out: dict[str, Array] = {}
+    for spec in manifest.specs:
+        if spec.key not in arrays:
+            log(
+                WARNING,
+                "[%s] round %d: the inner strategy dropped array '%s': keeping the "
+                "previous global model",
+                who,
+                server_round,
+                spec.key,
+            )
+            return None
+        value = arrays[spec.key].numpy()
+        if value.shape != spec.shape or not np.isfinite(value).all():
+            log(
+                WARNING,
+                "[%s] round %d: the inner strategy returned a non-finite or "
+                "reshaped '%s': keeping the previous global model",
+                who,
+                server_round,
+                spec.key,
+            )
+            return None
+        out[spec.key] = _as_spec(value, spec)
+    return ArrayRecord(out)
 
 
 class InvalidReplyError(ValueError):

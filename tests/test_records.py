@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -5,6 +7,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr_ext.records import (
     InvalidReplyError,
     Manifest,
+    conform_to_manifest,
     flatten,
     unflatten,
     validate_train_reply,
@@ -216,3 +219,34 @@ def test_flatten_of_a_truncated_payload_is_a_clear_error_and_never_a_view():
     vector, _ = flatten(ArrayRecord({"a": good}))
     vector[0] = 99.0  # a private copy: the payload is untouched
     assert good.numpy()[0] == 0.0
+
+
+def test_conform_to_manifest_restores_keys_shapes_and_dtypes(caplog):
+    # What every wrapper (robust, DP, HE) does with its inner strategy's result.
+    manifest = Manifest.from_arrayrecord(
+        ArrayRecord(
+            {
+                "w": Array(np.zeros((2, 2), dtype=np.float32)),
+                "scale": Array(np.array(0.0, dtype=np.float32)),
+                "steps": Array(np.zeros(2, dtype=np.int8)),
+            }
+        )
+    )
+    inner = ArrayRecord(
+        {
+            "w": Array(np.full((2, 2), 0.5)),  # float64, as FedAdam returns
+            "scale": Array(np.array(2.0)),
+            "steps": Array(np.array([3.6, 500.0])),
+        }
+    )
+    out = conform_to_manifest(inner, manifest, "Test", 1)
+    assert out["w"].numpy().dtype == np.float32
+    assert out["scale"].numpy().shape == ()
+    np.testing.assert_array_equal(out["steps"].numpy(), np.array([4, 127], np.int8))
+    missing = ArrayRecord({"w": inner["w"], "scale": inner["scale"]})
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        assert conform_to_manifest(missing, manifest, "Test", 2) is None
+        nan = ArrayRecord({**dict(inner.items()), "w": Array(np.full((2, 2), np.nan))})
+        assert conform_to_manifest(nan, manifest, "Test", 3) is None
+    assert "[Test] round 2: the inner strategy dropped array 'steps'" in caplog.text
+    assert "[Test] round 3: the inner strategy returned a non-finite" in caplog.text

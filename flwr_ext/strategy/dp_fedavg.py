@@ -54,7 +54,6 @@ from typing import Literal
 
 import numpy as np
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Message,
@@ -100,6 +99,7 @@ from ..records import (
     InvalidReplyError,
     Manifest,
     ValidReply,
+    conform_to_manifest,
     flatten,
     unflatten,
     validate_train_reply,
@@ -750,7 +750,7 @@ class DPFedAvg(_DPWrapper):
                 server_round,
             )
             return None
-        return _cast_like(arrays, current.manifest, server_round)
+        return conform_to_manifest(arrays, current.manifest, "DPFedAvg", server_round)
 
     def _client_metrics(self, valid: list[ValidReply]) -> MetricRecord:
         """Average clients' metrics uniformly (claimed weights are not trusted)."""
@@ -810,35 +810,3 @@ def _check_inner(name: str, strategy: Strategy) -> None:
             f"{name}(sampling_rate={fraction}) instead: Poisson sampling is what "
             "the privacy accounting assumes"
         )
-
-
-def _cast_like(
-    arrays: ArrayRecord, manifest: Manifest, server_round: int
-) -> ArrayRecord | None:
-    """``arrays`` with the global model's keys and dtypes, or None if unusable."""
-    out: dict[str, Array] = {}
-    for spec in manifest.specs:
-        if spec.key not in arrays:
-            log(
-                WARNING,
-                "[DPFedAvg] round %d: the inner strategy dropped array '%s'; "
-                "keeping the previous global model",
-                server_round,
-                spec.key,
-            )
-            return None
-        value = arrays[spec.key].numpy()
-        if value.shape != spec.shape or not np.isfinite(value).all():
-            log(
-                WARNING,
-                "[DPFedAvg] round %d: the inner strategy returned a non-finite or "
-                "reshaped '%s'; keeping the previous global model",
-                server_round,
-                spec.key,
-            )
-            return None
-        dtype = np.dtype(spec.dtype)
-        if dtype.kind in "iu" and value.dtype.kind == "f":
-            value = np.rint(value)
-        out[spec.key] = Array(np.ascontiguousarray(value, dtype=dtype))
-    return ArrayRecord(out)

@@ -93,8 +93,8 @@ from ..he.wire import get_wire
 from ..records import (
     InvalidReplyError,
     Manifest,
+    conform_to_manifest,
     flatten,
-    unflatten,
     validate_metrics,
 )
 from .composition import Role, check_composition
@@ -432,7 +432,10 @@ class HomomorphicAggregation(Strategy):
         arrays, _ = self.strategy.aggregate_train(server_round, [synthetic])
         if arrays is None:
             return None
-        return _cast_to_manifest(arrays, self._manifest, server_round)
+        assert self._manifest is not None
+        return conform_to_manifest(
+            arrays, self._manifest, "HomomorphicAggregation", server_round
+        )
 
     def _request_decryption(
         self,
@@ -654,33 +657,3 @@ def _aggregate_metrics(
             err,
         )
         return MetricRecord()
-
-
-def _cast_to_manifest(
-    arrays: ArrayRecord, manifest: Manifest | None, server_round: int
-) -> ArrayRecord | None:
-    """Return the inner strategy's result with the global model's keys and dtypes."""
-    assert manifest is not None
-    values = []
-    for spec in manifest.specs:
-        if spec.key not in arrays:
-            log(
-                WARNING,
-                "[HomomorphicAggregation] round %d: the inner strategy dropped array "
-                "'%s': keeping the previous global model",
-                server_round,
-                spec.key,
-            )
-            return None
-        value = np.asarray(arrays[spec.key].numpy(), dtype=np.float64)
-        if value.shape != spec.shape or not np.isfinite(value).all():
-            log(
-                WARNING,
-                "[HomomorphicAggregation] round %d: the inner strategy returned a "
-                "non-finite or reshaped '%s': keeping the previous global model",
-                server_round,
-                spec.key,
-            )
-            return None
-        values.append(value.reshape(-1))
-    return unflatten(np.concatenate(values), manifest)

@@ -44,7 +44,6 @@ from typing import Literal
 
 import numpy as np
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Message,
@@ -62,6 +61,7 @@ from ..records import (
     InvalidReplyError,
     Manifest,
     ValidReply,
+    conform_to_manifest,
     flatten,
     unflatten,
     validate_metrics,
@@ -368,7 +368,10 @@ class RobustAggregation(Strategy):
         arrays, _ = self.strategy.aggregate_train(server_round, [synthetic])
         if arrays is None:
             return None
-        return _cast_like(arrays, self._manifest, type(self).__name__, server_round)
+        assert self._manifest is not None
+        return conform_to_manifest(
+            arrays, self._manifest, type(self).__name__, server_round
+        )
 
     def _round_metrics(
         self,
@@ -481,44 +484,3 @@ def _work_dtype(manifest: Manifest) -> type:
 def _flatten_global(record: ArrayRecord, manifest: Manifest, dtype: type) -> np.ndarray:
     vector, _ = flatten(record, manifest, dtype=dtype)
     return vector
-
-
-def _cast_like(
-    arrays: ArrayRecord, manifest: Manifest | None, who: str, server_round: int
-) -> ArrayRecord | None:
-    """Return ``arrays`` with the global model's keys and dtypes.
-
-    Returns None (keep the previous model) if the inner strategy produced
-    something that cannot be the next global model.
-    """
-    assert manifest is not None
-    out: dict[str, Array] = {}
-    for spec in manifest.specs:
-        if spec.key not in arrays:
-            log(
-                WARNING,
-                "[%s] round %d: the inner strategy dropped array '%s': keeping the "
-                "previous global model",
-                who,
-                server_round,
-                spec.key,
-            )
-            return None
-        value = arrays[spec.key].numpy()
-        if value.shape != spec.shape or not np.isfinite(value).all():
-            log(
-                WARNING,
-                "[%s] round %d: the inner strategy returned a non-finite or "
-                "reshaped '%s': keeping the previous global model",
-                who,
-                server_round,
-                spec.key,
-            )
-            return None
-        dtype = np.dtype(spec.dtype)
-        if dtype.kind in "iu" and value.dtype.kind == "f":
-            value = np.rint(value)
-        # np.asarray, not np.ascontiguousarray: the latter turns a 0-d array
-        # into shape (1,).
-        out[spec.key] = Array(np.asarray(value, dtype=dtype, order="C"))
-    return ArrayRecord(out)
