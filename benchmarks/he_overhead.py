@@ -5,9 +5,10 @@ clients with unequal ``num-examples``:
 
 - ``plaintext`` - Flower's own FedAvg path: ``Array`` serialisation on the client,
   ``aggregate_arrayrecords`` (what ``FedAvg.aggregate_train`` calls) on the server;
-- ``default`` / ``compact`` profiles with the ``tenseal`` wire format (flwr-ext's
-  default) and the ``seeded`` wire format (raw SEAL, complex packing, seeded
-  symmetric ciphertexts), through flwr-ext's real codec
+- ``default`` / ``compact`` profiles with each wire format - ``packed`` (flwr-ext's
+  default: raw SEAL, complex packing, full symmetric ciphertexts), ``tenseal`` (one
+  TenSEAL vector per N/2 values) and ``seeded`` (``packed`` with seeded uplink
+  ciphertexts) - through flwr-ext's real codec
   (:func:`flwr_ext.he.encrypt_record`, :class:`flwr_ext.he.CiphertextSum`,
   :func:`flwr_ext.he.decrypt_record`);
 - ``flare-style`` - NVIDIA FLARE's configuration rebuilt with TenSEAL: N=8192,
@@ -70,7 +71,7 @@ from flwr_ext.he import (  # noqa: E402
 )
 from flwr_ext.he._native import quiet_native_stdout  # noqa: E402
 from flwr_ext.he.codec import EncryptedHeader, chunks  # noqa: E402
-from flwr_ext.he.wire import get_wire  # noqa: E402
+from flwr_ext.he.wire import _scratch_file, get_wire  # noqa: E402
 
 CLIENTS = 10
 
@@ -262,8 +263,8 @@ def bench_ckks(profile: str, wire: str, models, counts, expected, repeats, key_d
     for _ in range(repeats):
         result, replies = _ckks_repeat(secret, server, wire, models, counts, expected)
         results.append(result)
-        if wire == "tenseal":  # right after ours, under the same load
-            bare.append(_bare_tenseal_add(server, replies))
+        # the bare library calls right after ours, under the same load
+        bare.append(_BARE[wire](server, replies))
     payload = (str(files.server), wire, [_raw(reply) for reply in replies])
     peak = measure_server_peak("ckks", payload)
     row = _summarise(f"{profile} / {wire}", results, expected.size, 0, peak)
@@ -287,6 +288,34 @@ def _bare_tenseal_add(server, replies) -> float:
         for acc, blob in zip(total, reply, strict=True):
             acc.add_(ts.ckks_vector_from(server.context, blob))
     return (_clock() - start) / len(replies)
+
+
+def _bare_seal_add(server, replies) -> float:
+    """CPU s per client of SEAL alone: ``Ciphertext.load`` + ``add_inplace``.
+
+    The floor under the ``packed`` and ``seeded`` wires' server step, through the
+    same ``sealapi`` bindings and one scratch file, without flwr-ext's checks.
+    """
+    seal = server.seal()
+    blobs = [chunks(r, EncryptedHeader.from_record(r)) for r in replies]
+    with _scratch_file() as scratch:
+
+        def load(blob: bytes):
+            scratch.write(blob)
+            ciphertext = seal.sealapi.Ciphertext()
+            ciphertext.load(seal.context, scratch.path)
+            return ciphertext
+
+        start = _clock()
+        total = [load(b) for b in blobs[0]]
+        for reply in blobs[1:]:
+            for acc, blob in zip(total, reply, strict=True):
+                seal.evaluator.add_inplace(acc, load(blob))
+        return (_clock() - start) / len(replies)
+
+
+_BARE = {"packed": _bare_seal_add, "seeded": _bare_seal_add,
+         "tenseal": _bare_tenseal_add}  # fmt: skip
 
 
 def _ckks_repeat(
@@ -548,7 +577,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [bench_plaintext(models, counts, expected, args.repeats)]
     print(markdown(rows, params), flush=True)
     with tempfile.TemporaryDirectory() as key_dir:
-        configs = [("default", "tenseal"), ("compact", "tenseal"),
+        configs = [("default", "packed"), ("compact", "packed"),
+                   ("default", "tenseal"), ("compact", "tenseal"),
                    ("default", "seeded"), ("compact", "seeded")]  # fmt: skip
         for profile, wire in configs:
             row = bench_ckks(
@@ -570,8 +600,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{rows[-1].key_material_bytes / 1e6:.2f} MB; mean relative error "
         "(|x| > 1): "
         + ", ".join(f"{r.name} {r.mean_relative_error:.1e}" for r in rows)
-        + "; bare TenSEAL "
-        "ckks_vector_from + add_ on the same replies (ms / 1M / client): "
+        + "; bare library load + add on the same replies, without flwr-ext's "
+        "checks (ms / 1M / client; TenSEAL ckks_vector_from + add_ for tenseal, "
+        "SEAL Ciphertext.load + add_inplace for packed/seeded): "
         + ", ".join(
             f"{r.name} {r.bare_server_per_client_s * 1e3:.1f}"
             for r in rows

@@ -146,7 +146,7 @@ def assert_models_close(a: ArrayRecord, b: ArrayRecord, atol: float) -> None:
 
 
 # ---------------------------------------------------------------- equivalence
-@pytest.mark.parametrize("wire", ["tenseal", "seeded"])
+@pytest.mark.parametrize("wire", ["packed", "tenseal", "seeded"])
 @pytest.mark.parametrize("inner", [FedAvg, lambda: FedProx(proximal_mu=0.1)])
 def test_encrypted_fedavg_equals_plaintext_fedavg(keys_dir, wire, inner):
     plain = run(inner(), {n: make_app([]) for n in NODES})
@@ -465,7 +465,7 @@ def test_evaluate_reply_cannot_leak_the_decrypted_model(keys_dir):
         )  # fmt: skip
 
     secret = load_keys(keys_dir / SECRET_FILE)
-    total = CiphertextSum(load_keys(keys_dir / SERVER_FILE), None, "tenseal")
+    total = CiphertextSum(load_keys(keys_dir / SERVER_FILE), None, "packed")
     for _ in range(2):
         total.add(encrypt_record(initial_model(), secret, 1.0, num_clients=2), "n")
     strategy = FedAvg(min_evaluate_nodes=1, min_available_nodes=1)
@@ -481,7 +481,7 @@ def test_decryption_requests_need_opt_in_and_enough_contributions(keys_dir):
     secret = load_keys(keys_dir / SECRET_FILE)
 
     def aggregate_of(n: int) -> ArrayRecord:
-        total = CiphertextSum(load_keys(keys_dir / SERVER_FILE), None, "tenseal")
+        total = CiphertextSum(load_keys(keys_dir / SERVER_FILE), None, "packed")
         for _ in range(n):
             total.add(encrypt_record(initial_model(), secret, 1.0, num_clients=n), "n")
         return total.result()

@@ -107,9 +107,10 @@ STRATEGY_OPTIONS: tuple[Option, ...] = (
     Option(
         "ckks-wire",
         str,
-        "tenseal",
-        "ckks: ciphertext wire format ('seeded' is ~4x smaller uplink)",
-        choices=("tenseal", "seeded"),
+        "packed",
+        "ckks: ciphertext wire format ('packed' is the fastest; 'seeded' has the "
+        "smallest uplink; 'tenseal' chunks are plain TenSEAL vectors)",
+        choices=("packed", "seeded", "tenseal"),
     ),
     Option(
         "fraction-train",

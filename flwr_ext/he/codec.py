@@ -83,7 +83,7 @@ class EncryptedHeader:
     fingerprint : str
         Fingerprint of the key set that encrypted it.
     wire : str
-        Wire format (``"tenseal"`` or ``"seeded"``).
+        Wire format (``"packed"``, ``"seeded"`` or ``"tenseal"``).
     manifest : Manifest
         Names, shapes and dtypes of the plaintext arrays.
     num_chunks : int
@@ -251,7 +251,7 @@ def encrypt_record(
     weight: float,
     *,
     num_clients: int = 1,
-    wire: str = "tenseal",
+    wire: str = "packed",
     decryptor: bool = False,
 ) -> ArrayRecord:
     """Encrypt a client's model, pre-scaled by its weight (data owner side).
@@ -268,7 +268,7 @@ def encrypt_record(
     num_clients : int (default: 1)
         Replies the server will sum: each client may use ``1 / num_clients`` of the
         profile's magnitude bound.
-    wire : {"tenseal", "seeded"}
+    wire : {"packed", "seeded", "tenseal"}
         Wire format (see :mod:`flwr_ext.he.wire`).
     decryptor : bool (default: False)
         Announce that this node decrypts aggregates for the server on request.
