@@ -108,7 +108,7 @@ STRATEGY_OPTIONS: tuple[Option, ...] = (
         "ckks-wire",
         str,
         "packed",
-        "ckks: ciphertext wire format ('packed' is the fastest; 'seeded' has the "
+        "ckks: ciphertext wire format ('packed' aggregates fastest; 'seeded' has the "
         "smallest uplink; 'tenseal' chunks are plain TenSEAL vectors)",
         choices=("packed", "seeded", "tenseal"),
     ),
