@@ -16,12 +16,12 @@ it wraps around and decrypts to garbage, silently. Each profile therefore declar
 and clients check ``|weight * value| <= bound / num_clients`` for every value
 *before* anything is encrypted (see :func:`check_bound`).
 
-==========  =====  ========  =====  =========  ===================================
-profile     N      moduli    scale  bound      measured uplink (TenSEAL wire)
-==========  =====  ========  =====  =========  ===================================
-default     8192   [60, 40]  2^40   2^18       ~32 B/param
-compact     4096   [45, 60]  2^35   2^8 = 256  ~27 B/param
-==========  =====  ========  =====  =========  ===================================
+==========  =====  ========  =====  =========  ==================================
+profile     N      moduli    scale  bound      measured uplink (packed / tenseal)
+==========  =====  ========  =====  =========  ==================================
+default     8192   [60, 40]  2^40   2^18       ~16 / ~32 B/param
+compact     4096   [45, 60]  2^35   2^8 = 256  ~13.5 / ~27 B/param
+==========  =====  ========  =====  =========  ==================================
 
 Both meet 128-bit security for these ring sizes and modulus sizes (SEAL's
 ``CoeffModulus.MaxBitCount``: 218 bits for N=8192, 109 bits for N=4096).
