@@ -301,30 +301,6 @@ def _run_config(spec: Spec, scale: float, rounds: int | None) -> dict[str, Any]:
     return config
 
 
-def _counting_grid(*args: Any, **kwargs: Any) -> Any:
-    """Return an InProcessGrid that counts the serialised bytes each way."""
-    from flwr.common.serde import recorddict_to_proto
-
-    from flwr_ext.inprocess import InProcessGrid
-
-    class CountingGrid(InProcessGrid):
-        down = 0
-        up = 0
-
-        def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:
-            messages = list(messages)
-            for message in messages:
-                self.down += recorddict_to_proto(message.content).ByteSize()
-            ids = list(super().push_messages(messages))
-            for message_id in ids:
-                reply = self._replies.get(message_id)
-                if reply is not None and not reply.has_error():
-                    self.up += recorddict_to_proto(reply.content).ByteSize()
-            return ids
-
-    return CountingGrid(*args, **kwargs)
-
-
 def _federated(spec: Spec, run_config: dict[str, Any], keys: Sequence[str]) -> Trained:
     """Run the app in-process on ``spec.banks``; return its final model."""
     import torch
@@ -333,6 +309,7 @@ def _federated(spec: Spec, run_config: dict[str, Any], keys: Sequence[str]) -> T
     from flwr.app import Context, RecordDict
 
     from flwr_ext.appkit.ckks_results import decrypt_results
+    from flwr_ext.inprocess import InProcessGrid
 
     with tempfile.TemporaryDirectory(prefix="bank-bench-") as tmp:
         out = Path(tmp) / "out"
@@ -347,7 +324,7 @@ def _federated(spec: Spec, run_config: dict[str, Any], keys: Sequence[str]) -> T
             if spec.ckks:
                 node["ckks-context"] = keys[1]
             node_configs[i + 1] = node
-        grid = _counting_grid(
+        grid = InProcessGrid(
             dict.fromkeys(node_configs, client_app),
             node_configs=node_configs,
             run_config=run_config,
@@ -381,8 +358,8 @@ def _federated(spec: Spec, run_config: dict[str, Any], keys: Sequence[str]) -> T
         cpu_seconds=cpu,
         rounds=rounds,
         wire={
-            "bytes-up-per-round": grid.up / max(rounds, 1),
-            "bytes-down-per-round": grid.down / max(rounds, 1),
+            "bytes-up-per-round": grid.bytes_up / max(rounds, 1),
+            "bytes-down-per-round": grid.bytes_down / max(rounds, 1),
         },
         history=[
             {

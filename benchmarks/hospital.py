@@ -165,32 +165,6 @@ def _quiet() -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
-def _counting_grid(*args: Any, **kwargs: Any) -> Any:
-    """Return an InProcessGrid that counts serialised bytes in both directions."""
-    from flwr.common.serde import recorddict_to_proto
-
-    from flwr_ext.inprocess import InProcessGrid
-
-    class CountingGrid(InProcessGrid):
-        bytes_down = 0
-        bytes_up = 0
-
-        def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:
-            messages = list(messages)
-            for message in messages:
-                self.bytes_down += recorddict_to_proto(message.content).ByteSize()
-            return super().push_messages(messages)
-
-        def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Any]:
-            replies = list(super().pull_messages(message_ids))
-            for reply in replies:
-                if not reply.has_error():
-                    self.bytes_up += recorddict_to_proto(reply.content).ByteSize()
-            return replies
-
-    return CountingGrid(*args, **kwargs)
-
-
 @dataclass
 class Trained:
     """A trained model, how to preprocess for it, and what it cost."""
@@ -231,6 +205,8 @@ def _run_app(
     from hospital_diagnostics.client_app import app as client_app
     from hospital_diagnostics.server_app import app as server_app
 
+    from flwr_ext.inprocess import InProcessGrid
+
     with tempfile.TemporaryDirectory(prefix="hospital-bench-") as tmp:
         out = Path(tmp) / "out"
         config = {**run_config, "output-dir": str(out)}
@@ -243,7 +219,7 @@ def _run_app(
         if keys is not None:
             for node_config in node_configs.values():
                 node_config["ckks-context"] = keys[0]
-        grid = _counting_grid(
+        grid = InProcessGrid(
             dict.fromkeys(node_configs, client_app),
             node_configs=node_configs,
             run_config=config,

@@ -37,13 +37,16 @@ NodeHandler = Callable[[Message, Context], Message]
 SERVER_NODE_ID = 0
 
 
-def _wire_copy(message: Message) -> Message:
-    """Return a copy of ``message`` as the receiver would deserialize it."""
+def _wire_copy(message: Message) -> tuple[Message, int]:
+    """Return ``message`` as the receiver would deserialize it, and its size.
+
+    The size is that of the serialised content in bytes (0 for an error message).
+    """
     metadata = copy(message.metadata)
     if message.has_error():
-        return Message(message.error, metadata=metadata)
-    content = recorddict_from_proto(recorddict_to_proto(message.content))
-    return Message(content, metadata=metadata)
+        return Message(message.error, metadata=metadata), 0
+    proto = recorddict_to_proto(message.content)
+    return Message(recorddict_from_proto(proto), metadata=metadata), proto.ByteSize()
 
 
 class InProcessGrid(Grid):
@@ -100,6 +103,10 @@ class InProcessGrid(Grid):
         TaskIdentity.task_id = 1
         #: Number of messages delivered per node (for tests and benchmarks).
         self.delivered: dict[int, int] = dict.fromkeys(self._nodes, 0)
+        #: Serialised content bytes of the instructions delivered to nodes and of
+        #: their non-error replies (``recorddict_to_proto(...).ByteSize()``).
+        self.bytes_down = 0
+        self.bytes_up = 0
 
     # -- Grid API -------------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -144,8 +151,11 @@ class InProcessGrid(Grid):
             if node_id not in self._nodes or node_id in self._offline:
                 continue  # a dropout: no reply ever arrives
             self.delivered[node_id] += 1
-            reply = self._call(node_id, _wire_copy(message))
-            self._replies[message_id] = _wire_copy(reply)
+            delivered, size = _wire_copy(message)
+            self.bytes_down += size
+            reply, size = _wire_copy(self._call(node_id, delivered))
+            self.bytes_up += size
+            self._replies[message_id] = reply
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
