@@ -15,6 +15,7 @@ from flwr_ext.appkit.results import (
     OUTPUT_OPTIONS,
     ResultsWriter,
     default_output_root,
+    parse_summary,
     resolve_output_dir,
     round_history,
     summary_line,
@@ -179,6 +180,20 @@ def test_summary_line_is_one_parseable_line():
     assert line == (
         'flwr-ext result: app=hd auroc=0.9877 sites=3 output="/a b" eps=nan'
     )
+
+
+def test_parse_summary_reads_back_the_last_line_of_its_app():
+    tricky = {"path": '/data/o\'brien \\ "x"', "site": "Zürich", "empty": ""}
+    log = "\n".join([
+        "INFO :      " + summary_line("hd", {"auroc": 0.5, **tricky}),
+        "INFO :      " + summary_line("other-app", {"auroc": 0.1}),
+        "INFO :      " + summary_line("hd", {"auroc": 0.98765, "sites": 3, **tricky}),
+        "INFO :      run finished",
+    ])  # fmt: skip
+    assert parse_summary(log, "hd") == {"auroc": "0.9877", "sites": "3", **tricky}
+    assert parse_summary(log, "other-app") == {"auroc": "0.1000"}
+    with pytest.raises(ValueError, match=r"(?s)app=bank.*did not finish.*run finished"):
+        parse_summary(log, "bank")
 
 
 class UnavailableGrid(InProcessGrid):

@@ -51,7 +51,13 @@ Nothing here reads files or environment variables at import time.
 from .config import ConfigError, ConfigSchema, Option, Settings
 from .metrics import METRICS, BinaryMetric, BinaryStats, make_metrics_aggregator
 from .recorder import RecordingGrid
-from .results import ResultsWriter, resolve_output_dir, round_history, summary_line
+from .results import (
+    ResultsWriter,
+    parse_summary,
+    resolve_output_dir,
+    round_history,
+    summary_line,
+)
 from .site import SiteSpec, site_from_context
 from .tabular import SchemaError, TabularData, TabularSchema, load_csv
 
@@ -74,5 +80,6 @@ __all__ = [
     "resolve_output_dir",
     "round_history",
     "site_from_context",
+    "parse_summary",
     "summary_line",
 ]

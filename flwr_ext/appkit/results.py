@@ -36,6 +36,7 @@ import csv
 import json
 import math
 import os
+import shlex
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +55,7 @@ __all__ = [
     "default_output_root",
     "resolve_output_dir",
     "round_history",
+    "parse_summary",
     "summary_line",
 ]
 
@@ -262,7 +264,8 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
 def summary_line(app_name: str, fields: Mapping[str, object]) -> str:
     """Format ``flwr-ext result: app=<name> key=value ...`` on one line.
 
-    Floats get 4 decimals; strings with spaces are quoted.
+    Floats get 4 decimals; strings with spaces, quotes or backslashes are quoted
+    (JSON style), so that :func:`parse_summary` reads every value back.
     """
     parts = [f"app={app_name}"]
     for key, value in fields.items():
@@ -270,10 +273,29 @@ def summary_line(app_name: str, fields: Mapping[str, object]) -> str:
             text = "nan" if math.isnan(value) else f"{value:.4f}"
         else:
             text = str(value)
-            if " " in text or not text:
-                text = json.dumps(text)
+            if not text or any(c.isspace() or c in "\"'\\" for c in text):
+                text = json.dumps(text, ensure_ascii=False)
         parts.append(f"{key}={text}")
     return f"{SUMMARY_PREFIX} {' '.join(parts)}"
+
+
+def parse_summary(log: str, app_name: str) -> dict[str, str]:
+    """Read back the last :func:`summary_line` of ``app_name`` in a run's log.
+
+    Returns its ``key=value`` fields (values as strings, quotes removed), without
+    ``app``. Raises ``ValueError`` - ending with the log's last lines - if the log
+    holds no such line (the run failed or was stopped before its end).
+    """
+    marker = f"{SUMMARY_PREFIX} app={app_name} "
+    lines = [line for line in log.splitlines() if marker in line]
+    if not lines:
+        tail = "\n".join(log.splitlines()[-20:])
+        raise ValueError(
+            f"no '{marker.strip()}' line in the log: the run did not finish; "
+            f"its log ends:\n{tail}"
+        )
+    text = lines[-1][lines[-1].index(marker) + len(marker) :]
+    return dict(part.split("=", 1) for part in shlex.split(text))
 
 
 def _jsonable(value: Any) -> Any:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from flwr_ext.appkit import parse_summary
 from flwr_ext.launch import (
     FlowerHome,
     FlowerProcess,
@@ -27,7 +28,7 @@ from flwr_ext.launch import (
 )
 
 APP = Path(__file__).resolve().parents[2] / "apps" / "bank-fraud"
-SUMMARY = "flwr-ext result: app=bank-fraud"
+APP_NAME = "bank-fraud"
 #: Generated bank index -> name (three banks keep the test short: with Flower's
 #: default subprocess isolation every message starts a ClientApp process).
 BANKS = {0: "high-street", 1: "neobank", 3: "credit-union"}
@@ -48,13 +49,6 @@ def write_bank_csvs(directory: Path) -> list[Path]:
         )
         for i, name in BANKS.items()
     ]
-
-
-def summary(log: str) -> dict[str, str]:
-    lines = [line for line in log.splitlines() if SUMMARY in line]
-    assert lines, log[-3000:]
-    text = lines[-1][lines[-1].index(SUMMARY) + len(SUMMARY) :]
-    return dict(part.split("=", 1) for part in text.split())
 
 
 def test_three_banks_each_with_its_own_csv(tmp_path):
@@ -112,7 +106,7 @@ def test_three_banks_each_with_its_own_csv(tmp_path):
             process.stop()
     assert not any(p.alive() for p in processes)
     assert outcome.completed, f"{outcome.status}: {outcome.details}\n{outcome.log}"
-    values = summary(outcome.log)
+    values = parse_summary(outcome.log, APP_NAME)
     assert values["sites"] == "3" and values["dropped"] == "none"
     assert values["rounds"] == "1" and float(values["auprc"]) > 0.2
     data = json.loads((out / "metrics.json").read_text())

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from flwr_ext.appkit import parse_summary
 from flwr_ext.launch import (
     FlowerHome,
     RunOutcome,
@@ -26,7 +27,7 @@ from flwr_ext.launch import (
 )
 
 APP = Path(__file__).resolve().parents[2] / "apps" / "bank-fraud"
-SUMMARY = "flwr-ext result: app=bank-fraud"
+APP_NAME = "bank-fraud"
 SHORT = {"num-server-rounds": 2, "simulation-scale": 0.15, "round-timeout": 300.0}
 
 pytestmark = pytest.mark.e2e
@@ -82,20 +83,13 @@ def engine(tmp_path_factory):
         process.stop()
 
 
-def summary(outcome: RunOutcome) -> dict[str, str]:
-    lines = [line for line in outcome.log.splitlines() if SUMMARY in line]
-    assert lines, outcome.log[-3000:]
-    text = lines[-1][lines[-1].index(SUMMARY) + len(SUMMARY) :]
-    return dict(part.split("=", 1) for part in text.split())
-
-
 def final_round(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())["rounds"][-1]
 
 
 def test_fedavg_and_ckks_give_the_same_fraud_metrics(engine):
     plain, plain_out = engine("plain")
-    values = summary(plain)
+    values = parse_summary(plain.log, APP_NAME)
     assert values["sites"] == "4" and values["dropped"] == "none"
     assert float(values["auprc"]) > 0.3 and 0 < float(values["threshold"]) < 1
     for name in ("final_model.pt", "auprc.png", "pr_curve.png", "preprocessing.json"):
@@ -121,7 +115,7 @@ def test_robust_rule_with_a_poisoning_bank_and_per_bank_thresholds(engine):
            "attack-strength": -20.0, "attack-partition-ids": "3",
            "threshold-selection": "site", "threshold-rule": "max-fpr"},
     )  # fmt: skip
-    values = summary(outcome)
+    values = parse_summary(outcome.log, APP_NAME)
     assert float(values["auprc"]) > 0.3 and values["threshold"] == "per-bank"
     assert "[Median] round 2: received 4" in outcome.log
     thresholds = {
@@ -138,7 +132,7 @@ def test_user_level_and_record_level_dp_together(engine):
         **{"dp-fedavg-noise-multiplier": 0.3, "dp-fedavg-num-clients": 4,
            "dp-sgd": True, "dp-sgd-epsilon": 4.0},
     )  # fmt: skip
-    values = summary(outcome)
+    values = parse_summary(outcome.log, APP_NAME)
     assert values["sites"] == "4"
     assert 0 < float(values["epsilon"]) <= 4.0 + 1e-6  # record level, worst bank
     assert float(values["client-epsilon"]) > 0  # user level

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flwr_ext.appkit import parse_summary
 from flwr_ext.launch import (
     FlowerHome,
     FlowerProcess,
@@ -34,7 +35,7 @@ from flwr_ext.launch import (
 )
 
 APP = Path(__file__).resolve().parents[2] / "apps" / "hospital-diagnostics"
-SUMMARY = "flwr-ext result: app=hospital-diagnostics"
+APP_NAME = "hospital-diagnostics"
 
 pytestmark = pytest.mark.e2e
 
@@ -54,13 +55,6 @@ def write_hospital_csvs(directory: Path, count: int = 3) -> list[Path]:
         write_csv(directory / f"hospital-{i}.csv", data.subset(np.sort(rows)))
         for i, rows in enumerate(parts)
     ]
-
-
-def summary(log: str) -> dict[str, str]:
-    lines = [line for line in log.splitlines() if SUMMARY in line]
-    assert lines, log[-3000:]
-    text = lines[-1][lines[-1].index(SUMMARY) + len(SUMMARY) :]
-    return dict(part.split("=", 1) for part in text.split())
 
 
 class Federation:
@@ -129,7 +123,7 @@ def test_tls_deployment_with_ckks_and_one_csv_per_hospital(tmp_path):
     finally:
         federation.stop()
     assert outcome.completed, f"{outcome.status}: {outcome.details}\n{outcome.log}"
-    values = summary(outcome.log)
+    values = parse_summary(outcome.log, APP_NAME)
     assert values["sites"] == "3" and values["dropped"] == "none"
     assert float(values["auroc"]) > 0.95
     assert "ckks-summed" in outcome.log
@@ -175,7 +169,7 @@ def test_a_killed_supernode_drops_out_and_the_run_completes(tmp_path):
     assert "(hospital-2) sent no reply" in outcome.log or (
         "(hospital-2) replied with an error" in outcome.log
     ), outcome.log[-5000:]
-    values = summary(outcome.log)
+    values = parse_summary(outcome.log, APP_NAME)
     assert values["dropped"] == "hospital-2" and values["sites"] == "2"
     assert float(values["auroc"]) > 0.9
     data = json.loads((out / "metrics.json").read_text())

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from flwr_ext.appkit import parse_summary
 from flwr_ext.launch import (
     FlowerHome,
     RunOutcome,
@@ -26,7 +27,7 @@ from flwr_ext.launch import (
 )
 
 APP = Path(__file__).resolve().parents[2] / "apps" / "hospital-diagnostics"
-SUMMARY = "flwr-ext result: app=hospital-diagnostics"
+APP_NAME = "hospital-diagnostics"
 SHORT = {"num-server-rounds": 3, "local-epochs": 1}
 
 pytestmark = pytest.mark.e2e
@@ -88,20 +89,13 @@ def engine(tmp_path_factory):
         process.stop()
 
 
-def summary(outcome: RunOutcome) -> dict[str, str]:
-    lines = [line for line in outcome.log.splitlines() if SUMMARY in line]
-    assert lines, outcome.log[-3000:]
-    text = lines[-1][lines[-1].index(SUMMARY) + len(SUMMARY) :]
-    return dict(part.split("=", 1) for part in text.split())
-
-
 def final_metrics(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())["rounds"][-1]
 
 
 def test_plain_fedavg_and_ckks_give_the_same_metrics(engine):
     plain, plain_out = engine("plain")
-    values = summary(plain)
+    values = parse_summary(plain.log, APP_NAME)
     assert float(values["auroc"]) > 0.95 and values["sites"] == "3"
     assert (plain_out / "final_model.pt").is_file()
     assert (plain_out / "auroc.png").is_file()
@@ -129,7 +123,7 @@ def test_robust_rule_with_a_byzantine_hospital(engine):
         "median-byzantine", nodes=4, strategy="median", attack="scaling",
         **{"attack-strength": -20.0, "attack-partition-ids": "2"},
     )  # fmt: skip
-    values = summary(outcome)
+    values = parse_summary(outcome.log, APP_NAME)
     assert float(values["auroc"]) > 0.95 and values["sites"] == "4"
     assert "[Median] round 3: received 4" in outcome.log
     assert "median of 4 hospitals' statistics" in outcome.log
@@ -137,7 +131,7 @@ def test_robust_rule_with_a_byzantine_hospital(engine):
 
 def test_record_level_dp_sgd(engine):
     outcome, out = engine("dp-sgd", **{"dp-sgd": True, "dp-sgd-epsilon": 4.0})
-    values = summary(outcome)
+    values = parse_summary(outcome.log, APP_NAME)
     assert 0 < float(values["epsilon"]) <= 4.0 + 1e-6
     assert float(values["auroc"]) > 0.9
     assert "[record-level DP]" in outcome.log
