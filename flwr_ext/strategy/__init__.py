@@ -19,10 +19,12 @@ from .robust_strategies import (
     MultiKrum,
     TrimmedMean,
 )
+from .round_report import ConfigurationError, NoModelError, RoundFailedError
 
 __all__ = [
     "ROBUST_STRATEGIES",
     "CenteredClipping",
+    "ConfigurationError",
     "DPFedAvg",
     "DistributedDP",
     "GeometricMedian",
@@ -30,8 +32,10 @@ __all__ = [
     "Krum",
     "Median",
     "MultiKrum",
+    "NoModelError",
     "RobustAggregation",
     "Role",
+    "RoundFailedError",
     "TrimmedMean",
     "check_composition",
 ]

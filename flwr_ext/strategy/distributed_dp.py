@@ -285,6 +285,7 @@ class DistributedDP(_DPWrapper):
                 f"DistributedDP.aggregate_train(round {server_round}) called "
                 "without configure_train for that round"
             )
+        report = self._round_report(server_round, len(replies))
         valid: list[Message] = []
         dropped = 0
         seen: set[int] = set()
@@ -293,6 +294,7 @@ class DistributedDP(_DPWrapper):
                 self._check_reply(reply, sampled, seen)
             except InvalidReplyError as err:
                 dropped += 1
+                report.drop(err.reason)
                 log(
                     WARNING,
                     "[DistributedDP] round %d: dropped reply from node %d: %s",
@@ -331,7 +333,12 @@ class DistributedDP(_DPWrapper):
                     keys.DISCARDED: 1,
                 }
             )
-            return None, metrics
+            return report.finish(
+                None,
+                metrics,
+                f"{len(valid)} valid replies, fewer than "
+                f"min_clients={self.min_clients}",
+            )
 
         arrays, metrics = self.strategy.aggregate_train(server_round, valid)
         if arrays is None:
@@ -372,7 +379,7 @@ class DistributedDP(_DPWrapper):
             self.min_clients,
             dropped,
         )
-        return arrays, metrics
+        return report.finish(arrays, metrics, "the inner strategy returned no model")
 
     def _check_reply(self, reply: Message, sampled: set[int], seen: set[int]) -> None:
         """Validate a reply without looking at its arrays."""
