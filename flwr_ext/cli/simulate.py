@@ -17,13 +17,25 @@ from ..launch import simulate
 
 __all__ = ["register"]
 
+#: ``flwr-ext simulate --help``: plain text (the module docstring is reST).
+DESCRIPTION = """\
+Run a Flower app in Flower's Simulation Engine and report the outcome.
+
+Unlike a bare `flwr run`, this waits for the run to finish, prints the
+ServerApp log, exits 1 if the run failed (a ServerApp error, or a strategy
+whose rounds never produced a model), and leaves no Flower process behind. It
+starts a private simulation SuperLink (its own FLWR_HOME and port), so it never
+touches ~/.flwr or a SuperLink you already run.
+"""
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``simulate`` sub-command."""
     parser = subparsers.add_parser(
         "simulate",
         help="run a Flower app in Flower's Simulation Engine and wait for the result",
-        description=__doc__,
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "app", type=Path, help="the Flower app folder (has pyproject.toml)"
