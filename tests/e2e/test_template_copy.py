@@ -148,16 +148,18 @@ def test_copied_template_runs_with_plain_flwr_run_from_the_wheel(tmp_path):
 
     mark = time.monotonic()
     python = make_venv(tmp_path / "venv", wheel)
-    probe = _run([str(python), "-c",
-                  "import flwr_ext, importlib.metadata as m, flwr_ext.strategy; "
-                  "print(flwr_ext.__file__); print(m.version('flwr-ext')); "
-                  "print(m.distribution('flwr-ext')._path)"],
-                 env={"PATH": "/usr/bin:/bin"}).stdout.split()  # fmt: skip
+    clean = {"env": {"PATH": "/usr/bin:/bin"}, "cwd": tmp_path}  # no PYTHONPATH
+    code = (
+        "import flwr_ext, importlib.metadata as m, flwr_ext.strategy; "
+        "print(flwr_ext.__file__); print(m.version('flwr-ext')); "
+        "print(m.distribution('flwr-ext')._path)"
+    )
+    probe = _run([str(python), "-c", code], **clean).stdout.split()
     venv_site = str(tmp_path / "venv" / "lib")
     assert probe[0].startswith(venv_site), probe  # the wheel's flwr_ext, not ours
     assert probe[2].startswith(venv_site), probe  # and the wheel's metadata
     assert "__editable__" not in probe[0]
-    version = _run([str(tmp_path / "venv" / "bin" / "flwr-ext"), "--version"])
+    version = _run([str(tmp_path / "venv" / "bin" / "flwr-ext"), "--version"], **clean)
     assert version.stdout.strip() == f"flwr-ext {probe[1]}"
     timings["venv"] = time.monotonic() - mark
 
