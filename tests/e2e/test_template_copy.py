@@ -21,7 +21,9 @@ user would, against what a release ships:
    written into the new venv's ``bin`` for its interpreter, the way pip writes
    them, and ``PATH`` holds no other Python environment.
 3. The app is copied to a temporary folder outside the repository and run with
-   plain ``flwr run .`` with its own ``FLWR_HOME`` (and ``HOME``) and free ports
+   Flower's own ``flwr run . --federation-config "num-supernodes=3"`` - the
+   command its README gives (the app needs ``min-nodes`` = 3 hospitals, Flower
+   simulates 2 by default) - with its own ``FLWR_HOME`` (and ``HOME``) and free ports
    for Flower's managed local SuperLink; ``flwr ls --format json`` is polled until
    the run is finished, and it must be ``finished:completed``.
 4. Teardown stops, by PID, every process whose environment holds this test's
@@ -182,12 +184,14 @@ def test_copied_template_runs_with_plain_flwr_run_from_the_wheel(tmp_path):
     }
     (tmp_path / "home").mkdir()
     readme = (myhospital / "README.md").read_text()
-    assert "cp -r apps/hospital-diagnostics" in readme and "flwr run ." in readme
+    command = 'flwr run . --federation-config "num-supernodes=3"'
+    assert "cp -r apps/hospital-diagnostics" in readme and command in readme
     assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in readme
     mark = time.monotonic()
     try:
         submitted = subprocess.run(
-            ["flwr", "run", "."], cwd=myhospital, env=env, capture_output=True,
+            ["flwr", "run", ".", "--federation-config", "num-supernodes=3"],
+            cwd=myhospital, env=env, capture_output=True,
             text=True, timeout=300,
         )  # fmt: skip
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
