@@ -87,14 +87,17 @@ def build_release(source: Path, out: Path) -> tuple[Path, Path]:
 
 def make_venv(venv: Path, wheel: Path) -> Path:
     """A venv with flwr-ext from ``wheel`` only; see the module docstring."""
-    _run([sys.executable, "-m", "venv", str(venv)])
+    # No pip inside: the test's own pip installs into it (--python), which saves
+    # bootstrapping one.
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
     python = venv / "bin" / "python"
     code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
     site = Path(_run([str(python), "-c", code]).stdout.strip())
+    # The wheel first, while the venv sees no other flwr-ext at all.
+    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
+          "--no-index", "--no-deps", str(wheel)])  # fmt: skip
     deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     (site / "zz_test_dependencies.pth").write_text("\n".join(sorted(deps)) + "\n")
-    _run([str(python), "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
-          str(wheel)])  # fmt: skip
     for entry in distribution("flwr").entry_points:
         if entry.group != "console_scripts":
             continue
