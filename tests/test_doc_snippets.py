@@ -15,6 +15,10 @@ ClientApp function has at hand, which the fixture provides for real:
 ``context``
     The ServerApp's ``Context``: ``context.run_config`` has
     ``ckks-server-context`` (a real server context) and ``output-dir``.
+``msg``
+    A real train instruction (FedAvg's, to node 1), for ClientApp-side snippets.
+``tmp_path``
+    The snippet's working directory, a ``pathlib.Path``.
 
 The working directory is a fresh folder holding ``keys/`` (a real key set, as
 ``flwr-ext keys create --out keys/`` writes it) and ``results/``.
@@ -34,12 +38,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from flwr_ext.he import SECRET_FILE, SERVER_FILE, create_keys, save_encrypted_model
 from flwr_ext.inprocess import InProcessGrid
+from flwr_ext.strategy import HomomorphicAggregation
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [
@@ -160,22 +173,20 @@ def snippet_namespace(tmp_path, monkeypatch) -> dict:
             "output-dir": str(tmp_path / "results"),
         },
     )
-    # The data owner's decryption snippet reads the model a ServerApp saved.
-    from flwr.serverapp.strategy import FedAvg
-
-    from flwr_ext.strategy import HomomorphicAggregation
-
-    encrypted = HomomorphicAggregation(FedAvg(), keys.server).start(
-        grid=grid, initial_arrays=initial(), num_rounds=1
-    )
-    save_encrypted_model(encrypted.arrays, tmp_path / "results" / "final.ckks-model")
     assert (tmp_path / "keys" / SECRET_FILE).exists()
     assert (tmp_path / "keys" / SERVER_FILE).exists()
+    msg = next(
+        m
+        for m in FedAvg().configure_train(1, initial(), ConfigRecord(), grid)
+        if m.metadata.dst_node_id == 1
+    )
     return {
         "__name__": "doc_snippet",
         "grid": grid,
         "arrays": initial(),
         "context": context,
+        "msg": msg,
+        "tmp_path": tmp_path,
     }
 
 
@@ -188,6 +199,14 @@ def _has_train(app: object) -> bool:
 @pytest.mark.parametrize("code", SNIPPETS)
 def test_snippet_runs(code: str, snippet_namespace: dict, request) -> None:
     namespace = snippet_namespace
+    saved = namespace["tmp_path"] / "results" / "final.ckks-model"
+    if "final.ckks-model" in code and "decrypt" in code:
+        # A data owner's snippet decrypts what a ServerApp saved: save one first.
+        server = namespace["context"].run_config["ckks-server-context"]
+        result = HomomorphicAggregation(FedAvg(), server).start(
+            grid=namespace["grid"], initial_arrays=initial(), num_rounds=1
+        )
+        save_encrypted_model(result.arrays, saved)
     exec(compile(code, request.node.callspec.id, "exec"), namespace)
 
     strategy = namespace.get("strategy")
