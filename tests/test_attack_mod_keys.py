@@ -74,10 +74,18 @@ def test_partition_ids_without_attack_names_the_missing_key():
 
 def test_declared_keys_attack_the_listed_partitions():
     reply = _train_reply(
-        {"attack": "nan", "attack-strength": 1.0, "attack-partition-ids": "0"}
+        {"attack": "nan", "attack-strength": 0.0, "attack-partition-ids": "0"}
     )
     assert not reply.has_error()
     assert np.isnan(reply.content["arrays"]["w"].numpy()).all()
+
+
+def test_the_declared_default_strength_means_the_attacks_default():
+    """`-c 'attack="scaling"'` alone on an app declaring attack-strength: it attacks."""
+    reply = _train_reply(
+        {"attack": "scaling", "attack-strength": 0.0, "attack-partition-ids": "0"}
+    )
+    np.testing.assert_allclose(reply.content["arrays"]["w"].numpy(), 10.0)
 
 
 def test_the_documented_toml_declares_every_key_the_mod_reads():

@@ -16,6 +16,9 @@ attack : str
 attack-strength : float, optional
     The attack's parameter: sign-flip scale (default 1), scaling factor (10),
     gaussian-noise std (1), ipm epsilon (2), weight-inflation factor (100).
+    ``0`` (what an app declares as its default) means the attack's default: no
+    attack is meaningful at strength 0, and a declared default of, say, 1.0 would
+    silently turn ``scaling`` into no attack at all.
 attack-seed : int, optional
     Seed for gaussian-noise (default: fresh OS entropy every round).
 
@@ -31,7 +34,7 @@ Flower refuses a run-config key the app does not declare (``flwr run`` answers
 
     [tool.flwr.app.config]
     attack = "none"
-    attack-strength = 1.0
+    attack-strength = 0.0
     attack-partition-ids = ""
 
 The mod names a key that is missing (``attack`` without ``attack-partition-ids``
@@ -97,7 +100,7 @@ RUN_CONFIG_KEYS: tuple[str, ...] = ("attack", "attack-strength", "attack-partiti
 #: The lines an app adds to its ``pyproject.toml`` to accept them.
 RUN_CONFIG_TOML = """[tool.flwr.app.config]
 attack = "none"
-attack-strength = 1.0
+attack-strength = 0.0
 attack-partition-ids = \"\"
 """
 
@@ -124,7 +127,7 @@ def configured_attack(context: Context) -> tuple[str, float]:
     raw = source.get("attack-strength", default)
     if isinstance(raw, bool) or not isinstance(raw, (int, float)):
         raise ValueError(f"{where} attack-strength must be a number, got {raw!r}")
-    return name, float(raw)
+    return name, default if raw == 0 else float(raw)
 
 
 def _attack_source(context: Context) -> tuple[Mapping[str, object], str]:
