@@ -30,6 +30,7 @@ from flwr_ext.he import SECRET_FILE, SERVER_FILE, create_keys
 from flwr_ext.inprocess import InProcessGrid
 from flwr_ext.mods import ckks_mod
 from flwr_ext.strategy import (
+    DistributedDP,
     HomomorphicAggregation,
     Krum,
     Median,
@@ -169,8 +170,15 @@ def test_a_run_with_one_good_round_succeeds():
             3,
             r"NearestNeighborMixing\(num_byzantine=3\) needs at least 4",
         ),
+        (
+            DistributedDP(
+                fedavg(3), clipping_norm=1.0, min_clients=4, noise_multiplier=1.0
+            ),
+            3,
+            r"sampled 3 nodes, fewer than min_clients=4",
+        ),
     ],
-    ids=["krum-3", "multikrum-4", "trimmed-mean-2", "nnm-3"],
+    ids=["krum-3", "multikrum-4", "trimmed-mean-2", "nnm-3", "distributed-dp-3"],
 )
 def test_a_cohort_too_small_for_the_rule_is_refused_before_training(
     strategy, nodes, message

@@ -63,6 +63,7 @@ from ..privacy.validation import (
 from ..records import InvalidReplyError
 from .composition import Role, check_composition
 from .dp_fedavg import _DPWrapper
+from .round_report import ConfigurationError
 
 __all__ = ["DistributedDP"]
 
@@ -257,15 +258,16 @@ class DistributedDP(_DPWrapper):
             self.strategy.configure_train(server_round, arrays, instructed, grid)
         )
         if len(messages) < self.min_clients:
-            log(
-                WARNING,
-                "[DistributedDP] round %d: the inner strategy sampled %d nodes, "
-                "fewer than min_clients=%d, so the noise shares could not add up "
-                "to the calibrated noise: skipping the round",
-                server_round,
-                len(messages),
-                self.min_clients,
+            problem = (
+                f"[DistributedDP] round {server_round}: the inner strategy sampled "
+                f"{len(messages)} nodes, fewer than min_clients={self.min_clients}, "
+                "so the noise shares could not add up to the calibrated noise"
             )
+            if messages and not self.models_produced():  # never could: misconfigured
+                raise ConfigurationError(
+                    problem, server_round=server_round, cause="cohort too small"
+                )
+            log(WARNING, "%s: skipping the round", problem)
             return []
         self._sampled = {int(m.metadata.dst_node_id) for m in messages}
         self._round = server_round
