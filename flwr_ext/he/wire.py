@@ -135,6 +135,14 @@ class Wire:
         """Decrypt ``blobs`` into the first ``num_values`` float64 values."""
         raise NotImplementedError
 
+    def num_chunks(self, keys: CkksKeys, num_values: int) -> int:
+        """Return the number of ciphertexts ``num_values`` need.
+
+        Arithmetic only: the count may come from a hostile header, so no list
+        sized by it is built.
+        """
+        return -(-num_values // self.values_per_ciphertext(keys))
+
     def chunk_sizes(self, keys: CkksKeys, num_values: int) -> list[int]:
         """Return the number of values in each ciphertext of ``num_values``."""
         per = self.values_per_ciphertext(keys)

@@ -68,6 +68,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.app.message_type import MessageType
+from flwr.common.constant import SType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, QFedAvg, Result, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
@@ -84,10 +85,12 @@ from ..he import (
     load_keys,
 )
 from ..he.protocol import (
+    AGGREGATE_REJECTED,
     KEY_DECRYPT_REQUEST,
     KEY_PROFILE,
     METRIC_CONTRIBUTIONS,
     Announcement,
+    ModelClaims,
 )
 from ..he.wire import get_wire
 from ..records import (
@@ -108,11 +111,14 @@ _MODES = ("encrypted", "decrypt-aggregate")
 METRIC_RECEIVED = "ckks-received"
 METRIC_DROPPED = "ckks-dropped"
 METRIC_SUMMED = "ckks-summed"
+METRIC_REJECTED = "ckks-rejected"
 METRIC_SECONDS = "ckks-aggregation-s"
 
-#: ``weight_unit=None``: examples per weight unit before any count is known (a power
-#: of two, so ``n / unit`` is exact in floating point).
-FIRST_ROUND_WEIGHT_UNIT = 1024.0
+#: ``weight_unit=None``: examples per weight unit for the whole run (a power of
+#: two, so ``n / unit`` is exact in floating point).
+DEFAULT_WEIGHT_UNIT = 1024.0
+#: Former name, kept for callers that imported it.
+FIRST_ROUND_WEIGHT_UNIT = DEFAULT_WEIGHT_UNIT
 
 #: Strategies whose aggregation needs the plaintext aggregate (server optimisers,
 #: loss-weighted averaging); refused in mode="encrypted".
@@ -144,10 +150,13 @@ class HomomorphicAggregation(Strategy):
         magnitude bound, so a larger unit gives more headroom and a smaller one
         more precision (CKKS error is absolute: the average's error is about
         ``c * weight_unit / mean(n_i)``, c ~ 1e-9 for the default profile and
-        ~3e-8 for compact). ``None`` means 1024 in the first round (the server
-        knows no example counts yet: sites of up to ~10^7 examples fit the
-        default profile's bound) and then the mean ``num-examples`` of the
-        previous round's valid replies, so that weights are about 1.
+        ~3e-8 for compact). The unit is **fixed for the whole run**, so no
+        client's ``num-examples`` claim can move it (an earlier version averaged
+        the claims, and one claim of 1e300 pushed every honest weight below the
+        encoding precision). ``None`` means 1024 (sites of up to ~10^7 examples
+        fit the default profile's bound); set it to about the typical
+        ``num-examples`` for the best precision, e.g. 1.0 with distributed DP
+        (whose clients all claim 1).
     min_replies : int (default: 2)
         Fewest valid replies a round needs. The global model is decrypted by every
         data owner, so a "sum" of one update would reveal that client's model to
@@ -159,8 +168,23 @@ class HomomorphicAggregation(Strategy):
     Notes
     -----
     The round's train MetricRecord holds the inner strategy's aggregate of the
-    clients' metrics plus ``ckks-received``, ``ckks-dropped``, ``ckks-summed`` and
+    clients' metrics plus ``ckks-received``, ``ckks-dropped``, ``ckks-summed``,
+    ``ckks-rejected`` (clients that refused the global model) and
     ``ckks-aggregation-s``.
+
+    **Checked aggregates and rollback.** With every encrypted global model the
+    server announces what it summed into it (:class:`~flwr_ext.he.protocol.
+    ModelClaims`: the number of updates and the sum of their claimed weights);
+    every key holder that decrypts it checks the count and weight slots against
+    them (and its site's ``policy-min-contributions``) and refuses a model that
+    fails. A client that encrypted another weight than it claimed, or under
+    another key set while claiming the right fingerprint, thus corrupts at most
+    the sum of the round it lies in: in ``"encrypted"`` mode the clients refuse
+    that sum in the next round and, if fewer than ``min_replies`` valid replies
+    remain, the server **rolls back** to the last global model the clients
+    trained on (logging which round and why) instead of re-sending the broken
+    one; in ``"decrypt-aggregate"`` mode the decrypting node refuses it in the
+    same round and the previous model is kept.
     """
 
     flwr_ext_role = Role.HOMOMORPHIC
@@ -207,13 +231,28 @@ class HomomorphicAggregation(Strategy):
         self.decrypt_timeout = float(decrypt_timeout)
         self.weight_key: str = getattr(strategy, "weighted_by_key", "num-examples")
         self.arrayrecord_key: str = getattr(strategy, "arrayrecord_key", "arrays")
-        self._unit = (
-            FIRST_ROUND_WEIGHT_UNIT if weight_unit is None else float(weight_unit)
-        )
+        self._unit = DEFAULT_WEIGHT_UNIT if weight_unit is None else float(weight_unit)
         self._manifest: Manifest | None = None
         self._sampled: set[int] = set()
+        self._num_clients = 1
         self._grid: Grid | None = None
         self._decryptors: list[int] = []
+        #: What this wrapper summed into each encrypted model it produced, by the
+        #: model's ciphertext checksums (the last produced and the last good one).
+        self._produced: dict[tuple[int, ...], tuple[ModelClaims, int]] = {}
+        #: The global model sent this round and the round whose aggregate it is
+        #: (0: the initial model).
+        self._sent: ArrayRecord | None = None
+        self._sent_origin = 0
+        #: The last global model that at least ``min_replies`` clients trained on.
+        self._last_good: ArrayRecord | None = None
+        self._last_good_origin = 0
+        #: Fewest contributions an aggregate needs to be returned (raised by
+        #: :meth:`require_contributions`, e.g. by DistributedDP to its t).
+        self._min_contributions = min_replies
+        #: Updates summed into the fresh aggregate the last ``aggregate_train``
+        #: returned (0 if it returned none, or rolled back to an older model).
+        self.summed_contributions = 0
 
     # ------------------------------------------------------------------ set-up
     def summary(self) -> None:
@@ -226,7 +265,7 @@ class HomomorphicAggregation(Strategy):
         log(
             INFO,
             "\t│\t├── Weight unit: %s",
-            "auto" if self.weight_unit is None else f"{self.weight_unit:g}",
+            f"{self._unit:g} examples (fixed for the run)",
         )
         log(INFO, "\t│\t└── Min valid replies per round: %d", self.min_replies)
         log(INFO, "\t├──> Inner strategy: %s", type(self.strategy).__name__)
@@ -271,7 +310,12 @@ class HomomorphicAggregation(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Let the inner strategy build the instructions; add the announcement."""
+        """Let the inner strategy build the instructions; add the announcement.
+
+        With an encrypted global model this wrapper produced, the announcement
+        also carries what was summed into it (:class:`ModelClaims`), so that the
+        clients can check its weight and count slots.
+        """
         self._grid = grid
         if is_encrypted(arrays):
             header = EncryptedHeader.from_record(arrays)
@@ -279,6 +323,11 @@ class HomomorphicAggregation(Strategy):
             self._manifest = header.manifest
         else:
             self._manifest = Manifest.from_arrayrecord(arrays)
+        produced = self._produced.get(_checksums(arrays))
+        self._sent = arrays
+        self._sent_origin = produced[1] if produced is not None else 0
+        if self._last_good is None:  # the initial model: nothing to roll back to
+            self._last_good, self._last_good_origin = arrays, self._sent_origin
         announced = ConfigRecord(dict(config))
         announcement = self._announcement(num_clients=1)
         announcement.write(announced)
@@ -299,7 +348,10 @@ class HomomorphicAggregation(Strategy):
                 )
             for record in records:
                 final.write(record)
+                if produced is not None:
+                    produced[0].write(record)
         self._sampled = {int(m.metadata.dst_node_id) for m in messages}
+        self._num_clients = final.num_clients
         return messages
 
     def _announcement(self, num_clients: int) -> Announcement:
@@ -312,11 +364,28 @@ class HomomorphicAggregation(Strategy):
             num_clients=num_clients,
         )
 
+    def require_contributions(self, minimum: int) -> None:
+        """Never return an aggregate of fewer than ``minimum`` updates.
+
+        Raises the floor ``min_replies`` sets; :class:`DistributedDP` calls it
+        with its t, so that no sum carrying less than the calibrated noise is
+        ever produced - in ``"decrypt-aggregate"`` mode not even decrypted.
+        """
+        if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 1:
+            raise ValueError(f"minimum must be an int >= 1, got {minimum!r}")
+        self._min_contributions = max(self._min_contributions, minimum)
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Sum the valid encrypted replies; decrypt via a node if so configured."""
+        """Sum the valid encrypted replies; decrypt via a node if so configured.
+
+        If too few valid replies arrived because the clients refused the global
+        model sent this round (its weight or count slot failed their check), the
+        last good global model is returned instead (see :meth:`rollback_model`).
+        """
         started = time.perf_counter()
+        self.summed_contributions = 0
         replies = list(replies)
         total = CiphertextSum(self.keys, self._manifest, self.wire)
         valid: list[tuple[Message, MetricRecord, float]] = []
@@ -339,30 +408,89 @@ class HomomorphicAggregation(Strategy):
             METRIC_RECEIVED: len(replies),
             METRIC_DROPPED: len(replies) - len(valid),
             METRIC_SUMMED: total.count,
+            METRIC_REJECTED: len(_rejections(replies)),
         }
-        if total.count < self.min_replies:
-            log(
-                WARNING,
-                "[%s] round %d: %d valid replies of %d, fewer than min_replies=%d: "
-                "keeping the previous global model",
-                type(self).__name__,
-                server_round,
-                total.count,
-                len(replies),
-                self.min_replies,
-            )
-            return None, self._round_metrics(server_round, valid, counts, started)
+        if total.count >= self.min_replies and self._sent is not None:
+            # enough clients trained on the model sent this round: it was good
+            self._last_good, self._last_good_origin = self._sent, self._sent_origin
+        if total.count < self._min_contributions:
+            rollback = self.rollback_model(server_round, replies)
+            if rollback is None:
+                log(
+                    WARNING,
+                    "[%s] round %d: %d valid replies of %d, fewer than %s: keeping "
+                    "the previous global model",
+                    type(self).__name__,
+                    server_round,
+                    total.count,
+                    len(replies),
+                    f"min_replies={self.min_replies}"
+                    if self._min_contributions == self.min_replies
+                    else f"the {self._min_contributions} required by the wrapping "
+                    "strategy (require_contributions)",
+                )
+            return rollback, self._round_metrics(server_round, valid, counts, started)
         encrypted_sum = total.result()
         assert encrypted_sum is not None
-        if self.weight_unit is None:  # auto: weights of about 1 next round
-            self._unit = max(float(np.mean([w for _, _, w in valid])), 1e-12)
+        claims = ModelClaims(total.count, math.fsum(w for _, _, w in valid))
         if self.mode == "encrypted":
             arrays: ArrayRecord | None = encrypted_sum
+            self._remember(encrypted_sum, claims, server_round)
         else:
             arrays = self._decrypt_and_step(
-                server_round, encrypted_sum, total.count, decryptors, valid
+                server_round, encrypted_sum, claims, decryptors, valid
             )
+        if arrays is not None:
+            self.summed_contributions = total.count
         return arrays, self._round_metrics(server_round, valid, counts, started)
+
+    def rollback_model(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> ArrayRecord | None:
+        """Return the model to roll back to if the clients refused this round's.
+
+        Returns the last good global model (the last one at least
+        ``min_replies`` clients trained on) when some ``replies`` are refusals
+        of the encrypted global model sent this round - its weight or count slot
+        failed their check - and logs which round's aggregate failed and why;
+        otherwise None. A wrapper that discards the round itself (e.g.
+        :class:`DistributedDP` with fewer than t valid replies) calls it so the
+        federation still recovers.
+        """
+        rejections = _rejections(list(replies))
+        if (
+            not rejections
+            or self._sent is None
+            or self._last_good is None
+            or self._sent is self._last_good
+            or not is_encrypted(self._sent)
+        ):
+            return None
+        self.summed_contributions = 0
+        log(
+            WARNING,
+            "[%s] round %d: the global model sent this round (the aggregate of "
+            "round %d) was refused by %d client(s): %s. Rolled back to the last "
+            "good global model (%s); the contributions of round %d are lost",
+            type(self).__name__,
+            server_round,
+            self._sent_origin,
+            len(rejections),
+            rejections[0][:300],
+            "the initial model"
+            if self._last_good_origin == 0
+            else f"the aggregate of round {self._last_good_origin}",
+            self._sent_origin,
+        )
+        rolled_back = self._last_good
+        self._sent = rolled_back  # what the clients will get next
+        return rolled_back
+
+    def _remember(self, model: ArrayRecord, claims: ModelClaims, origin: int) -> None:
+        """Keep the claims of ``model`` (and of the last good one) by checksums."""
+        keep = {_checksums(self._last_good)} if self._last_good is not None else set()
+        self._produced = {k: v for k, v in self._produced.items() if k in keep}
+        self._produced[_checksums(model)] = (claims, origin)
 
     def _check_reply(
         self, reply: Message, seen: set[int], total: CiphertextSum
@@ -383,9 +511,18 @@ class HomomorphicAggregation(Strategy):
             raise InvalidReplyError(
                 node_id,
                 f"expected exactly one ArrayRecord, got {len(records)} "
-                f"({sorted(records)})",
+                f"({sorted(records)[:5]})",
             )
-        metrics, weight = validate_metrics(reply, self.weight_key, node_id)
+        metrics, examples = validate_metrics(reply, self.weight_key, node_id)
+        weight = examples / self._unit
+        budget = self.keys.profile.bound / self._num_clients
+        if not weight > 0 or weight > budget:
+            raise InvalidReplyError(
+                node_id,
+                f"claims {examples:g} examples: a weight of {weight:g} is outside "
+                f"(0, {budget:g}], the per-client budget ckks_mod enforces before "
+                "encrypting",
+            )
         record = next(iter(records.values()))
         if not is_encrypted(record):
             raise InvalidReplyError(
@@ -403,7 +540,7 @@ class HomomorphicAggregation(Strategy):
             type(self).__name__,
             server_round,
             node_id,
-            reason,
+            reason[:500],
         )
 
     # ------------------------------------------------------ decrypt-aggregate
@@ -411,13 +548,13 @@ class HomomorphicAggregation(Strategy):
         self,
         server_round: int,
         encrypted_sum: ArrayRecord,
-        contributions: int,
+        claims: ModelClaims,
         decryptors: list[int],
         valid: list[tuple[Message, MetricRecord, float]],
     ) -> ArrayRecord | None:
         """Have one opted-in node decrypt the sum; run the inner strategy on it."""
         average = self._request_decryption(
-            server_round, encrypted_sum, contributions, decryptors
+            server_round, encrypted_sum, claims, decryptors
         )
         if average is None:
             return None
@@ -442,7 +579,7 @@ class HomomorphicAggregation(Strategy):
         self,
         server_round: int,
         encrypted_sum: ArrayRecord,
-        contributions: int,
+        claims: ModelClaims,
         decryptors: list[int],
     ) -> ArrayRecord | None:
         candidates = list(dict.fromkeys(self._decryptors + decryptors))
@@ -459,15 +596,12 @@ class HomomorphicAggregation(Strategy):
         if self._grid is None:
             raise RuntimeError("aggregate_train called before configure_train")
         for node_id in candidates:
+            config = ConfigRecord(
+                {KEY_DECRYPT_REQUEST: True, "server-round": server_round}
+            )
+            claims.write(config)
             request = Message(
-                content=RecordDict(
-                    {
-                        "arrays": encrypted_sum,
-                        "config": ConfigRecord(
-                            {KEY_DECRYPT_REQUEST: True, "server-round": server_round}
-                        ),
-                    }
-                ),
+                content=RecordDict({"arrays": encrypted_sum, "config": config}),
                 dst_node_id=node_id,
                 # A train message reaches ckks_mod wherever the ClientApp installs
                 # it; the mod answers it itself and the ClientApp never sees it.
@@ -477,15 +611,29 @@ class HomomorphicAggregation(Strategy):
                 self._grid.send_and_receive([request], timeout=self.decrypt_timeout)
             )
             try:
-                average = self._check_decryption(answers, node_id, contributions)
+                average = self._check_decryption(answers, node_id, claims.contributions)
             except InvalidReplyError as err:
+                if AGGREGATE_REJECTED in err.reason:
+                    log(
+                        WARNING,
+                        "[%s] round %d: the aggregate of round %d failed the check "
+                        "at node %d (%s): it is discarded and the previous global "
+                        "model kept; the contributions of round %d are lost",
+                        type(self).__name__,
+                        server_round,
+                        server_round,
+                        node_id,
+                        err.reason[:300],
+                        server_round,
+                    )
+                    return None  # every key holder would refuse it alike
                 log(
                     WARNING,
                     "[%s] round %d: node %d did not decrypt the aggregate: %s",
                     type(self).__name__,
                     server_round,
                     node_id,
-                    err.reason,
+                    err.reason[:300],
                 )
                 if node_id in self._decryptors:
                     self._decryptors.remove(node_id)
@@ -498,7 +646,7 @@ class HomomorphicAggregation(Strategy):
                 type(self).__name__,
                 server_round,
                 node_id,
-                contributions,
+                claims.contributions,
             )
             return average
         log(
@@ -513,31 +661,34 @@ class HomomorphicAggregation(Strategy):
     def _check_decryption(
         self, answers: list[Message], node_id: int, contributions: int
     ) -> ArrayRecord:
+        """Check a decryptor's answer totally (it is hostile input, too)."""
         if not answers:
             raise InvalidReplyError(node_id, "no reply before decrypt_timeout")
         answer = answers[0]
         if answer.has_error():
-            raise InvalidReplyError(node_id, answer.error.reason)
+            raise InvalidReplyError(node_id, str(answer.error.reason))
         records = answer.content.array_records
         metric_records = answer.content.metric_records
         if len(records) != 1 or len(metric_records) != 1:
             raise InvalidReplyError(node_id, "malformed decryption reply")
         count = next(iter(metric_records.values())).get(METRIC_CONTRIBUTIONS)
-        if count != contributions:
+        if isinstance(count, bool) or count != contributions:
             raise InvalidReplyError(
                 node_id,
-                f"it reports {count!r} contributions, the server summed "
+                f"it reports {str(count)[:20]} contributions, the server summed "
                 f"{contributions}",
             )
         average = next(iter(records.values()))
         assert self._manifest is not None
-        mismatch = self._manifest.describe_mismatch(average)
+        mismatch = _describe_plain_mismatch(average, self._manifest)
+        if mismatch is None:
+            mismatch = self._manifest.describe_mismatch(average)
         if mismatch is not None:
             raise InvalidReplyError(node_id, f"decrypted model: {mismatch}")
         try:
             vector, _ = flatten(average, self._manifest)
-        except ValueError as err:
-            raise InvalidReplyError(node_id, str(err)) from err
+        except (ValueError, TypeError, MemoryError) as err:
+            raise InvalidReplyError(node_id, f"decrypted model: {err}"[:300]) from None
         if not np.isfinite(vector).all():
             raise InvalidReplyError(node_id, "decrypted model is not finite")
         return average
@@ -577,7 +728,15 @@ class HomomorphicAggregation(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Delegate to the inner strategy (ckks_mod decrypts on the client)."""
+        """Delegate to the inner strategy (ckks_mod decrypts on the client).
+
+        An encrypted model this wrapper produced goes out with its
+        :class:`ModelClaims`, so the clients check it as in training.
+        """
+        produced = self._produced.get(_checksums(arrays))
+        if produced is not None:
+            config = ConfigRecord(dict(config))
+            produced[0].write(config)
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(
@@ -658,3 +817,39 @@ def _aggregate_metrics(
             err,
         )
         return MetricRecord()
+
+
+def _checksums(arrays: ArrayRecord | None) -> tuple[int, ...]:
+    """Identify an encrypted model by its chunks' CRC32s (() if not encrypted)."""
+    if arrays is None or not is_encrypted(arrays):
+        return ()
+    try:
+        return EncryptedHeader.from_record(arrays).checksums
+    except InvalidCiphertextError:
+        return ()
+
+
+def _rejections(replies: list[Message]) -> list[str]:
+    """Reasons of the error replies that refuse the global model's aggregate."""
+    return [
+        str(reply.error.reason)
+        for reply in replies
+        if reply.has_error() and AGGREGATE_REJECTED in str(reply.error.reason)
+    ]
+
+
+def _describe_plain_mismatch(record: ArrayRecord, manifest: Manifest) -> str | None:
+    """Compare names, dtype strings and shapes without parsing a hostile dtype.
+
+    ``Manifest.describe_mismatch`` hands each array's dtype string to numpy; a
+    string numpy does not know must be refused before that.
+    """
+    if tuple(record.keys()) != manifest.keys:
+        return f"arrays {list(record.keys())[:10]} instead of {list(manifest.keys)}"
+    for spec in manifest.specs:
+        array = record[spec.key]
+        if array.stype != SType.NUMPY or array.dtype != np.dtype(spec.dtype).name:
+            return f"array '{spec.key}' is not a {np.dtype(spec.dtype).name} array"
+        if tuple(array.shape) != spec.shape:
+            return f"array '{spec.key}' has shape {tuple(array.shape)[:8]}"
+    return None
