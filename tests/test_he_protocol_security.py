@@ -425,6 +425,35 @@ def test_distributed_dp_releases_only_what_the_he_layer_summed(keys_dir, caplog)
     assert len(result.arrays) == 0 or not is_encrypted(result.arrays)
 
 
+def test_distributed_dp_over_he_recovers_from_a_corrupted_aggregate(
+    keys_dir, other_keys_dir, caplog
+):
+    """DistributedDP discards the refusal round itself; HE still rolls back."""
+    apps = {1: make_app([ckks_mod, distributed_dp_mod]),
+            2: make_app([ckks_mod, distributed_dp_mod]),
+            3: make_app([_lie_in_round(2, "foreign-key", other_keys_dir), ckks_mod,
+                         distributed_dp_mod])}  # fmt: skip
+    strategy = DistributedDP(
+        HomomorphicAggregation(FedAvg(fraction_evaluate=0.0), keys_dir / SERVER_FILE),
+        clipping_norm=1.0,
+        min_clients=3,
+        noise_multiplier=1.0,
+    )
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        result = strategy.start(
+            grid=grid_for(apps, keys_dir), initial_arrays=initial_model(), num_rounds=4
+        )
+    assert "rolled back" in caplog.text.lower() and "round 3" in caplog.text
+    metrics = result.train_metrics_clientapp
+    assert [metrics[r]["dp-discarded"] for r in (1, 2, 3, 4)] == [0, 0, 1, 0]
+    # Rounds 1, 2 and 4 were released (2 with the forged sum: it left the server
+    # encrypted and the clients refused it); round 3 re-sent an accounted model.
+    assert metrics[4]["dp-releases"] == 3
+    decrypted = decrypt_record(result.arrays, load_keys(keys_dir / SECRET_FILE))
+    assert decrypted.contributions == 3
+    assert decrypted.total_weight == pytest.approx(3.0, abs=1e-6)  # unit 1 (DDP)
+
+
 # ------------------------------------------------------------------ item 6
 def _aggregate_of(keys_dir, n: int) -> ArrayRecord:
     secret = load_keys(keys_dir / SECRET_FILE)

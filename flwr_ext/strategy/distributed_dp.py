@@ -175,6 +175,9 @@ class DistributedDP(_DPWrapper):
         require = getattr(strategy, "require_contributions", None)
         if callable(require):  # e.g. HomomorphicAggregation: sum >= t or nothing
             require(min_clients)
+        unit = getattr(strategy, "default_weight_unit", None)
+        if callable(unit):  # every client claims weight 1 (distributed_dp_mod)
+            unit(1.0)
         self.target_epsilon = target_epsilon
         self.num_rounds = num_rounds
         self._sampled: set[int] | None = None

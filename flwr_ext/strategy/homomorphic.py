@@ -364,6 +364,18 @@ class HomomorphicAggregation(Strategy):
             num_clients=num_clients,
         )
 
+    def default_weight_unit(self, unit: float) -> None:
+        """Use ``unit`` as the weight unit if the user left ``weight_unit=None``.
+
+        :class:`DistributedDP` calls it with 1.0: its clients all claim one
+        example, so weights of exactly 1 keep the full CKKS precision (with the
+        default 1024 every weight would be 1/1024). Still fixed for the run.
+        """
+        if self.weight_unit is None:
+            if not (math.isfinite(unit) and unit > 0):
+                raise ValueError(f"unit must be finite and > 0, got {unit!r}")
+            self._unit = float(unit)
+
     def require_contributions(self, minimum: int) -> None:
         """Never return an aggregate of fewer than ``minimum`` updates.
 
