@@ -17,7 +17,13 @@ What it does, per message:
 
 - **Incoming** train/evaluate instruction carrying the encrypted global model:
   checks the key fingerprint, decrypts it with the secret key and divides by the
-  weight slot, so the ClientApp receives an ordinary plaintext ArrayRecord.
+  weight slot, so the ClientApp receives an ordinary plaintext ArrayRecord. Only
+  aggregates are decrypted: a ciphertext marked as one client's update is refused,
+  and so is an aggregate whose count slot is below the site's minimum (node config
+  ``policy-min-contributions``, an int >= 2, default 2) or whose weight and count
+  slots differ from what the server says it summed (``ckks-model-weight``,
+  ``ckks-model-contributions``): the error reply says ``the aggregate failed the
+  check`` and the server rolls back to its last good model.
 - **Outgoing** train reply: pre-scales the model by the client's weight
   (``num-examples / ckks-weight-unit``), checks the profile's magnitude bound, and
   replaces the ArrayRecord with ciphertexts. Nothing is sent in plaintext: if the
