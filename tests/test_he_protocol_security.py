@@ -503,3 +503,29 @@ def test_a_bad_site_minimum_is_a_clear_error(keys_dir, value):
     assert reply.has_error()
     assert "policy-min-contributions" in reply.error.reason
     assert ">= 2" in reply.error.reason
+
+
+# ------------------------------------------------ item 2: evaluate replies
+def test_a_client_with_other_metric_keys_cannot_crash_evaluation(keys_dir, caplog):
+    """Flower's FedAvg raises on MetricRecords with different keys."""
+
+    def extra_metric(msg, context, call_next):
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == MessageType.EVALUATE and not reply.has_error():
+            reply.content["metrics"]["surprise"] = 1.0
+        return reply
+
+    apps = {1: make_app([ckks_mod]), 2: make_app([ckks_mod]),
+            3: make_app([extra_metric, ckks_mod])}  # fmt: skip
+    strategy = HomomorphicAggregation(FedAvg(), keys_dir / SERVER_FILE)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        result = strategy.start(
+            grid=grid_for(apps, keys_dir), initial_arrays=initial_model(), num_rounds=2
+        )
+    assert result.train_metrics_clientapp[2]["ckks-summed"] == 3
+    # The two clients that agree are aggregated; the odd one is named.
+    assert "surprise" not in result.evaluate_metrics_clientapp[2]
+    assert result.evaluate_metrics_clientapp[2]["w-sum"] == pytest.approx(
+        float(plain_fedavg(2)["w"].numpy().sum()), abs=1e-4
+    )
+    assert "node 3" in caplog.text

@@ -108,7 +108,12 @@ class CiphertextSum:
         except (CiphertextError, InvalidCiphertextError) as err:
             self._roll_back(record, header, sizes, done)
             raise InvalidCiphertextError(f"{what}: {err}") from err
-        except (ValueError, RuntimeError, TypeError) as err:  # SEAL refused the add
+        except (
+            ValueError,
+            RuntimeError,
+            TypeError,
+            MemoryError,
+        ) as err:  # SEAL refused
             self._roll_back(record, header, sizes, done)
             raise InvalidCiphertextError(
                 f"{what}: ciphertext {done} cannot be added to the sum ({err})"

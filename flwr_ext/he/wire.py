@@ -189,7 +189,8 @@ class TensealWire(Wire):
         try:
             with quiet_native_stdout() if quiet else contextlib.nullcontext():
                 vector = ts.ckks_vector_from(keys.context, blob)
-        except (ValueError, RuntimeError, TypeError) as err:
+        except (ValueError, RuntimeError, TypeError, MemoryError) as err:
+            # MemoryError: a crafted size field in SEAL's own header
             raise CiphertextError(f"ciphertext does not load ({err})") from err
         if vector.size() != num_values:
             raise CiphertextError(
@@ -294,7 +295,8 @@ class PackedWire(Wire):
         try:
             with quiet_native_stdout() if quiet else contextlib.nullcontext():
                 ciphertext.load(seal.context, scratch.path)
-        except (ValueError, RuntimeError, TypeError) as err:
+        except (ValueError, RuntimeError, TypeError, MemoryError) as err:
+            # MemoryError: a crafted size field in SEAL's own header
             raise CiphertextError(f"ciphertext does not load ({err})") from err
         _check_seal_ciphertext(ciphertext, keys)
         return ciphertext

@@ -57,7 +57,7 @@ import time
 from collections.abc import Callable, Iterable
 from copy import copy
 from logging import INFO, WARNING
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 from flwr.app import (
@@ -105,6 +105,7 @@ from .composition import Role, check_composition
 __all__ = ["HomomorphicAggregation", "Mode"]
 
 Mode = Literal["encrypted", "decrypt-aggregate"]
+_T = TypeVar("_T")
 _MODES = ("encrypted", "decrypt-aggregate")
 
 #: Keys this wrapper adds to the round's train MetricRecord.
@@ -713,8 +714,11 @@ class HomomorphicAggregation(Strategy):
         counts: dict[str, int],
         started: float,
     ) -> MetricRecord:
+        consistent = _same_metric_keys(
+            valid, lambda v: v[1], type(self).__name__, server_round, "train"
+        )
         metrics = _aggregate_metrics(
-            [(m, w) for _, m, w in valid],
+            [(m, w) for _, m, w in consistent],
             self.weight_key,
             getattr(self.strategy, "train_metrics_aggr_fn", None),
             type(self).__name__,
@@ -776,9 +780,24 @@ class HomomorphicAggregation(Strategy):
                 )
                 continue
             valid.append(reply)
+        valid = _same_metric_keys(
+            valid, lambda r: next(iter(r.content.metric_records.values())),
+            type(self).__name__, server_round, "evaluate",
+        )  # fmt: skip
         if not valid:
             return None
-        return self.strategy.aggregate_evaluate(server_round, valid)
+        try:
+            return self.strategy.aggregate_evaluate(server_round, valid)
+        except Exception as err:  # a client's metrics never crash the server
+            log(
+                WARNING,
+                "[%s] round %d: the evaluate metrics could not be aggregated (%s: %s)",
+                type(self).__name__,
+                server_round,
+                type(err).__name__,
+                str(err)[:200],
+            )
+            return None
 
 
 def _check_encrypted_inner(strategy: Strategy) -> None:
@@ -865,3 +884,39 @@ def _describe_plain_mismatch(record: ArrayRecord, manifest: Manifest) -> str | N
         if tuple(array.shape) != spec.shape:
             return f"array '{spec.key}' has shape {tuple(array.shape)[:8]}"
     return None
+
+
+def _same_metric_keys(
+    items: list[_T],
+    metrics_of: Callable[[_T], MetricRecord],
+    who: str,
+    server_round: int,
+    phase: str,
+) -> list[_T]:
+    """Keep the items whose MetricRecord has the most common set of keys.
+
+    Flower's metric aggregation raises on records with different keys, so one
+    client adding or omitting a metric would crash the round's aggregation; the
+    odd ones out are left out of the *metrics* (their update still counts) and
+    named in a WARNING.
+    """
+    if not items:
+        return items
+    key_sets = [frozenset(metrics_of(item).keys()) for item in items]
+    common = max(set(key_sets), key=lambda keys: (key_sets.count(keys), sorted(keys)))
+    kept = [item for item, keys in zip(items, key_sets, strict=True) if keys == common]
+    for item, keys in zip(items, key_sets, strict=True):
+        if keys != common:
+            node = item[0] if isinstance(item, tuple) else item
+            log(
+                WARNING,
+                "[%s] round %d: %s metrics of node %d left out of the aggregate: "
+                "keys %s differ from the other clients' %s",
+                who,
+                server_round,
+                phase,
+                int(node.metadata.src_node_id),
+                sorted(keys)[:10],
+                sorted(common)[:10],
+            )
+    return kept
