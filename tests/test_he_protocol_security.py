@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 from dataclasses import replace
 
 import numpy as np
@@ -259,6 +260,30 @@ def test_hostile_meta_in_the_global_model_is_an_error_reply_on_the_client(keys_d
         if not (reply.has_error() and reply.error.reason.startswith("ckks_mod")):
             failures.append(f"{name}: {reply.error if reply.has_error() else 'ok'}")
     assert not failures, failures
+
+
+def test_many_tiny_chunks_are_refused_before_anything_is_allocated(keys_dir):
+    """A global model declaring 2^26 values in 8,192 one-byte "ciphertexts".
+
+    Decrypting it would allocate 8,192 x 8,192 float64 (512 MiB) before the first
+    chunk fails to load; it is refused on the byte counts alone.
+    """
+    from flwr_ext.he.codec import FORMAT_VERSION, chunk_keys
+
+    keys = load_keys(keys_dir / SERVER_FILE)
+    chunks_ = [bytes([i % 256]) for i in range(8192)]
+    manifest = {"keys": ["w"], "dtypes": ["<f4"], "ranks": [1],
+                "shapes": [8192 * 8192 - 2]}  # fmt: skip
+    meta = json.dumps({"format": FORMAT_VERSION, "kind": "model",
+                       "profile": keys.profile.name, "fingerprint": keys.fingerprint,
+                       "wire": "packed", "manifest": manifest, "num_chunks": 8192,
+                       "decryptor": False,
+                       "crc32": [zlib.crc32(c) for c in chunks_]}).encode()  # fmt: skip
+    arrays = {META_KEY: Array("uint8", (len(meta),), STYPE_META, meta)}
+    for key, blob in zip(chunk_keys(8192), chunks_, strict=True):
+        arrays[key] = Array("uint8", (1,), "flwr-ext.ckks.ciphertext", blob)
+    reply = _evaluate(keys_dir, ArrayRecord(arrays))
+    assert reply.has_error() and "has 1 bytes" in reply.error.reason
 
 
 def test_hostile_decryption_answer_is_dropped_not_raised(keys_dir, caplog):

@@ -21,7 +21,13 @@ from typing import Any
 from flwr.app import ArrayRecord
 
 from ..records import Manifest
-from .codec import EncryptedHeader, InvalidCiphertextError, iter_chunks, pack
+from .codec import (
+    EncryptedHeader,
+    InvalidCiphertextError,
+    check_chunk_bytes,
+    iter_chunks,
+    pack,
+)
 from .keys import CkksKeys
 from .wire import CiphertextError, get_wire
 
@@ -66,6 +72,7 @@ class CiphertextSum:
                 f"{self.wire.name!r}"
             )
         header.check_keys(self.keys, what)
+        check_chunk_bytes(record, header, self.keys, what)
         if self.manifest is not None and header.manifest != self.manifest:
             raise InvalidCiphertextError(
                 f"{what} encrypts a model with a different structure than the "

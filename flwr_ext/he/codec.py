@@ -212,6 +212,30 @@ def pack(header: EncryptedHeader, blobs: list[bytes]) -> ArrayRecord:
     return ArrayRecord(arrays)
 
 
+def check_chunk_bytes(
+    record: ArrayRecord, header: EncryptedHeader, keys: CkksKeys, what: str
+) -> None:
+    """Refuse chunks too short or too long to be ciphertexts of ``keys``' profile.
+
+    Runs before anything is loaded or allocated for the chunks: a decryption
+    allocates ``N`` float64 values per ciphertext, so a record of many one-byte
+    "ciphertexts" (a hostile server's global model, say) must not get that far.
+    A ciphertext has two polynomials of ``N`` coefficients in one data prime; the
+    seeded form ships one, and SEAL's zstd compresses 60-bit words little, so
+    ``2 N`` bytes is far below the smallest and ``16 N`` + 64 KiB far above the
+    largest in every wire format.
+    """
+    degree = keys.profile.poly_modulus_degree
+    low, high = 2 * degree, 16 * degree + 65536
+    for index, key in enumerate(chunk_keys(header.num_chunks)):
+        size = len(record[key].data)
+        if not low <= size <= high:
+            raise InvalidCiphertextError(
+                f"{what}: ciphertext {index} has {size} bytes, outside the "
+                f"[{low}, {high}] a ciphertext of profile {keys.profile.name!r} takes"
+            )
+
+
 def iter_chunks(
     record: ArrayRecord, header: EncryptedHeader, verify: bool = True
 ) -> Iterator[bytes]:

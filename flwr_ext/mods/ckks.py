@@ -76,7 +76,7 @@ from ..he import (
     is_encrypted,
     load_keys,
 )
-from ..he.codec import EncryptedHeader
+from ..he.codec import EncryptedHeader, check_chunk_bytes
 from ..he.protocol import (
     AGGREGATE_REJECTED,
     ENV_CONTEXT,
@@ -164,6 +164,8 @@ def _decrypt_aggregate(
             f"refusing to decrypt {what}: it is marked as one client's "
             f"{header.kind!r}, not an aggregate"
         )
+    header.check_keys(keys, what)
+    check_chunk_bytes(record, header, keys, what)
     try:
         decrypted = decrypt_record(record, keys, what=what)
     except KeyMismatchError:
