@@ -30,6 +30,7 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
+    Error,
     Message,
     MetricRecord,
     RecordDict,
@@ -385,6 +386,35 @@ def test_foreign_key_reply_costs_only_its_round_encrypted_mode(
     assert result.train_metrics_clientapp[4]["ckks-summed"] == 3
     decrypted = decrypt_record(result.arrays, load_keys(keys_dir / SECRET_FILE))
     # Two rounds were lost (the lie and its detection): 2 effective rounds.
+    assert_close(decrypted.arrays, plain_fedavg(2))
+
+
+def test_one_false_refusal_does_not_undo_the_previous_round(keys_dir, caplog):
+    """A client that claims the aggregate failed its check, when it did not."""
+
+    def false_refusal(msg, context, call_next):
+        if (
+            msg.metadata.message_type == MessageType.TRAIN
+            and int(msg.content["config"]["server-round"]) == 2
+        ):
+            return Message(
+                Error(code=0, reason="ckks_mod: the aggregate failed the check: no"),
+                reply_to=msg,
+            )
+        return call_next(msg, context)
+
+    apps = {1: make_app([ckks_mod]), 2: make_app([ckks_mod]),
+            3: make_app([false_refusal, ckks_mod])}  # fmt: skip
+    strategy = HomomorphicAggregation(
+        FedAvg(fraction_evaluate=0.0), keys_dir / SERVER_FILE, min_replies=3
+    )
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        result = strategy.start(
+            grid=grid_for(apps, keys_dir), initial_arrays=initial_model(), num_rounds=3
+        )
+    assert "rolled back" not in caplog.text.lower()
+    decrypted = decrypt_record(result.arrays, load_keys(keys_dir / SECRET_FILE))
+    # Round 2 kept the round-1 model (too few replies); round 3 trained on it.
     assert_close(decrypted.arrays, plain_fedavg(2))
 
 

@@ -463,16 +463,20 @@ class HomomorphicAggregation(Strategy):
         """Return the model to roll back to if the clients refused this round's.
 
         Returns the last good global model (the last one at least
-        ``min_replies`` clients trained on) when some ``replies`` are refusals
+        ``min_replies`` clients trained on) when most ``replies`` are refusals
         of the encrypted global model sent this round - its weight or count slot
         failed their check - and logs which round's aggregate failed and why;
         otherwise None. A wrapper that discards the round itself (e.g.
         :class:`DistributedDP` with fewer than t valid replies) calls it so the
         federation still recovers.
         """
-        rejections = _rejections(list(replies))
+        replies = list(replies)
+        rejections = _rejections(replies)
         if (
-            not rejections
+            # A majority of the replies: every honest key holder refuses a
+            # corrupted sum alike, and one client's false refusal must not undo
+            # the previous round's progress.
+            2 * len(rejections) <= len(replies)
             or self._sent is None
             or self._last_good is None
             or self._sent is self._last_good
