@@ -182,10 +182,10 @@ class HomomorphicAggregation(Strategy):
     another key set while claiming the right fingerprint, thus corrupts at most
     the sum of the round it lies in: in ``"encrypted"`` mode the clients refuse
     that sum in the next round and, if fewer than ``min_replies`` valid replies
-    remain, the server **rolls back** to the last global model the clients
-    trained on (logging which round and why) instead of re-sending the broken
-    one; in ``"decrypt-aggregate"`` mode the decrypting node refuses it in the
-    same round and the previous model is kept.
+    remain and most replies are refusals, the server **rolls back** to the last
+    global model the clients trained on (logging which round and why) instead of
+    re-sending the broken one; in ``"decrypt-aggregate"`` mode the decrypting
+    node refuses it in the same round and the previous model is kept.
     """
 
     flwr_ext_role = Role.HOMOMORPHIC
