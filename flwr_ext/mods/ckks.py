@@ -353,7 +353,7 @@ def _answer_decrypt_request(msg: Message, context: Context) -> Message:
             "for the server"
         )
     keys = _secret_keys(context)
-    config = _single_config(msg) or {}
+    config: Mapping[str, object] = _single_config(msg) or {}
     minimum = max(
         settings.decrypt_min_clients, site_min_contributions(context.node_config)
     )

@@ -719,8 +719,9 @@ class HomomorphicAggregation(Strategy):
         started: float,
     ) -> MetricRecord:
         consistent = _same_metric_keys(
-            valid, lambda v: v[1], type(self).__name__, server_round, "train"
-        )
+            valid, lambda v: v[1], lambda v: v[0], type(self).__name__, server_round,
+            "train",
+        )  # fmt: skip
         metrics = _aggregate_metrics(
             [(m, w) for _, m, w in consistent],
             self.weight_key,
@@ -786,7 +787,7 @@ class HomomorphicAggregation(Strategy):
             valid.append(reply)
         valid = _same_metric_keys(
             valid, lambda r: next(iter(r.content.metric_records.values())),
-            type(self).__name__, server_round, "evaluate",
+            lambda r: r, type(self).__name__, server_round, "evaluate",
         )  # fmt: skip
         if not valid:
             return None
@@ -893,6 +894,7 @@ def _describe_plain_mismatch(record: ArrayRecord, manifest: Manifest) -> str | N
 def _same_metric_keys(
     items: list[_T],
     metrics_of: Callable[[_T], MetricRecord],
+    node_of: Callable[[_T], Message],
     who: str,
     server_round: int,
     phase: str,
@@ -911,7 +913,6 @@ def _same_metric_keys(
     kept = [item for item, keys in zip(items, key_sets, strict=True) if keys == common]
     for item, keys in zip(items, key_sets, strict=True):
         if keys != common:
-            node = item[0] if isinstance(item, tuple) else item
             log(
                 WARNING,
                 "[%s] round %d: %s metrics of node %d left out of the aggregate: "
@@ -919,7 +920,7 @@ def _same_metric_keys(
                 who,
                 server_round,
                 phase,
-                int(node.metadata.src_node_id),
+                int(node_of(item).metadata.src_node_id),
                 sorted(keys)[:10],
                 sorted(common)[:10],
             )
