@@ -409,3 +409,108 @@ def test_no_instruction_makes_ckks_mod_raise_or_leak(
         assert EncryptedHeader.from_record(records[0]).kind == "update"
     else:  # nothing decrypted goes back: at most what the server itself sent
         assert all(_snapshot(record) in sent for record in records)
+
+
+# ------------------------------------------------- the decrypting node's answer
+class Decryptor:
+    """Node 1: trains honestly, answers decryption requests with ``answer``."""
+
+    def __init__(self) -> None:
+        self.app = honest_app()
+        self.answer: RecordDict | None = None
+
+    def __call__(self, msg: Message, context: Context) -> Message:
+        config = msg.content.config_records.get("config", {})
+        if not config.get("ckks-decrypt-request") or self.answer is None:
+            return self.app(msg, context)
+        return Message(self.answer, reply_to=msg)
+
+
+def _npy(values: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, values, allow_pickle=False)
+    return buffer.getvalue()
+
+
+@st.composite
+def hostile_answer(draw) -> RecordDict:
+    """A decryption answer with forged arrays and counts."""
+    arrays = {}
+    for key, array in initial_model().items():
+        how = draw(st.sampled_from(["honest", "dtype", "shape", "data", "npy"]))
+        values = array.numpy()
+        if how == "honest":
+            arrays[key] = Array(values)
+        elif how == "dtype":
+            dtype = draw(st.sampled_from(["no-such", "object", "<U3", "float16"]))
+            arrays[key] = Array(dtype, tuple(values.shape), "numpy.ndarray", b"\0" * 8)
+        elif how == "shape":
+            shape = tuple(draw(st.lists(st.integers(0, 2**40), max_size=3)))
+            arrays[key] = Array(str(values.dtype), shape, "numpy.ndarray", _npy(values))
+        elif how == "data":
+            blob = draw(st.binary(max_size=64))
+            arrays[key] = Array(str(values.dtype), tuple(values.shape),
+                                "numpy.ndarray", blob)  # fmt: skip
+        else:  # a valid .npy whose header declares another shape or NaN values
+            other = draw(
+                st.sampled_from(
+                    [np.full(values.shape, np.nan, values.dtype)
+                     if values.dtype.kind == "f" else values,
+                     np.zeros((2, 2), values.dtype), np.zeros(0, values.dtype)]
+                )
+            )  # fmt: skip
+            arrays[key] = Array(str(values.dtype), tuple(values.shape),
+                                "numpy.ndarray", _npy(other))  # fmt: skip
+    if draw(st.booleans()):
+        del arrays[draw(st.sampled_from(sorted(arrays)))]
+    count = draw(st.one_of(st.just(3), metric_values))
+    weight = draw(st.one_of(st.just(60 / 1024), metric_values))
+    return RecordDict(
+        {
+            "arrays": ArrayRecord(arrays),
+            "metrics": MetricRecord(
+                {"ckks-contributions": count, "ckks-total-weight": weight}
+            ),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def decrypt_server(keys_dir):
+    InProcessGrid({1: lambda m, c: m})
+    decryptor = Decryptor()
+    honest = honest_app()
+    grid = InProcessGrid(
+        {1: decryptor, 2: honest, 3: honest},
+        node_configs={
+            n: {
+                "partition-id": n - 1,
+                "ckks-context": str(keys_dir / SECRET_FILE),
+                "ckks-decrypt-for-server": n == 1,
+            }
+            for n in NODES
+        },
+    )
+    strategy = HomomorphicAggregation(
+        FedAvg(), keys_dir / SERVER_FILE, mode="decrypt-aggregate"
+    )
+    messages = strategy.configure_train(1, initial_model(), ConfigRecord(), grid)
+    replies = list(grid.send_and_receive(list(messages)))
+    assert not any(r.has_error() for r in replies)
+    return strategy, replies, decryptor
+
+
+@FUZZ
+@given(answer=hostile_answer())
+def test_no_decryption_answer_makes_aggregate_train_raise(
+    decrypt_server, secret, answer
+):
+    strategy, replies, decryptor = decrypt_server
+    decryptor.answer = answer
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics is not None and metrics["ckks-summed"] == 3
+    event(f"model: {arrays is not None}")
+    if arrays is not None:
+        _check_model(arrays, secret, "decrypt-aggregate")
