@@ -46,6 +46,10 @@ node config                     environment variable                   meaning
                                                                        of fewer
                                                                        updates
 ==============================  =====================================  ============
+
+The site's minimum number of contributions for *any* decryption (the global model
+as well as decryption requests), node config ``policy-min-contributions`` (an int
+>= 2, default 2), is read by :func:`flwr_ext.mods.ckks.site_min_contributions`.
 """
 
 from __future__ import annotations

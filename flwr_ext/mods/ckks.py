@@ -173,6 +173,12 @@ def _decrypt_aggregate(
     except InvalidCiphertextError as err:
         raise AggregateRejectedError(f"{AGGREGATE_REJECTED}: {err}") from err
     count, weight = decrypted.contributions, decrypted.total_weight
+    if weight > keys.profile.bound:
+        raise AggregateRejectedError(
+            f"{AGGREGATE_REJECTED}: {what} decrypts to a weight of {weight:.6g}, "
+            f"beyond the profile's bound {keys.profile.bound:g}: the sum wrapped "
+            "around or was made with another key"
+        )
     if count < minimum:
         raise AggregateRejectedError(
             f"{AGGREGATE_REJECTED}: refusing {what}, an aggregate of {count} "
