@@ -383,10 +383,13 @@ def test_foreign_key_reply_costs_only_its_round_encrypted_mode(
     assert f"round {liar_round + 1}" in rollback[0]
     assert f"aggregate of round {liar_round}" in rollback[0]
     assert "weight" in rollback[0] or "contributions" in rollback[0]
+    # The detecting round was re-run at once on the last good model ...
+    detecting = result.train_metrics_clientapp[liar_round + 1]
+    assert detecting["ckks-rolled-back"] == 1 and detecting["ckks-summed"] == 3
     assert result.train_metrics_clientapp[4]["ckks-summed"] == 3
     decrypted = decrypt_record(result.arrays, load_keys(keys_dir / SECRET_FILE))
-    # Two rounds were lost (the lie and its detection): 2 effective rounds.
-    assert_close(decrypted.arrays, plain_fedavg(2))
+    # ... so only the lie's own round was lost: 3 effective rounds of 4.
+    assert_close(decrypted.arrays, plain_fedavg(3))
 
 
 def test_one_false_refusal_does_not_undo_the_previous_round(keys_dir, caplog):

@@ -113,6 +113,7 @@ METRIC_RECEIVED = "ckks-received"
 METRIC_DROPPED = "ckks-dropped"
 METRIC_SUMMED = "ckks-summed"
 METRIC_REJECTED = "ckks-rejected"
+METRIC_ROLLED_BACK = "ckks-rolled-back"
 METRIC_SECONDS = "ckks-aggregation-s"
 
 #: ``weight_unit=None``: examples per weight unit for the whole run (a power of
@@ -170,8 +171,9 @@ class HomomorphicAggregation(Strategy):
     -----
     The round's train MetricRecord holds the inner strategy's aggregate of the
     clients' metrics plus ``ckks-received``, ``ckks-dropped``, ``ckks-summed``,
-    ``ckks-rejected`` (clients that refused the global model) and
-    ``ckks-aggregation-s``.
+    ``ckks-rejected`` (clients that refused the global model),
+    ``ckks-rolled-back`` (1 when the round was re-run on a rolled-back model)
+    and ``ckks-aggregation-s``.
 
     **Checked aggregates and rollback.** With every encrypted global model the
     server announces what it summed into it (:class:`~flwr_ext.he.protocol.
@@ -184,8 +186,9 @@ class HomomorphicAggregation(Strategy):
     that sum in the next round and, if fewer than ``min_replies`` valid replies
     remain and most replies are refusals, the server **rolls back** to the last
     global model the clients trained on (logging which round and why) instead of
-    re-sending the broken one; in ``"decrypt-aggregate"`` mode the decrypting
-    node refuses it in the same round and the previous model is kept.
+    re-sending the broken one, and re-runs the round on it at once; in
+    ``"decrypt-aggregate"`` mode the decrypting node refuses it in the same round
+    and the previous model is kept.
     """
 
     flwr_ext_role = Role.HOMOMORPHIC
@@ -254,6 +257,11 @@ class HomomorphicAggregation(Strategy):
         #: Updates summed into the fresh aggregate the last ``aggregate_train``
         #: returned (0 if it returned none, or rolled back to an older model).
         self.summed_contributions = 0
+        #: The round's train config and Flower's reply timeout, to re-run a round
+        #: on the rolled-back model.
+        self._train_config: ConfigRecord | None = None
+        self._timeout = 3600.0
+        self._rerunning = False
 
     # ------------------------------------------------------------------ set-up
     def summary(self) -> None:
@@ -297,6 +305,7 @@ class HomomorphicAggregation(Strategy):
         if is_encrypted(initial_arrays):
             header = EncryptedHeader.from_record(initial_arrays)
             header.check_keys(self.keys, "the initial model")
+        self._timeout = float(timeout)  # for a round re-run after a rollback
         return super().start(
             grid=grid,
             initial_arrays=initial_arrays,
@@ -318,6 +327,7 @@ class HomomorphicAggregation(Strategy):
         clients can check its weight and count slots.
         """
         self._grid = grid
+        self._train_config = config
         if is_encrypted(arrays):
             header = EncryptedHeader.from_record(arrays)
             header.check_keys(self.keys, "the global model")
@@ -428,6 +438,10 @@ class HomomorphicAggregation(Strategy):
             self._last_good, self._last_good_origin = self._sent, self._sent_origin
         if total.count < self._min_contributions:
             rollback = self.rollback_model(server_round, replies)
+            if rollback is not None and not self._rerunning:
+                rerun = self._rerun_round(server_round, rollback)
+                if rerun is not None:
+                    return rerun
             if rollback is None:
                 log(
                     WARNING,
@@ -502,6 +516,43 @@ class HomomorphicAggregation(Strategy):
         rolled_back = self._last_good
         self._sent = rolled_back  # what the clients will get next
         return rolled_back
+
+    def _rerun_round(
+        self, server_round: int, model: ArrayRecord
+    ) -> tuple[ArrayRecord | None, MetricRecord | None] | None:
+        """Train this round again, at once, on the rolled-back ``model``.
+
+        So that a corrupted sum costs only the round it was made in: the clients
+        that refused it train on the last good model in the same round. Returns
+        None (the rollback alone then stands) if this wrapper has no grid or
+        config of its own for the round (e.g. ``aggregate_train`` was called
+        directly).
+        """
+        if self._grid is None or self._train_config is None:
+            return None
+        self._rerunning = True
+        try:
+            messages = list(
+                self.configure_train(
+                    server_round, model, self._train_config, self._grid
+                )
+            )
+            replies = list(self._grid.send_and_receive(messages, timeout=self._timeout))
+            log(
+                INFO,
+                "[%s] round %d: re-ran the round on the rolled-back model: %d replies",
+                type(self).__name__,
+                server_round,
+                len(replies),
+            )
+            arrays, metrics = self.aggregate_train(server_round, replies)
+        finally:
+            self._rerunning = False
+        if arrays is None:  # the re-run failed too: the rollback still stands
+            arrays = model
+        if metrics is not None:
+            metrics[METRIC_ROLLED_BACK] = 1
+        return arrays, metrics
 
     def _remember(self, model: ArrayRecord, claims: ModelClaims, origin: int) -> None:
         """Keep the claims of ``model`` (and of the last good one) by checksums."""
