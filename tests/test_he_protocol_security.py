@@ -1,7 +1,8 @@
 """Attacks on the CKKS protocol (issue 10, items 2, 3, 4 and 6), each written first.
 
 Real Flower strategies, ClientApps and Messages (:class:`InProcessGrid`), real
-TenSEAL/SEAL ciphertexts. Every test here failed on the code before the fix:
+TenSEAL/SEAL ciphertexts. Every test here failed on the code before the fix
+(b2482d6), except the guard that one false refusal does not trigger a rollback:
 
 - item 2: a ``ckks-meta`` that is a list, ``null``, a string, ``1e400`` in a count,
   deeply nested, or that declares a huge shape crashed ``aggregate_train`` (or
@@ -13,7 +14,9 @@ TenSEAL/SEAL ciphertexts. Every test here failed on the code before the fix:
 - item 4: ``DistributedDP`` released (and accounted) a round whose HE sum held
   fewer than t contributions;
 - item 6: ``ckks_mod`` decrypted one client's update sent as the global model and
-  returned evaluation metrics computed on it.
+  returned evaluation metrics computed on it;
+- and: 8,192 one-byte "ciphertexts" made a client allocate 512 MiB before
+  failing; one client with an extra evaluate metric crashed ``start()``.
 """
 
 from __future__ import annotations
