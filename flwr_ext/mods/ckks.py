@@ -50,6 +50,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from logging import ERROR, INFO, WARNING
+from typing import NoReturn
 
 from flwr.app import (
     ArrayRecord,
@@ -85,6 +86,7 @@ from ..he.protocol import (
     METRIC_TOTAL_WEIGHT,
     NODE_CONTEXT,
     NODE_DECRYPT_FOR_SERVER,
+    NODE_DECRYPT_MIN_CLIENTS,
     Announcement,
     ClientSettings,
     ModelClaims,
@@ -149,6 +151,7 @@ def _decrypt_aggregate(
     what: str,
     minimum: int,
     claims: ModelClaims | None,
+    minimum_from: str = NODE_MIN_CONTRIBUTIONS,
 ) -> DecryptedModel:
     """Decrypt an aggregate and check its kind, count and weight slots.
 
@@ -157,6 +160,10 @@ def _decrypt_aggregate(
     slot is below ``minimum`` or whose weight or count slot differs from what the
     server says it summed (``claims``) - the signature of a reply encrypted under
     another key set, or with another weight than its sender claimed.
+
+    The error that goes back to the server carries no decrypted value: exact
+    decryptions of crafted ciphertexts leak the secret key (Li-Micciancio), so the
+    slots' values are logged on this node only.
     """
     header = EncryptedHeader.from_record(record)
     if header.kind != "model":
@@ -171,32 +178,44 @@ def _decrypt_aggregate(
     except KeyMismatchError:
         raise
     except InvalidCiphertextError as err:
-        raise AggregateRejectedError(f"{AGGREGATE_REJECTED}: {err}") from err
+        _reject(
+            f"{what} does not decrypt to a valid aggregate (its weight slot is "
+            "not a positive number, or a ciphertext is damaged)",
+            str(err),
+        )
     count, weight = decrypted.contributions, decrypted.total_weight
+    detail = f"{what}: weight slot {weight:.9g}, count slot {count}"
     if weight > keys.profile.bound:
-        raise AggregateRejectedError(
-            f"{AGGREGATE_REJECTED}: {what} decrypts to a weight of {weight:.6g}, "
-            f"beyond the profile's bound {keys.profile.bound:g}: the sum wrapped "
-            "around or was made with another key"
+        _reject(
+            f"{what} has a weight slot beyond the profile's bound: the sum wrapped "
+            "around or was made with another key",
+            detail,
         )
     if count < minimum:
-        raise AggregateRejectedError(
-            f"{AGGREGATE_REJECTED}: refusing {what}, an aggregate of {count} "
-            f"update(s): this site decrypts aggregates of at least {minimum} (node "
-            f"config {NODE_MIN_CONTRIBUTIONS})"
+        _reject(
+            f"refusing {what}: this site decrypts aggregates of at least {minimum} "
+            f"updates (node config {minimum_from}), and it sums fewer",
+            detail,
         )
     if claims is not None and (
         count != claims.contributions
         or abs(weight - claims.weight)
         > WEIGHT_RTOL * claims.weight + WEIGHT_ATOL * claims.contributions
     ):
-        raise AggregateRejectedError(
-            f"{AGGREGATE_REJECTED}: {what} decrypts to a weight of {weight:.9g} from "
-            f"{count} contributions, but the server summed a weight of "
-            f"{claims.weight:.9g} from {claims.contributions}: a contribution was "
-            "encrypted with another weight than claimed, or under another key set"
+        _reject(
+            f"the weight or count slot of {what} differs from what the server "
+            f"summed ({claims.contributions} updates of total weight "
+            f"{claims.weight:.9g}): a contribution was encrypted with another "
+            "weight than claimed, or under another key set",
+            detail,
         )
     return decrypted
+
+
+def _reject(reason: str, detail: str) -> NoReturn:
+    """Log ``detail`` (decrypted values) here; raise with ``reason`` only."""
+    log(ERROR, "%s: %s (%s)", _NAME, AGGREGATE_REJECTED, detail)
+    raise AggregateRejectedError(f"{AGGREGATE_REJECTED}: {reason}")
 
 
 def ckks_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -360,12 +379,18 @@ def _answer_decrypt_request(msg: Message, context: Context) -> Message:
         )
     keys = _secret_keys(context)
     config: Mapping[str, object] = _single_config(msg) or {}
-    minimum = max(
-        settings.decrypt_min_clients, site_min_contributions(context.node_config)
-    )
+    site_minimum = site_min_contributions(context.node_config)
+    minimum = max(settings.decrypt_min_clients, site_minimum)
     try:
         decrypted = _decrypt_aggregate(
-            record, keys, "the aggregate to decrypt", minimum, ModelClaims.read(config)
+            record,
+            keys,
+            "the aggregate to decrypt",
+            minimum,
+            ModelClaims.read(config),
+            NODE_MIN_CONTRIBUTIONS
+            if site_minimum >= settings.decrypt_min_clients
+            else NODE_DECRYPT_MIN_CLIENTS,
         )
     except (InvalidCiphertextError, KeyMismatchError) as err:
         raise CkksModError(str(err)) from err
