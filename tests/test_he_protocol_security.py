@@ -590,3 +590,23 @@ def test_a_client_with_other_metric_keys_cannot_crash_evaluation(keys_dir, caplo
         float(plain_fedavg(2)["w"].numpy().sum()), abs=1e-4
     )
     assert "node 3" in caplog.text
+
+
+def test_a_refusal_carries_no_decrypted_value(keys_dir, caplog):
+    """Exact decryptions leak the key: the slots' values stay on the node."""
+    secret = load_keys(keys_dir / SECRET_FILE)
+    total = CiphertextSum(load_keys(keys_dir / SERVER_FILE), None, "packed")
+    for _ in range(3):
+        total.add(encrypt_record(initial_model(), secret, 0.7125, num_clients=3), "n")
+    grid = grid_for({1: make_app([ckks_mod])}, keys_dir)
+    config = ConfigRecord({"ckks-model-contributions": 3, "ckks-model-weight": 3.0})
+    instruction = Message(
+        RecordDict({"arrays": total.result(), "config": config}),
+        dst_node_id=1,
+        message_type=MessageType.EVALUATE,
+    )
+    with caplog.at_level(logging.ERROR, logger="flwr"):
+        reply = next(iter(grid.send_and_receive([instruction])))
+    assert reply.has_error() and "failed the check" in reply.error.reason
+    assert "2.137" not in reply.error.reason  # the weight slot: 3 x 0.7125
+    assert "2.137" in caplog.text  # ... is in the node's own log
