@@ -19,7 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flwr_ext.he import threshold as T  # noqa: N812
-from flwr_ext.he.rns import centered, modmul, reduce_signed, sample_gaussian
+from flwr_ext.he.rns import (
+    centered,
+    modmul,
+    reduce_signed,
+    sample_gaussian_residues,
+)
 from flwr_ext.he.seal_raw import SealFormatError, ciphertext_bytes, parse_ciphertext
 from flwr_ext.he.wire import _scratch_file
 
@@ -68,11 +73,16 @@ def _load(context, scratch, blob):
     return ciphertext
 
 
+def _partials(context, blob, sites):
+    raw = T.split_ciphertext(context, blob)
+    return raw, [s.partial_decrypt(raw.polys[1]) for s in sites]
+
+
 def _decrypt(context, blobs, sites, count):
     values = []
     for blob in blobs:
-        partials = [s.partial_decrypt(blob, num_sites=len(sites)) for s in sites]
-        slots = T.combine(context, blob, partials, expected_sites=len(sites))
+        raw, partials = _partials(context, blob, sites)
+        slots = T.combine(context, raw, partials, expected_sites=len(sites))
         values.append(T.unpack(slots, context.n))
     return np.concatenate(values)[:count]
 
@@ -121,8 +131,8 @@ def test_any_n_minus_1_shares_decrypt_nothing(context, federation):
     sites = federation["sites"]
     for missing in range(NUM_SITES):
         present = [s for i, s in enumerate(sites) if i != missing]
-        partials = [s.partial_decrypt(blob, num_sites=NUM_SITES) for s in present]
-        slots = T.combine(context, blob, partials, expected_sites=len(present))
+        raw, partials = _partials(context, blob, present)
+        slots = T.combine(context, raw, partials, expected_sites=len(present))
         garbage = T.unpack(slots, context.n)
         # c0 + c1 (s - s_missing) is uniform mod q: values astronomically far off.
         assert np.median(np.abs(garbage - truth)) > 1e6
@@ -131,14 +141,14 @@ def test_any_n_minus_1_shares_decrypt_nothing(context, federation):
 def test_combine_names_a_missing_a_foreign_and_a_replayed_share(context, federation):
     blob, other = federation["aggregate"][0], federation["aggregate"][1]
     sites = federation["sites"]
-    partials = [s.partial_decrypt(blob, num_sites=NUM_SITES) for s in sites]
+    raw, partials = _partials(context, blob, sites)
     with pytest.raises(T.ThresholdError, match="every site's share is needed"):
-        T.combine(context, blob, partials[:2], expected_sites=NUM_SITES)
-    foreign = sites[2].partial_decrypt(other, num_sites=NUM_SITES)
+        T.combine(context, raw, partials[:2], expected_sites=NUM_SITES)
+    foreign = sites[2].partial_decrypt(T.split_ciphertext(context, other).polys[1])
     with pytest.raises(T.ThresholdError, match="another ciphertext"):
-        T.combine(context, blob, [*partials[:2], foreign], expected_sites=NUM_SITES)
+        T.combine(context, raw, [*partials[:2], foreign], expected_sites=NUM_SITES)
     with pytest.raises(T.ThresholdError, match="duplicate"):
-        T.combine(context, blob, [*partials[:2], partials[0]], expected_sites=NUM_SITES)
+        T.combine(context, raw, [*partials[:2], partials[0]], expected_sites=NUM_SITES)
 
 
 def _key_recovery(context, blob, released_poly):
@@ -184,7 +194,7 @@ def test_key_recovery_works_without_flooding_and_fails_with_it(context, federati
     )
     np.testing.assert_array_equal(recovered, _share_key_coefficients(sites[0]))
     # The same attack on what the server really receives: a flooded share...
-    flooded = sites[0].partial_decrypt(blob, num_sites=NUM_SITES).share
+    flooded = sites[0].partial_decrypt(raw.polys[1]).share
     recovered = _key_recovery(
         context,
         ciphertext_bytes(context.data_parms_id, np.stack([zero_c0, raw.polys[1]])),
@@ -193,13 +203,9 @@ def test_key_recovery_works_without_flooding_and_fails_with_it(context, federati
     assert np.mean(recovered == _share_key_coefficients(sites[0])) < 0.01
     assert np.max(np.abs(recovered)) > 2**40
     # ... and on the released aggregate (c0 + sum of flooded shares).
-    partials = [s.partial_decrypt(blob, num_sites=NUM_SITES) for s in sites]
-    total = raw.polys[0].copy()
-    for p in partials:
-        for j, q in enumerate(context.data_moduli):
-            total[j] = (total[j] + p.share[j]) % np.uint64(q)
+    _, partials = _partials(context, blob, sites)
     # the server re-encodes the released values: the best it can know of m
-    slots = T.combine(context, blob, partials, expected_sites=NUM_SITES)
+    slots = T.combine(context, raw, partials, expected_sites=NUM_SITES)
     plain = context.sealapi.Plaintext()
     context.encoder.encode(slots.tolist(), raw.scale, plain)
     with _scratch_file() as scratch:
@@ -232,13 +238,15 @@ def test_flooding_is_sized_for_30_bits_and_keeps_1e_5(context):
     assert sum(profile.coeff_mod_bit_sizes) <= 218
 
 
-def test_flood_samples_have_full_integer_resolution():
-    samples = sample_gaussian(200_000, 2.0**59)
+def test_flood_residues_are_gaussian_with_full_integer_resolution():
+    q = (1 << 61) - 1  # a prime above every sample: residues show the integers
+    residues = sample_gaussian_residues(200_000, 2.0**58, (q,))[0]
+    samples = centered(residues, q)
     # no residue class modulo the float grid is favoured: low bits are uniform
     low = samples & 0xFF
     counts = np.bincount(low.astype(np.int64), minlength=256)
     assert counts.min() > 0.8 * counts.mean()
-    assert abs(np.std(samples.astype(np.float64)) / 2.0**59 - 1) < 0.02
+    assert abs(np.std(samples.astype(np.float64)) / 2.0**58 - 1) < 0.02
 
 
 def test_the_decryption_budget_is_enforced_and_persisted(context, tmp_path):
@@ -252,12 +260,13 @@ def test_the_decryption_budget_is_enforced_and_persisted(context, tmp_path):
         small, T.collective_public_key(small, a, [share.public_share(a)])
     )
     blob = T.encrypt_values(small, encryptor, np.ones(10))[0]
-    share.partial_decrypt(blob, num_sites=1)
+    c1 = T.split_ciphertext(small, blob).polys[1]
+    share.partial_decrypt(c1)
     reloaded = T.SecretShare.load(small, path)
     assert reloaded.decryptions_used == 1
-    reloaded.partial_decrypt(blob, num_sites=1)
+    reloaded.partial_decrypt(c1)
     with pytest.raises(T.ThresholdError, match="create a new key set"):
-        reloaded.partial_decrypt(blob, num_sites=1)
+        reloaded.partial_decrypt(c1)
 
 
 def test_share_files_are_private_and_never_followed(context, tmp_path):
@@ -296,10 +305,8 @@ def test_the_servers_objects_hold_no_share(context, federation):
         parse_ciphertext(b, expected_k=context.k, expected_n=context.n).polys
         for b in federation["aggregate"]
     ]
-    held += [
-        s.partial_decrypt(federation["aggregate"][0], num_sites=NUM_SITES).share[None]
-        for s in sites
-    ]
+    _, partials = _partials(context, federation["aggregate"][0], sites)
+    held += [p.share[None] for p in partials]
     for site in sites:
         secret_rows = [site._ntt[j] for j in range(context.k)] + [
             reduce_signed(site._coefficients, q) for q in context.data_moduli

@@ -37,6 +37,7 @@ __all__ = [
     "neg_mod",
     "reduce_signed",
     "sample_gaussian",
+    "sample_gaussian_residues",
     "sample_ternary",
     "sub_mod",
 ]
@@ -130,6 +131,49 @@ def sample_gaussian(n: int, sigma: float) -> np.ndarray:
     if step > 1:
         out += generator.integers(-(step // 2), step // 2, size=n, dtype=np.int64)
     return out
+
+
+def sample_gaussian_residues(
+    n: int, sigma: float, moduli: tuple[int, ...]
+) -> np.ndarray:
+    """``n`` integer Gaussian samples of any ``sigma``, as ``(k, n)`` residues.
+
+    Flooding noise can exceed what ``int64`` holds (``sigma`` up to ``2**70``
+    here), so each sample ``f = step * j + d`` is never formed as an integer:
+    ``j = rint(sigma z / step)`` (``|j| < 2**47``) and the dither ``d`` uniform in
+    ``[-step/2, step/2)`` with ``step = 2**(bits(sigma) - 45)`` are reduced modulo
+    each prime and combined there. Same distribution as :func:`sample_gaussian`.
+    """
+    if not sigma >= 0 or not np.isfinite(sigma) or sigma > 2.0**70:
+        raise ValueError(f"sigma must be a finite number in [0, 2**70], got {sigma!r}")
+    seed = int.from_bytes(os.urandom(32), "little")
+    generator = np.random.Generator(np.random.PCG64(seed))
+    step_bits = max(0, math.ceil(math.log2(sigma)) - 45) if sigma > 0 else 0
+    step = 1 << step_bits
+    coarse = np.rint(generator.normal(0.0, sigma / step, size=n)).astype(np.int64)
+    rows = []
+    if step_bits <= 16:
+        dither = (
+            generator.integers(-(step // 2), step // 2, size=n, dtype=np.int64)
+            if step > 1
+            else np.zeros(n, dtype=np.int64)
+        )
+        exact = coarse * np.int64(step) + dither
+        return np.stack([reduce_signed(exact, q) for q in moduli])
+    high = generator.integers(-(1 << (step_bits - 17)), 1 << (step_bits - 17), size=n)
+    low = generator.integers(0, 1 << 16, size=n, dtype=np.int64)
+    for q in moduli:
+        # f = coarse * step + high * 2**16 + low, with |high * 2**16| < step / 2
+        value = modmul(reduce_signed(coarse, q), np.uint64(step % q), q)
+        value = add_mod(
+            value,
+            modmul(
+                reduce_signed(high.astype(np.int64), q), np.uint64((1 << 16) % q), q
+            ),
+            q,
+        )
+        rows.append(add_mod(value, reduce_signed(low, q), q))
+    return np.stack(rows)
 
 
 def _bit_reverse(values: np.ndarray, bits: int) -> np.ndarray:

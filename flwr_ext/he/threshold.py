@@ -70,9 +70,11 @@ from flwr_ext.he.rns import (
     ntt_tables,
     reduce_signed,
     sample_gaussian,
+    sample_gaussian_residues,
     sample_ternary,
 )
 from flwr_ext.he.seal_raw import (
+    RawCiphertext,
     ciphertext_bytes,
     parse_ciphertext,
     plaintext_bytes,
@@ -85,9 +87,15 @@ __all__ = [
     "ThresholdContext",
     "ThresholdError",
     "ThresholdProfile",
+    "check_residues",
     "collective_public_key",
     "combine",
     "common_polynomial",
+    "digest",
+    "encrypt_values",
+    "encryptor",
+    "split_ciphertext",
+    "unpack",
 ]
 
 _SHARE_MAGIC = b"flwr-ext threshold secret share v1\n"
@@ -115,18 +123,20 @@ class ThresholdProfile:
     security_bits : int
         Statistical security ``lambda`` of the flooding.
     max_decryptions : int
-        ``Q``: the most collective decryptions a site answers over one key set's
-        life (the flooding is sized for it; :class:`SecretShare` refuses more).
+        ``Q``: the most ciphertexts a site helps decrypt over one key set's life
+        (the flooding is sized for it; :class:`SecretShare` refuses more). One
+        round of a 1M-parameter model is 123 ciphertexts at N=8192, so the default
+        2**16 covers about 500 rounds.
     max_parties : int
         Most sites (key shares) and most clients per aggregate the bound assumes.
     """
 
     poly_modulus_degree: int = 8192
     coeff_mod_bit_sizes: tuple[int, ...] = (60, 60, 60)
-    scale_bits: int = 88
+    scale_bits: int = 91
     key_error_sigma: float = 3.2
     security_bits: int = 30
-    max_decryptions: int = 1024
+    max_decryptions: int = 65536
     max_parties: int = 128
 
     def error_bound(self) -> float:
@@ -259,7 +269,8 @@ class PartialDecryption:
     share: np.ndarray
 
 
-def _digest(c1: np.ndarray) -> bytes:
+def digest(c1: np.ndarray) -> bytes:
+    """SHA-256 of ``c1``'s residues: binds a partial decryption to its ciphertext."""
     return hashlib.sha256(np.ascontiguousarray(c1, dtype="<u8").tobytes()).digest()
 
 
@@ -380,43 +391,64 @@ class SecretShare:
             rows.append(add_mod(neg_mod(product, q), error_ntt[j], q))
         return np.stack(rows)
 
-    def partial_decrypt(
-        self, ciphertext: bytes, *, num_sites: int
-    ) -> PartialDecryption:
-        """``h_i = c1 * s_i + f_i`` for the aggregate ``ciphertext`` (SEAL bytes).
+    def partial_decrypt(self, c1: np.ndarray) -> PartialDecryption:
+        """``h_i = c1 * s_i + f_i`` for one aggregate ciphertext's ``c1``.
 
-        ``f_i`` is this site's flooding noise (:meth:`ThresholdProfile.flooding_sigma`).
-        Each call spends one of the share's ``max_decryptions``; past the budget
-        the share refuses (the flooding would no longer give ``lambda`` bits).
+        ``c1`` is the ``(k, N)`` NTT-form second polynomial of the aggregate (the
+        server sends only ``c1``: 16 B/param). ``f_i`` is this site's flooding
+        noise (:meth:`ThresholdProfile.flooding_sigma`). Each call spends one of the
+        share's ``max_decryptions``, persisted before the share is computed; past
+        the budget the share refuses (the flooding would no longer give ``lambda``
+        bits).
         """
         context = self.context
         profile = context.profile
+        c1 = check_residues(context, c1, "c1")
         if self.decryptions_used >= profile.max_decryptions:
             raise ThresholdError(
-                f"this secret share has answered {self.decryptions_used} "
-                f"collective decryptions, the most its flooding is sized for "
+                f"this secret share has helped decrypt {self.decryptions_used} "
+                f"ciphertexts, the most its flooding is sized for "
                 f"({profile.max_decryptions}); create a new key set"
             )
-        if not 1 <= num_sites <= profile.max_parties:
-            raise ThresholdError(f"num_sites must be 1..{profile.max_parties}")
-        raw = parse_ciphertext(ciphertext, expected_k=context.k, expected_n=context.n)
-        if raw.parms_id != context.data_parms_id or not raw.ntt_form:
-            raise ThresholdError("the ciphertext is not at this key set's data level")
-        c1 = raw.polys[1]
-        for j, q in enumerate(context.data_moduli):
-            if np.any(c1[j] >= np.uint64(q)):
-                raise ThresholdError("the ciphertext holds residues out of range")
         self.decryptions_used += 1
         self._persist_counter()
-        flood = sample_gaussian(context.n, profile.flooding_sigma())
-        flood_ntt = context.data_ntt.forward(
-            np.stack([reduce_signed(flood, q) for q in context.data_moduli])
+        flood = sample_gaussian_residues(
+            context.n, profile.flooding_sigma(), context.data_moduli
         )
+        flood_ntt = context.data_ntt.forward(flood)
         rows = [
             add_mod(modmul(c1[j], self._ntt[j], q), flood_ntt[j], q)
             for j, q in enumerate(context.data_moduli)
         ]
-        return PartialDecryption(_digest(c1), np.stack(rows))
+        return PartialDecryption(digest(c1), np.stack(rows))
+
+
+def check_residues(context: ThresholdContext, values: object, what: str) -> np.ndarray:
+    """Return ``values`` as ``(k, N)`` uint64 residues below each data prime.
+
+    Anything else (another shape or dtype, a residue out of range) raises
+    :class:`ThresholdError` naming ``what``: these arrays cross the network.
+    """
+    if not isinstance(values, np.ndarray) or values.dtype != np.uint64:
+        raise ThresholdError(f"{what} must be a uint64 array")
+    if values.shape != (context.k, context.n):
+        raise ThresholdError(
+            f"{what} has shape {values.shape}, expected {(context.k, context.n)}"
+        )
+    for j, q in enumerate(context.data_moduli):
+        if np.any(values[j] >= np.uint64(q)):
+            raise ThresholdError(f"{what} holds residues out of range")
+    return values
+
+
+def split_ciphertext(context: ThresholdContext, ciphertext: bytes) -> RawCiphertext:
+    """Parse an aggregate ciphertext (SEAL bytes) at this key set's data level."""
+    raw = parse_ciphertext(ciphertext, expected_k=context.k, expected_n=context.n)
+    if raw.parms_id != context.data_parms_id or not raw.ntt_form:
+        raise ThresholdError("the ciphertext is not at this key set's data level")
+    check_residues(context, raw.polys[0], "c0")
+    check_residues(context, raw.polys[1], "c1")
+    return raw
 
 
 def collective_public_key(
@@ -459,43 +491,38 @@ def load_public_key(context: ThresholdContext, key: bytes) -> Any:
 
 def combine(
     context: ThresholdContext,
-    ciphertext: bytes,
+    aggregate: RawCiphertext,
     partials: list[PartialDecryption],
     *,
     expected_sites: int,
 ) -> np.ndarray:
-    """Decrypt ``ciphertext`` from every site's partial decryption.
+    """Decrypt ``aggregate`` from every site's partial decryption.
 
-    Returns the ``N/2`` complex slots (the caller unpacks real and imaginary
-    halves). Refuses a share count other than ``expected_sites`` (N-of-N), a share
-    computed for another ciphertext, and two identical shares (a replay).
+    Returns the ``N/2`` complex slots (:func:`unpack` gives the reals). Refuses a
+    share count other than ``expected_sites`` (N-of-N), a share computed for
+    another ciphertext, and two identical shares (a replay).
     """
-    raw = parse_ciphertext(ciphertext, expected_k=context.k, expected_n=context.n)
-    digest = _digest(raw.polys[1])
+    expected_digest = digest(aggregate.polys[1])
     if len(partials) != expected_sites:
         raise ThresholdError(
             f"{len(partials)} partial decryptions for {expected_sites} sites: every "
             "site's share is needed"
         )
     seen: set[bytes] = set()
-    total = raw.polys[0].copy()
+    total = aggregate.polys[0].copy()
     for index, partial in enumerate(partials):
-        if partial.ciphertext_digest != digest:
+        if partial.ciphertext_digest != expected_digest:
             raise ThresholdError(
                 f"partial decryption {index} was computed for another ciphertext"
             )
-        share = np.asarray(partial.share)
-        if share.shape != total.shape or share.dtype != np.uint64:
-            raise ThresholdError(f"partial decryption {index} has the wrong shape")
+        share = check_residues(context, partial.share, f"partial decryption {index}")
         fingerprint = hashlib.sha256(share.tobytes()).digest()
         if fingerprint in seen:
             raise ThresholdError(f"partial decryption {index} is a duplicate (replay)")
         seen.add(fingerprint)
         for j, q in enumerate(context.data_moduli):
-            if np.any(share[j] >= np.uint64(q)):
-                raise ThresholdError(f"partial decryption {index} is out of range")
             total[j] = add_mod(total[j], share[j], q)
-    return _decode(context, total, raw.scale)
+    return _decode(context, total, aggregate.scale)
 
 
 def _decode(
