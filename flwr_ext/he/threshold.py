@@ -293,6 +293,7 @@ class SecretShare:
         context: ThresholdContext,
         coefficients: np.ndarray,
         decryptions_used: int = 0,
+        last_round: int = -1,
     ) -> None:
         coefficients = np.asarray(coefficients, dtype=np.int64)
         if coefficients.shape != (context.n,) or np.any(np.abs(coefficients) > 1):
@@ -304,6 +305,7 @@ class SecretShare:
         )
         self._ntt = context.key_ntt.forward(key_rows)
         self.decryptions_used = int(decryptions_used)
+        self.last_round = int(last_round)
         self._path: Path | None = None
 
     def __repr__(self) -> str:  # never print the share itself
@@ -330,7 +332,9 @@ class SecretShare:
         self._path = target
 
     def _serialize(self) -> bytes:
-        header = f"{self.context.n} {self.decryptions_used}\n".encode()
+        header = (
+            f"{self.context.n} {self.decryptions_used} {self.last_round}\n".encode()
+        )
         return _SHARE_MAGIC + header + self._coefficients.astype(np.int8).tobytes()
 
     @classmethod
@@ -353,13 +357,13 @@ class SecretShare:
         rest = data[len(_SHARE_MAGIC) :]
         line, _, body = rest.partition(b"\n")
         try:
-            n_text, used_text = line.decode("ascii").split(" ")
-            n, used = int(n_text), int(used_text)
+            n_text, used_text, round_text = line.decode("ascii").split(" ")
+            n, used, last_round = int(n_text), int(used_text), int(round_text)
         except (UnicodeDecodeError, ValueError) as err:
             raise ThresholdError(f"{target}: malformed share header") from err
         if n != context.n or len(body) != n or used < 0:
             raise ThresholdError(f"{target}: share does not fit the profile")
-        share = cls(context, np.frombuffer(body, dtype=np.int8), used)
+        share = cls(context, np.frombuffer(body, dtype=np.int8), used, last_round)
         share._path = target
         return share
 
@@ -374,6 +378,21 @@ class SecretShare:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, self._path)
+
+    def claim_round(self, server_round: int) -> None:
+        """Record that this share answers ``server_round``'s decryption, once.
+
+        A request for the same or an earlier round is a replay (an honest server
+        asks once per round) and raises; the claim is persisted before any share
+        is computed, so a restart does not reset it.
+        """
+        if server_round <= self.last_round:
+            raise ThresholdError(
+                f"refusing a second decryption for round {server_round}: this "
+                f"share already answered round {self.last_round} (a replay)"
+            )
+        self.last_round = int(server_round)
+        self._persist_counter()
 
     # -------------------------------------------------------------- protocol
     def public_share(self, a: np.ndarray) -> np.ndarray:

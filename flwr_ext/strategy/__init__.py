@@ -19,6 +19,7 @@ from .robust_strategies import (
     MultiKrum,
     TrimmedMean,
 )
+from .threshold_homomorphic import ThresholdHomomorphicAggregation
 
 __all__ = [
     "ROBUST_STRATEGIES",
@@ -32,6 +33,7 @@ __all__ = [
     "MultiKrum",
     "RobustAggregation",
     "Role",
+    "ThresholdHomomorphicAggregation",
     "TrimmedMean",
     "check_composition",
 ]
