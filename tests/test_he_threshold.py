@@ -327,3 +327,24 @@ def test_parse_ciphertext_refuses_anything_malformed(context, data, cut):
     for candidate in (data, real[:cut], real[: len(real) - cut] + data):
         with contextlib.suppress(SealFormatError):
             parse_ciphertext(candidate, expected_k=context.k, expected_n=context.n)
+
+
+def test_the_seal_share_path_equals_the_numpy_arithmetic(context):
+    """partial_decrypt lets SEAL do c1 * s_i and the flood's NTT: same residues
+    as the exact numpy modmul and NTT (SEAL's order and roots)."""
+    rng = np.random.default_rng(5)
+    share = T.SecretShare.generate(context)
+    c1 = np.stack(
+        [rng.integers(0, q, context.n, dtype=np.uint64) for q in context.data_moduli]
+    )
+    flood = np.stack(
+        [rng.integers(0, q, context.n, dtype=np.uint64) for q in context.data_moduli]
+    )
+    expected_flood = context.data_ntt.forward(flood)
+    expected = np.stack(
+        [
+            (modmul(c1[j], share._ntt[j], q) + expected_flood[j]) % np.uint64(q)
+            for j, q in enumerate(context.data_moduli)
+        ]
+    )
+    np.testing.assert_array_equal(share._seal_share(c1, flood), expected)

@@ -151,28 +151,16 @@ def sample_gaussian_residues(
     step_bits = max(0, math.ceil(math.log2(sigma)) - 45) if sigma > 0 else 0
     step = 1 << step_bits
     coarse = np.rint(generator.normal(0.0, sigma / step, size=n)).astype(np.int64)
+    dither = (
+        generator.integers(-(step // 2), step // 2, size=n, dtype=np.int64)
+        if step > 1
+        else np.zeros(n, dtype=np.int64)
+    )
     rows = []
-    if step_bits <= 16:
-        dither = (
-            generator.integers(-(step // 2), step // 2, size=n, dtype=np.int64)
-            if step > 1
-            else np.zeros(n, dtype=np.int64)
-        )
-        exact = coarse * np.int64(step) + dither
-        return np.stack([reduce_signed(exact, q) for q in moduli])
-    high = generator.integers(-(1 << (step_bits - 17)), 1 << (step_bits - 17), size=n)
-    low = generator.integers(0, 1 << 16, size=n, dtype=np.int64)
     for q in moduli:
-        # f = coarse * step + high * 2**16 + low, with |high * 2**16| < step / 2
-        value = modmul(reduce_signed(coarse, q), np.uint64(step % q), q)
-        value = add_mod(
-            value,
-            modmul(
-                reduce_signed(high.astype(np.int64), q), np.uint64((1 << 16) % q), q
-            ),
-            q,
-        )
-        rows.append(add_mod(value, reduce_signed(low, q), q))
+        # f = coarse * step + dither, reduced without forming f (it may exceed int64)
+        scaled = modmul(reduce_signed(coarse, q), np.uint64(step % q), q)
+        rows.append(add_mod(scaled, reduce_signed(dither, q), q))
     return np.stack(rows)
 
 

@@ -307,6 +307,8 @@ class SecretShare:
         self.decryptions_used = int(decryptions_used)
         self.last_round = int(last_round)
         self._path: Path | None = None
+        self._decryptor: Any = None
+        self._evaluator: Any = None
 
     def __repr__(self) -> str:  # never print the share itself
         return (
@@ -434,12 +436,53 @@ class SecretShare:
         flood = sample_gaussian_residues(
             context.n, profile.flooding_sigma(), context.data_moduli
         )
-        flood_ntt = context.data_ntt.forward(flood)
-        rows = [
-            add_mod(modmul(c1[j], self._ntt[j], q), flood_ntt[j], q)
-            for j, q in enumerate(context.data_moduli)
+        return PartialDecryption(digest(c1), self._seal_share(c1, flood))
+
+    def _seal_share(self, c1: np.ndarray, flood: np.ndarray) -> np.ndarray:
+        """``c1 * s_i + NTT(flood)`` computed by SEAL (native NTT and product).
+
+        The flood goes in as a coefficient-form ciphertext ``(f, f)`` that SEAL
+        transforms to NTT form; ``c1 * s_i`` is SEAL's decryption of ``(0, c1)``
+        under a ``SecretKey`` holding ``s_i``; ``add_plain`` puts the product into
+        the first polynomial, which is the share. (The same as the numpy
+        ``modmul`` and ``NttTables.forward``, several times faster; tested equal.)
+        """
+        from flwr_ext.he.wire import _scratch_file
+
+        context = self.context
+        sealapi = context.sealapi
+        with _scratch_file() as scratch:
+            if self._decryptor is None:
+                secret_key = sealapi.SecretKey()
+                scratch.write(
+                    plaintext_bytes(context.key_parms_id, self._ntt, scale=1.0)
+                )
+                secret_key.load(context.context, scratch.path)
+                self._decryptor = sealapi.Decryptor(context.context, secret_key)
+                self._evaluator = sealapi.Evaluator(context.context)
+            noise = sealapi.Ciphertext()
+            scratch.write(
+                ciphertext_bytes(
+                    context.data_parms_id, np.stack([flood, flood]), ntt_form=False
+                )
+            )
+            noise.load(context.context, scratch.path)
+            self._evaluator.transform_to_ntt_inplace(noise)
+            request = sealapi.Ciphertext()
+            scratch.write(
+                ciphertext_bytes(
+                    context.data_parms_id, np.stack([np.zeros_like(c1), c1])
+                )
+            )
+            request.load(context.context, scratch.path)
+            product = sealapi.Plaintext()
+            self._decryptor.decrypt(request, product)
+            self._evaluator.add_plain_inplace(noise, product)
+            noise.save(scratch.path)
+            data = scratch.read()
+        return parse_ciphertext(data, expected_k=context.k, expected_n=context.n).polys[
+            0
         ]
-        return PartialDecryption(digest(c1), np.stack(rows))
 
 
 def check_residues(context: ThresholdContext, values: object, what: str) -> np.ndarray:
