@@ -108,7 +108,7 @@ def sample_gaussian(n: int, sigma: float) -> np.ndarray:
     The normal deviates come from numpy's PCG64 generator seeded with 256 bits from
     the OS's CSPRNG for each call (the project's noise convention: never
     ``np.random``'s global state). A float64 carries 53 bits, so for a large
-    ``sigma`` (flooding noise, up to ``2**60``) ``sigma * z`` is only known to a
+    ``sigma`` (up to ``2**59``) ``sigma * z`` is only known to a
     grid of ``step = 2**(bits(sigma) - 45)``; every sample is therefore rounded to
     that grid and dithered by an independent uniform integer in
     ``[-step/2, step/2)``. The result has full integer resolution (no residue
@@ -118,10 +118,8 @@ def sample_gaussian(n: int, sigma: float) -> np.ndarray:
     """
     if not sigma >= 0 or not np.isfinite(sigma):
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
-    if sigma > 2.0**60:
-        raise ValueError(
-            f"sigma={sigma!r} is above 2**60: samples could overflow int64"
-        )
+    if sigma > 2.0**59:
+        raise ValueError(f"sigma={sigma!r} is above 2**59: samples could overflow")
     seed = int.from_bytes(os.urandom(32), "little")
     generator = np.random.Generator(np.random.PCG64(seed))
     step_bits = max(0, math.ceil(math.log2(sigma)) - 45) if sigma > 0 else 0

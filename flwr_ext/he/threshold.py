@@ -137,7 +137,7 @@ class ThresholdProfile:
     key_error_sigma: float = 3.2
     security_bits: int = 30
     max_decryptions: int = 65536
-    max_parties: int = 128
+    max_parties: int = 64
 
     def error_bound(self) -> float:
         """``B``: ten standard deviations of the aggregate's decryption error.
@@ -415,30 +415,49 @@ class SecretShare:
     def partial_decrypt(self, c1: np.ndarray) -> PartialDecryption:
         """``h_i = c1 * s_i + f_i`` for one aggregate ciphertext's ``c1``.
 
-        ``c1`` is the ``(k, N)`` NTT-form second polynomial of the aggregate (the
-        server sends only ``c1``: 16 B/param). ``f_i`` is this site's flooding
-        noise (:meth:`ThresholdProfile.flooding_sigma`). Each call spends one of the
-        share's ``max_decryptions``, persisted before the share is computed; past
-        the budget the share refuses (the flooding would no longer give ``lambda``
-        bits).
+        See :meth:`partial_decrypt_all`, which this calls with one ``c1``.
+        """
+        return self.partial_decrypt_all([c1])[0]
+
+    def partial_decrypt_all(self, c1s: list[np.ndarray]) -> list[PartialDecryption]:
+        """``h_i = c1 * s_i + f_i`` for each aggregate chunk's ``c1``.
+
+        ``c1`` is the ``(k, N)`` NTT-form second polynomial of an aggregate
+        ciphertext (the server sends only ``c1``: 16 B/param). ``f_i`` is this
+        site's flooding noise (:meth:`ThresholdProfile.flooding_sigma`), fresh for
+        every chunk. Each chunk spends one of the share's ``max_decryptions``; the
+        whole batch is claimed and persisted before any share is computed, and a
+        batch beyond the budget is refused (the flooding would no longer give
+        ``lambda`` bits).
         """
         context = self.context
         profile = context.profile
-        c1 = check_residues(context, c1, "c1")
-        if self.decryptions_used >= profile.max_decryptions:
+        checked = [check_residues(context, c1, "c1") for c1 in c1s]
+        if self.decryptions_used + len(checked) > profile.max_decryptions:
             raise ThresholdError(
                 f"this secret share has helped decrypt {self.decryptions_used} "
-                f"ciphertexts, the most its flooding is sized for "
-                f"({profile.max_decryptions}); create a new key set"
+                f"ciphertexts; {len(checked)} more would exceed the most its "
+                f"flooding is sized for ({profile.max_decryptions}); create a new "
+                "key set"
             )
-        self.decryptions_used += 1
+        self.decryptions_used += len(checked)
         self._persist_counter()
-        flood = sample_gaussian_residues(
-            context.n, profile.flooding_sigma(), context.data_moduli
-        )
-        return PartialDecryption(digest(c1), self._seal_share(c1, flood))
+        from flwr_ext.he.wire import _scratch_file
 
-    def _seal_share(self, c1: np.ndarray, flood: np.ndarray) -> np.ndarray:
+        out = []
+        with _scratch_file() as scratch:
+            for c1 in checked:
+                flood = sample_gaussian_residues(
+                    context.n, profile.flooding_sigma(), context.data_moduli
+                )
+                out.append(
+                    PartialDecryption(digest(c1), self._seal_share(c1, flood, scratch))
+                )
+        return out
+
+    def _seal_share(
+        self, c1: np.ndarray, flood: np.ndarray, scratch: Any
+    ) -> np.ndarray:
         """``c1 * s_i + NTT(flood)`` computed by SEAL (native NTT and product).
 
         The flood goes in as a coefficient-form ciphertext ``(f, f)`` that SEAL
@@ -447,42 +466,35 @@ class SecretShare:
         the first polynomial, which is the share. (The same as the numpy
         ``modmul`` and ``NttTables.forward``, several times faster; tested equal.)
         """
-        from flwr_ext.he.wire import _scratch_file
-
         context = self.context
         sealapi = context.sealapi
-        with _scratch_file() as scratch:
-            if self._decryptor is None:
-                secret_key = sealapi.SecretKey()
-                scratch.write(
-                    plaintext_bytes(context.key_parms_id, self._ntt, scale=1.0)
-                )
-                secret_key.load(context.context, scratch.path)
-                self._decryptor = sealapi.Decryptor(context.context, secret_key)
-                self._evaluator = sealapi.Evaluator(context.context)
-            noise = sealapi.Ciphertext()
-            scratch.write(
-                ciphertext_bytes(
-                    context.data_parms_id, np.stack([flood, flood]), ntt_form=False
-                )
+        if self._decryptor is None:
+            secret_key = sealapi.SecretKey()
+            scratch.write(plaintext_bytes(context.key_parms_id, self._ntt, scale=1.0))
+            secret_key.load(context.context, scratch.path)
+            self._decryptor = sealapi.Decryptor(context.context, secret_key)
+            self._evaluator = sealapi.Evaluator(context.context)
+        noise = sealapi.Ciphertext()
+        scratch.write(
+            ciphertext_bytes(
+                context.data_parms_id, np.stack([flood, flood]), ntt_form=False
             )
-            noise.load(context.context, scratch.path)
-            self._evaluator.transform_to_ntt_inplace(noise)
-            request = sealapi.Ciphertext()
-            scratch.write(
-                ciphertext_bytes(
-                    context.data_parms_id, np.stack([np.zeros_like(c1), c1])
-                )
-            )
-            request.load(context.context, scratch.path)
-            product = sealapi.Plaintext()
-            self._decryptor.decrypt(request, product)
-            self._evaluator.add_plain_inplace(noise, product)
-            noise.save(scratch.path)
-            data = scratch.read()
-        return parse_ciphertext(data, expected_k=context.k, expected_n=context.n).polys[
-            0
-        ]
+        )
+        noise.load(context.context, scratch.path)
+        self._evaluator.transform_to_ntt_inplace(noise)
+        request = sealapi.Ciphertext()
+        scratch.write(
+            ciphertext_bytes(context.data_parms_id, np.stack([np.zeros_like(c1), c1]))
+        )
+        request.load(context.context, scratch.path)
+        product = sealapi.Plaintext()
+        self._decryptor.decrypt(request, product)
+        self._evaluator.add_plain_inplace(noise, product)
+        noise.save(scratch.path)
+        raw = parse_ciphertext(
+            scratch.read(), expected_k=context.k, expected_n=context.n
+        )
+        return raw.polys[0]
 
 
 def check_residues(context: ThresholdContext, values: object, what: str) -> np.ndarray:

@@ -310,6 +310,12 @@ class ThresholdHomomorphicAggregation(Strategy):
                     index = list(sites).index(node_id)
                     del sites[node_id]
                     del shares[index]
+        if len(sites) > self.profile.max_parties:
+            raise RuntimeError(
+                f"threshold CKKS setup: {len(sites)} sites, but the flooding is sized "
+                f"for at most max_parties={self.profile.max_parties}; use a profile "
+                "with a larger max_parties"
+            )
         if len(sites) < self.min_sites:
             raise RuntimeError(
                 f"threshold CKKS setup: {len(sites)} valid public share(s), "
@@ -359,6 +365,12 @@ class ThresholdHomomorphicAggregation(Strategy):
                 )
             for record in records:
                 record[KEY_NUM_CLIENTS] = max(len(messages), 1)
+        if len(messages) > self.profile.max_parties:
+            raise RuntimeError(
+                f"round {server_round}: {len(messages)} clients sampled, but the "
+                f"flooding is sized for aggregates of at most "
+                f"max_parties={self.profile.max_parties} updates"
+            )
         self._sampled = {int(m.metadata.dst_node_id) for m in messages}
         return messages
 
