@@ -347,4 +347,5 @@ def test_the_seal_share_path_equals_the_numpy_arithmetic(context):
             for j, q in enumerate(context.data_moduli)
         ]
     )
-    np.testing.assert_array_equal(share._seal_share(c1, flood), expected)
+    with _scratch_file() as scratch:
+        np.testing.assert_array_equal(share._seal_share(c1, flood, scratch), expected)
