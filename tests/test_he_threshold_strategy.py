@@ -286,3 +286,66 @@ def test_robust_rules_cannot_wrap_threshold_aggregation():
 def test_config_typos_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ThresholdHomomorphicAggregation(FedAvg(), **kwargs)
+
+
+def _stats_app(rows: int, offset: float, layout_twist: bool = False) -> ClientApp:
+    app = make_app([ckks_mod])  # Flower dispatches keygen/decrypt to a train handler
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        rng = np.random.default_rng(rows)
+        x = rng.normal(offset, 300.0, size=(rows, 4))  # an 'area'-like feature
+        metrics = {
+            "n": rows,
+            "sum": [float(v) for v in x.sum(axis=0)],
+            "sumsq": [float(v) for v in np.square(x).sum(axis=0)],
+        }
+        if layout_twist:
+            metrics["extra"] = 1.0
+        return Message(RecordDict({"stats": MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+def test_secure_sum_releases_only_the_sum_of_the_sites_statistics(tmp_path, caplog):
+    apps = {
+        1: _stats_app(150, 900.0),
+        2: _stats_app(220, 1100.0),
+        3: _stats_app(90, 700.0),
+    }
+    seen_by_server: list[Message] = []
+    grid = grid_for(apps, tmp_path)
+    original = grid.pull_messages
+
+    def spy(ids):
+        replies = list(original(ids))
+        seen_by_server.extend(replies)
+        return replies
+
+    grid.pull_messages = spy
+    strategy = ThresholdHomomorphicAggregation(FedAvg())
+    summed, count = strategy.secure_sum(grid, ConfigRecord({"query": "feature-stats"}))
+    assert count == 3
+    expected = {"n": 0.0, "sum": np.zeros(4), "sumsq": np.zeros(4)}
+    for rows, offset in ((150, 900.0), (220, 1100.0), (90, 700.0)):
+        x = np.random.default_rng(rows).normal(offset, 300.0, size=(rows, 4))
+        expected["n"] += rows
+        expected["sum"] += x.sum(axis=0)
+        expected["sumsq"] += np.square(x).sum(axis=0)
+    assert round(summed["n"]) == 460 and abs(summed["n"] - 460) < 0.1
+    np.testing.assert_allclose(summed["sum"], expected["sum"], atol=0.1)
+    np.testing.assert_allclose(summed["sumsq"], expected["sumsq"], rtol=1e-9, atol=0.1)
+    # What reached the server: encrypted vectors and layouts, no site's numbers.
+    answers = [m for m in seen_by_server if "sum" in m.content.array_records]
+    assert len(answers) == 3 and all(not m.content.metric_records for m in answers)
+    # A second secure sum (a new decryption number) works; a site whose layout
+    # differs is dropped and named.
+    apps[3] = _stats_app(90, 700.0, layout_twist=True)
+    grid._nodes[3] = apps[3]
+    with caplog.at_level(logging.WARNING):
+        summed, count = strategy.secure_sum(
+            grid, ConfigRecord({"query": "feature-stats"})
+        )
+    assert (
+        count == 2 and "layout differs" in caplog.text and "hospital-3" in caplog.text
+    )

@@ -382,16 +382,17 @@ class SecretShare:
         os.replace(temporary, self._path)
 
     def claim_round(self, server_round: int) -> None:
-        """Record that this share answers ``server_round``'s decryption, once.
+        """Record that this share answers decryption request ``server_round``, once.
 
-        A request for the same or an earlier round is a replay (an honest server
-        asks once per round) and raises; the claim is persisted before any share
-        is computed, so a restart does not reset it.
+        The server numbers its collective decryptions 1, 2, 3... (the statistics
+        round, then one per training round); a request whose number is not above
+        the last one answered is a replay and raises. The claim is persisted
+        before any share is computed, so a restart does not reset it.
         """
         if server_round <= self.last_round:
             raise ThresholdError(
-                f"refusing a second decryption for round {server_round}: this "
-                f"share already answered round {self.last_round} (a replay)"
+                f"refusing decryption request {server_round}: this share already "
+                f"answered request {self.last_round} (a replay)"
             )
         self.last_round = int(server_round)
         self._persist_counter()
@@ -619,9 +620,19 @@ def encryptor(context: ThresholdContext, public_key: bytes) -> Any:
 
 
 def encrypt_values(
-    context: ThresholdContext, encryptor_: Any, values: np.ndarray
+    context: ThresholdContext,
+    encryptor_: Any,
+    values: np.ndarray,
+    *,
+    scale_bits: int | None = None,
 ) -> list[bytes]:
-    """Encrypt a float vector, ``N`` reals per ciphertext (two per complex slot)."""
+    """Encrypt a float vector, ``N`` reals per ciphertext (two per complex slot).
+
+    ``scale_bits`` (default: the profile's) sets the fixed-point scale: a smaller
+    scale leaves room for larger sums (e.g. feature statistics) at the price of
+    absolute precision (the flooding noise does not depend on the scale).
+    """
+    scale = context.scale if scale_bits is None else float(2**scale_bits)
     from flwr_ext.he.wire import _scratch_file
 
     half = context.n // 2
@@ -635,7 +646,7 @@ def encrypt_values(
             if chunk.shape[0] > half:
                 slots.imag[: chunk.shape[0] - half] = chunk[half:]
             plain = context.sealapi.Plaintext()
-            context.encoder.encode(slots.tolist(), context.scale, plain)
+            context.encoder.encode(slots.tolist(), scale, plain)
             ciphertext = context.sealapi.Ciphertext()
             encryptor_.encrypt(plain, ciphertext)
             ciphertext.save(scratch.path)

@@ -12,9 +12,12 @@ op            server -> site                                   site -> server
 ``train``     key-set id, collective public key, weight unit,  the update encrypted
               weight key, number of clients; the plaintext     with the public key
               global model                                     (:func:`encrypt_update`)
-``decrypt``   key-set id, round, number of contributions,      ``h_i`` per chunk and
-              ``c1`` of each aggregate chunk                   the digest of each
+``decrypt``   key-set id, request number, number of             ``h_i`` per chunk and
+              contributions, ``c1`` of each aggregate chunk    the digest of each
                                                                ``c1`` it answered
+``sum``       (a *query*) key-set id, public key, scale; the   the app's MetricRecord
+              app's own query config                           encrypted as one vector
+                                                               plus its layout
 ============  ===============================================  ======================
 
 Sizes (N = 8192, two 60-bit data primes, packed two reals per slot): an encrypted
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 from .threshold import ThresholdContext, ThresholdError, check_residues
 
@@ -60,10 +63,16 @@ KEY_CONTRIBUTIONS = "ckks-threshold-contributions"
 KEY_DIGESTS = "ckks-threshold-digests"
 KEY_SITE_NAME = "ckks-threshold-site"
 
+KEY_SCALE_BITS = "ckks-threshold-scale-bits"
+KEY_LAYOUT = "ckks-threshold-layout"
+
 OP_KEYGEN = "keygen"
 OP_TRAIN = "train"
 OP_DECRYPT = "decrypt"
-OPS = (OP_KEYGEN, OP_TRAIN, OP_DECRYPT)
+OP_SUM = "sum"
+OPS = (OP_KEYGEN, OP_TRAIN, OP_DECRYPT, OP_SUM)
+#: Most values a secure sum of metrics may hold.
+MAX_SUM_VALUES = 1_000_000
 
 #: Name of the ArrayRecord entry holding an encrypted update's metadata.
 META = "ckks-threshold-meta"
@@ -326,3 +335,83 @@ def _bytes_of(array: Array, limit: int, what: str) -> bytes:
 def check_chunk_residues(context: ThresholdContext, values: np.ndarray) -> None:
     """Alias kept small for the mod: raise unless ``values`` are ``(k, N)``."""
     check_residues(context, values, "c1")
+
+
+def metrics_to_vector(record: Any) -> tuple[list[tuple[str, int]], np.ndarray]:
+    """Flatten a MetricRecord's numbers into one float64 vector, keys sorted.
+
+    Returns the layout ``[(key, length), ...]`` (a scalar has length 0) and the
+    vector. Every value must be a finite number or a list of them.
+    """
+    layout: list[tuple[str, int]] = []
+    parts: list[np.ndarray] = []
+    for key in sorted(record):
+        value = record[key]
+        if isinstance(value, list):
+            if not value or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in value
+            ):
+                raise ThresholdError(f"metric '{key}' is not a list of numbers")
+            array = np.asarray(value, dtype=np.float64)
+            layout.append((str(key), len(value)))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            array = np.asarray([value], dtype=np.float64)
+            layout.append((str(key), 0))
+        else:
+            raise ThresholdError(f"metric '{key}' is not a number or a list of them")
+        if not np.isfinite(array).all():
+            raise ThresholdError(f"metric '{key}' holds NaN or Inf")
+        parts.append(array)
+    vector = np.concatenate(parts) if parts else np.zeros(0)
+    return layout, vector
+
+
+def read_layout(text: object) -> list[tuple[str, int]]:
+    """Parse a layout sent by a site (JSON ``[[key, length], ...]``), totally."""
+    if not isinstance(text, str) or len(text) > 65536:
+        raise ThresholdError("malformed layout")
+    try:
+        parsed: Any = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise ThresholdError("malformed layout") from err
+    if not isinstance(parsed, list) or not parsed:
+        raise ThresholdError("malformed layout")
+    layout = []
+    total = 0
+    for entry in parsed:
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 2
+            or not isinstance(entry[0], str)
+            or not 0 < len(entry[0]) <= 128
+            or isinstance(entry[1], bool)
+            or not isinstance(entry[1], int)
+            or not 0 <= entry[1] <= MAX_SUM_VALUES
+        ):
+            raise ThresholdError("malformed layout")
+        total += max(entry[1], 1)
+        layout.append((entry[0], entry[1]))
+    if total > MAX_SUM_VALUES or len({k for k, _ in layout}) != len(layout):
+        raise ThresholdError("malformed layout")
+    return layout
+
+
+def vector_to_metrics(
+    layout: list[tuple[str, int]], vector: np.ndarray
+) -> MetricRecord:
+    """Inverse of :func:`metrics_to_vector` (floats; lists stay lists)."""
+    out: dict[str, Any] = {}
+    position = 0
+    for key, length in layout:
+        if length == 0:
+            out[key] = float(vector[position])
+            position += 1
+        else:
+            out[key] = [float(v) for v in vector[position : position + length]]
+            position += length
+    return MetricRecord(out)
+
+
+def layout_size(layout: list[tuple[str, int]]) -> int:
+    """Return the number of values a layout describes."""
+    return sum(max(length, 1) for _, length in layout)

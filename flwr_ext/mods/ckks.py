@@ -102,7 +102,11 @@ def ckks_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
     category = msg.metadata.message_type.split(".", 1)[0]
     try:
         config = _single_config(msg)
-        threshold_op = read_op(config) if category == MessageType.TRAIN else None
+        threshold_op = (
+            read_op(config)
+            if category in (MessageType.TRAIN, MessageType.QUERY)
+            else None
+        )
         if threshold_op is not None:
             assert config is not None
             return handle_threshold(msg, context, call_next, config, threshold_op)

@@ -14,6 +14,9 @@ the rule; nothing secret is in it):
 - ``train``: the ClientApp trains on the plaintext global model; the mod encrypts
   the reply (pre-scaled by ``num-examples / weight unit``, plus a weight and a
   count slot) under the collective public key. Nothing leaves in plaintext.
+- ``sum`` (a query, e.g. the apps' feature statistics): the ClientApp answers with
+  one MetricRecord; the mod encrypts all its numbers as one vector (plus a count
+  slot) and sends only that and the layout (key names and lengths).
 - ``decrypt``: its flooded partial decryption of each aggregate chunk, only
   for a key set it holds a share of, only for an aggregate the server says holds
   at least the site's ``policy-min-contributions`` (default 2) updates, and only
@@ -47,15 +50,19 @@ from ..he.threshold_protocol import (
     KEY_CONTRIBUTIONS,
     KEY_DIGESTS,
     KEY_KEYSET,
+    KEY_LAYOUT,
     KEY_ROUND,
+    KEY_SCALE_BITS,
     KEY_SEED,
     KEY_SITE_NAME,
     OP_DECRYPT,
     OP_KEYGEN,
+    OP_SUM,
     EncryptedUpdate,
     TrainAnnouncement,
     check_keyset,
     encode_update,
+    metrics_to_vector,
     read_residue_record,
     residue_record,
 )
@@ -89,11 +96,17 @@ def handle_threshold(
     """Answer one threshold-CKKS instruction (see the module docstring).
 
     Raises :class:`ThresholdError` (``ckks_mod`` turns it into an error reply).
+    A secure sum comes as a query; every other operation as a train message.
     """
+    is_query = msg.metadata.message_type.split(".", 1)[0] == "query"
+    if is_query != (op == OP_SUM):
+        raise ThresholdError(f"threshold operation '{op}' in the wrong message type")
     if op == OP_KEYGEN:
         return _keygen(msg, context, config)
     if op == OP_DECRYPT:
         return _decrypt(msg, context, config)
+    if op == OP_SUM:
+        return _sum(msg, context, call_next, config)
     return _train(msg, context, call_next, config)
 
 
@@ -186,6 +199,56 @@ def _train(
     return reply
 
 
+def _sum(
+    msg: Message, context: Context, call_next: ClientAppCallable, config: ConfigRecord
+) -> Message:
+    announcement = TrainAnnouncement.read(config)
+    ctx = _context()
+    scale_bits = config.get(KEY_SCALE_BITS)
+    if (
+        isinstance(scale_bits, bool)
+        or not isinstance(scale_bits, int)
+        or not 30 <= scale_bits <= ctx.profile.scale_bits
+    ):
+        raise ThresholdError(
+            f"'{KEY_SCALE_BITS}' must be an integer in [30, {ctx.profile.scale_bits}]"
+        )
+    _share_path(context, announcement.keyset)
+    encrypt = encryptor(ctx, announcement.public_key)
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    records = list(reply.content.metric_records.values())
+    if len(records) != 1:
+        raise ThresholdError(
+            f"a secure-sum reply must hold exactly one MetricRecord, got {len(records)}"
+        )
+    layout, values = metrics_to_vector(records[0])
+    vector = np.concatenate([values, [1.0]])  # the count slot
+    data_bits = sum(ctx.profile.coeff_mod_bit_sizes[:-1])
+    limit = 2.0 ** (data_bits - scale_bits - 2) / announcement.num_clients
+    largest = float(np.max(np.abs(vector)))
+    if largest > limit:
+        raise ThresholdError(
+            f"a value of magnitude {largest:.3g} exceeds the secure sum's per-site "
+            f"bound {limit:.3g} at scale 2^{scale_bits}"
+        )
+    update = EncryptedUpdate(
+        announcement.keyset,
+        vector.shape[0],
+        encrypt_values(ctx, encrypt, vector, scale_bits=scale_bits),
+    )
+    return Message(
+        RecordDict(
+            {
+                "sum": encode_update(update),
+                "config": ConfigRecord({KEY_LAYOUT: json.dumps(layout)}),
+            }
+        ),
+        reply_to=msg,
+    )
+
+
 def _claimed_weight(reply: Message, weight_key: str) -> float:
     values = [
         m[weight_key] for m in reply.content.metric_records.values() if weight_key in m
@@ -236,7 +299,7 @@ def _decrypt(msg: Message, context: Context, config: ConfigRecord) -> Message:
     partials = [share.partial_decrypt(c1) for c1 in c1s]
     log(
         INFO,
-        "%s: partial decryption of round %d's aggregate (%d updates, %d chunks)",
+        "%s: partial decryption %d of an aggregate (%d updates, %d chunks)",
         _NAME,
         server_round,
         contributions,

@@ -69,17 +69,23 @@ from ..he.threshold_protocol import (
     KEY_CONTRIBUTIONS,
     KEY_DIGESTS,
     KEY_KEYSET,
+    KEY_LAYOUT,
     KEY_NUM_CLIENTS,
     KEY_OP,
     KEY_ROUND,
+    KEY_SCALE_BITS,
     KEY_SEED,
     KEY_SITE_NAME,
     OP_DECRYPT,
     OP_KEYGEN,
+    OP_SUM,
     TrainAnnouncement,
     decode_update,
+    layout_size,
+    read_layout,
     read_residue_record,
     residue_record,
+    vector_to_metrics,
 )
 from ..he.wire import _scratch_file
 from ..records import (
@@ -180,6 +186,7 @@ class ThresholdHomomorphicAggregation(Strategy):
         self._manifest: Manifest | None = None
         self._sampled: set[int] = set()
         self._grid: Grid | None = None
+        self._sequence = 0  # collective decryptions so far (sites refuse replays)
 
     def __repr__(self) -> str:
         return (
@@ -435,7 +442,31 @@ class ThresholdHomomorphicAggregation(Strategy):
     ) -> tuple[float, list[Any]]:
         assert self._context is not None and self._manifest is not None
         node_id = int(reply.metadata.src_node_id)
-        if node_id not in self._sampled:
+        _, weight = self._screen(reply, seen, self._sampled, needs_weight=True)
+        records = reply.content.array_records
+        if len(records) != 1:
+            raise InvalidReplyError(
+                node_id, f"expected one ArrayRecord, got {len(records)}"
+            )
+        update = decode_update(
+            self._context,
+            next(iter(records.values())),
+            expected_values=self._manifest.size + 2,
+        )
+        ciphertexts = self._load_update(update, scratch, self._context.scale)
+        return weight, ciphertexts
+
+    def _screen(
+        self,
+        reply: Message,
+        seen: set[int],
+        expected: set[int] | dict[int, str],
+        *,
+        needs_weight: bool,
+    ) -> tuple[int, float]:
+        """Drop replies from unexpected nodes, second replies and error replies."""
+        node_id = int(reply.metadata.src_node_id)
+        if node_id not in expected:
             raise InvalidReplyError(
                 node_id, "a reply from a node this round did not sample"
             )
@@ -444,33 +475,30 @@ class ThresholdHomomorphicAggregation(Strategy):
         seen.add(node_id)
         if reply.has_error():
             raise InvalidReplyError(node_id, f"client error: {reply.error.reason}")
-        records = reply.content.array_records
-        if len(records) != 1:
-            raise InvalidReplyError(
-                node_id, f"expected one ArrayRecord, got {len(records)}"
-            )
+        if not needs_weight:
+            return node_id, 0.0
         _, weight = validate_metrics(reply, self.weight_key, node_id)
-        update = decode_update(
-            self._context,
-            next(iter(records.values())),
-            expected_values=self._manifest.size + 2,
-        )
+        return node_id, weight
+
+    def _load_update(self, update: Any, scratch: Any, scale: float) -> list[Any]:
+        """Load and check an update's ciphertexts (SEAL validates each)."""
+        context = self._context
+        assert context is not None
         if update.keyset != self._keyset:
             raise ThresholdError("the update is encrypted under another key set")
         ciphertexts = []
-        context = self._context
         for blob in update.ciphertexts:
             scratch.write(blob)
             ciphertext = context.sealapi.Ciphertext()
             try:
                 ciphertext.load(context.context, scratch.path)
-            except Exception as err:  # SEAL's validation: any failure drops the reply
+            except Exception as err:  # SEAL's validation: any failure drops it
                 raise ThresholdError(f"a ciphertext does not load ({err})") from err
             if (
                 tuple(ciphertext.parms_id()) != context.data_parms_id
                 or ciphertext.size() != 2
                 or not ciphertext.is_ntt_form()
-                or float(ciphertext.scale) != context.scale
+                or float(ciphertext.scale) != scale
                 or int(ciphertext.poly_modulus_degree()) != context.n
                 or int(ciphertext.coeff_modulus_size()) != context.k
             ):
@@ -478,7 +506,7 @@ class ThresholdHomomorphicAggregation(Strategy):
                     "a ciphertext does not fit the key set's parameters"
                 )
             ciphertexts.append(ciphertext)
-        return weight, ciphertexts
+        return ciphertexts
 
     def _log_drop(self, server_round: int, node_id: int, reason: str) -> None:
         log(
@@ -494,11 +522,26 @@ class ThresholdHomomorphicAggregation(Strategy):
     def _decrypt(
         self, server_round: int, blobs: list[bytes], valid: list[tuple[Message, float]]
     ) -> np.ndarray | None:
-        """Decrypt the aggregate collectively; ``None`` if any site fails."""
+        """Decrypt a training round's aggregate; the checked weighted average."""
+        vector = self._collective_decrypt(f"round {server_round}", blobs, len(valid))
+        if vector is None:
+            return None
+        return self._check_slots(server_round, vector, valid)
+
+    def _collective_decrypt(
+        self, label: str, blobs: list[bytes], contributions: int
+    ) -> np.ndarray | None:
+        """Decrypt an aggregate with every key holder; ``None`` if any site fails.
+
+        Each request carries the next decryption number (sites refuse a number
+        they have passed: a replay), the number of summed contributions (sites
+        refuse fewer than their policy minimum) and the chunks' ``c1``.
+        """
         assert self._context is not None and self._grid is not None
         context = self._context
         raws = [split_ciphertext(context, blob) for blob in blobs]
         c1_record = residue_record("c1", [raw.polys[1] for raw in raws])
+        self._sequence += 1
         requests = [
             Message(
                 content=RecordDict(
@@ -508,8 +551,8 @@ class ThresholdHomomorphicAggregation(Strategy):
                             {
                                 KEY_OP: OP_DECRYPT,
                                 KEY_KEYSET: self._keyset,
-                                KEY_ROUND: server_round,
-                                KEY_CONTRIBUTIONS: len(valid),
+                                KEY_ROUND: self._sequence,
+                                KEY_CONTRIBUTIONS: contributions,
                             }
                         ),
                     }
@@ -543,10 +586,10 @@ class ThresholdHomomorphicAggregation(Strategy):
             )
             log(
                 WARNING,
-                "[%s] round %d: collective decryption failed (%s): keeping the "
-                "previous global model",
+                "[%s] %s: collective decryption failed (%s): keeping the "
+                "previous state",
                 type(self).__name__,
-                server_round,
+                label,
                 details,
             )
             return None
@@ -562,14 +605,129 @@ class ThresholdHomomorphicAggregation(Strategy):
             values.append(unpack(slots, context.n))
         log(
             INFO,
-            "[%s] round %d: aggregate of %d updates decrypted by all %d sites (%s)",
+            "[%s] %s: aggregate of %d updates decrypted by all %d sites (%s)",
             type(self).__name__,
-            server_round,
-            len(valid),
+            label,
+            contributions,
             len(self._sites),
             ", ".join(self._sites.values()),
         )
-        return self._check_slots(server_round, np.concatenate(values), valid)
+        return np.concatenate(values)
+
+    # ------------------------------------------------------------ secure sum
+    def secure_sum(
+        self,
+        grid: Grid,
+        query: ConfigRecord,
+        *,
+        scale_bits: int = 75,
+        timeout: float | None = None,
+    ) -> tuple[MetricRecord, int] | None:
+        """Sum one MetricRecord over the key holders; only the sum is decrypted.
+
+        Sends every key holder a query carrying ``query`` (the app's own request,
+        e.g. for feature statistics); ``ckks_mod`` encrypts the ClientApp's
+        MetricRecord answer as one vector under the collective key. The server
+        adds the vectors and decrypts the sum collectively, so it learns the sum
+        and never one site's numbers (SecAgg's semantics, as for the model).
+
+        ``scale_bits`` trades range for precision: at the default 2^75, sums up to
+        about 2^44 / sites fit, with an absolute error of about 0.02 (10 sites).
+
+        Returns the summed MetricRecord (lists stay lists) and the number of
+        sites in the sum, or ``None`` (logged) if fewer than ``min_replies``
+        valid answers arrive or the collective decryption fails.
+        """
+        if self._context is None:
+            self.setup(grid)
+        assert self._context is not None
+        context = self._context
+        self._grid = grid
+        config = ConfigRecord(dict(query))
+        TrainAnnouncement(
+            keyset=self._keyset,
+            public_key=self._public_key,
+            weight_unit=1.0,
+            weight_key=self.weight_key,
+            num_clients=max(len(self._sites), 1),
+        ).write(config)
+        config[KEY_OP] = OP_SUM
+        config[KEY_SCALE_BITS] = int(scale_bits)
+        requests = [
+            Message(
+                content=RecordDict({"config": ConfigRecord(dict(config))}),
+                dst_node_id=node_id,
+                message_type=MessageType.QUERY,
+            )
+            for node_id in self._sites
+        ]
+        replies = list(
+            grid.send_and_receive(requests, timeout=timeout or self.decrypt_timeout)
+        )
+        evaluator = context.sealapi.Evaluator(context.context)
+        layout: list[tuple[str, int]] | None = None
+        total: list[Any] | None = None
+        count = 0
+        seen: set[int] = set()
+        with _scratch_file() as scratch:
+            for reply in replies:
+                node_id = int(reply.metadata.src_node_id)
+                try:
+                    self._screen(reply, seen, self._sites, needs_weight=False)
+                    config_record = reply.content.config_records.get("config")
+                    record = reply.content.array_records.get("sum")
+                    if config_record is None or record is None:
+                        raise ThresholdError("malformed secure-sum reply")
+                    reply_layout = read_layout(config_record.get(KEY_LAYOUT))
+                    if layout is not None and reply_layout != layout:
+                        raise ThresholdError("its layout differs from the other sites'")
+                    update = decode_update(
+                        context, record, expected_values=layout_size(reply_layout) + 1
+                    )
+                    ciphertexts = self._load_update(
+                        update, scratch, float(2**scale_bits)
+                    )
+                except (InvalidReplyError, ThresholdError) as err:
+                    reason = (
+                        err.reason if isinstance(err, InvalidReplyError) else str(err)
+                    )
+                    self._log_drop(0, node_id, f"secure sum: {reason}")
+                    continue
+                layout = reply_layout
+                if total is None:
+                    total = ciphertexts
+                else:
+                    for accumulator, ciphertext in zip(total, ciphertexts, strict=True):
+                        evaluator.add_inplace(accumulator, ciphertext)
+                count += 1
+            blobs = []
+            for ciphertext in total or []:
+                ciphertext.save(scratch.path)
+                blobs.append(scratch.read())
+        if count < self.min_replies or layout is None:
+            log(
+                WARNING,
+                "[%s] secure sum: %d valid answers, fewer than min_replies=%d",
+                type(self).__name__,
+                count,
+                self.min_replies,
+            )
+            return None
+        vector = self._collective_decrypt("secure sum", blobs, count)
+        if vector is None:
+            return None
+        size = layout_size(layout)
+        if abs(float(vector[size]) - count) > 0.25:
+            log(
+                WARNING,
+                "[%s] secure sum: count slot %.3f for %d answers: a site encrypted "
+                "something else than it claims; sum discarded",
+                type(self).__name__,
+                float(vector[size]),
+                count,
+            )
+            return None
+        return vector_to_metrics(layout, vector[:size]), count
 
     def _check_share(self, answer: Message, digests: list[str]) -> list[np.ndarray]:
         assert self._context is not None
