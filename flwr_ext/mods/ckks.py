@@ -32,6 +32,9 @@ What it does, per message:
   reply is an error that says why, and the update never leaves the node.
 - **Outgoing** evaluate reply to an encrypted instruction: any ArrayRecord is
   removed (it would reveal the decrypted global model to the server).
+- **Threshold CKKS** (:class:`flwr_ext.strategy.ThresholdHomomorphicAggregation`):
+  key generation, encryption under the collective public key and partial
+  decryptions are answered by :mod:`flwr_ext.mods.threshold_ckks`.
 - A **decryption request** from ``HomomorphicAggregation(mode="decrypt-aggregate")``
   is answered by the mod itself, only on nodes that opted in
   (``ckks-decrypt-for-server=true``) and only for sums of at least
@@ -91,6 +94,8 @@ from ..he.protocol import (
     ClientSettings,
     ModelClaims,
 )
+from ..he.threshold_protocol import read_op
+from .threshold_ckks import handle_threshold
 
 __all__ = [
     "AggregateRejectedError",
@@ -226,6 +231,14 @@ def ckks_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
     category = msg.metadata.message_type.split(".", 1)[0]
     try:
         config = _single_config(msg)
+        threshold_op = (
+            read_op(config)
+            if category in (MessageType.TRAIN, MessageType.QUERY)
+            else None
+        )
+        if threshold_op is not None:
+            assert config is not None
+            return handle_threshold(msg, context, call_next, config, threshold_op)
         if config is not None and config.get(KEY_DECRYPT_REQUEST) is True:
             return _answer_decrypt_request(msg, context)
         announcement = Announcement.read(config or {})
@@ -256,7 +269,7 @@ def ckks_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
                 claims,
             )  # fmt: skip
             msg.content.array_records[key] = decrypted.arrays
-    except (CkksModError, ValueError) as err:
+    except (CkksModError, ValueError) as err:  # ThresholdError is a ValueError
         return _error_reply(msg, str(err))
 
     reply = call_next(msg, context)

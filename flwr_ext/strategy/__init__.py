@@ -20,6 +20,7 @@ from .robust_strategies import (
     TrimmedMean,
 )
 from .round_report import ConfigurationError, NoModelError, RoundFailedError
+from .threshold_homomorphic import ThresholdHomomorphicAggregation
 
 __all__ = [
     "ROBUST_STRATEGIES",
@@ -36,6 +37,7 @@ __all__ = [
     "RobustAggregation",
     "Role",
     "RoundFailedError",
+    "ThresholdHomomorphicAggregation",
     "TrimmedMean",
     "check_composition",
 ]
