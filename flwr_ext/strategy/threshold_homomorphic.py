@@ -96,6 +96,7 @@ from ..records import (
     validate_metrics,
 )
 from .composition import Role, check_composition
+from .round_report import RoundReporting
 
 __all__ = ["ThresholdHomomorphicAggregation"]
 
@@ -105,7 +106,7 @@ METRIC_SUMMED = "ckks-summed"
 METRIC_SECONDS = "ckks-aggregation-s"
 
 
-class ThresholdHomomorphicAggregation(Strategy):
+class ThresholdHomomorphicAggregation(RoundReporting):
     """Multiparty (N-of-N) CKKS secure aggregation around any Flower strategy.
 
     Parameters
@@ -387,6 +388,7 @@ class ThresholdHomomorphicAggregation(Strategy):
         """Sum the valid encrypted replies, decrypt the sum collectively, step."""
         started = time.perf_counter()
         replies = list(replies)
+        report = self._round_report(server_round, len(replies))
         assert self._context is not None and self._manifest is not None
         context = self._context
         evaluator = context.sealapi.Evaluator(context.context)
@@ -403,6 +405,7 @@ class ThresholdHomomorphicAggregation(Strategy):
                         err.reason if isinstance(err, InvalidReplyError) else str(err)
                     )
                     self._log_drop(server_round, node_id, reason)
+                    report.drop(reason)
                     continue
                 if total is None:
                     total = ciphertexts
@@ -420,7 +423,11 @@ class ThresholdHomomorphicAggregation(Strategy):
             METRIC_SUMMED: len(valid),
         }
         arrays = None
+        why = ""
         if len(valid) < self.min_replies:
+            why = (
+                f"{len(valid)} valid replies, fewer than min_replies={self.min_replies}"
+            )
             log(
                 WARNING,
                 "[%s] round %d: %d valid replies of %d, fewer than min_replies=%d: "
@@ -435,7 +442,10 @@ class ThresholdHomomorphicAggregation(Strategy):
             average = self._decrypt(server_round, blobs, valid)
             if average is not None:
                 arrays = self._step(server_round, average, valid)
-        return arrays, self._round_metrics(server_round, valid, counts, started)
+            why = "the collective decryption failed or its checks did not pass"
+        return report.finish(
+            arrays, self._round_metrics(server_round, valid, counts, started), why
+        )
 
     def _check_reply(
         self, reply: Message, seen: set[int], scratch: Any
