@@ -353,3 +353,18 @@ def test_the_superlinks_node_unavailable_reply_names_the_real_node(tmp_path, cap
 def test_site_name_is_read_back_only_from_the_marked_prefix():
     assert site_from_reason("site 'st-marys': ValueError: x") == "st-marys"
     assert site_from_reason("<class 'ValueError'>:<'site 'x': y'>") is None
+
+
+def test_importing_the_privacy_layer_leaves_the_root_logger_alone():
+    # Opacus's logging.basicConfig() at import made every ServerApp line print
+    # twice in `flwr log` (once as "12/06/2026 01:54:46:INFO:...").
+    import subprocess
+
+    code = (
+        "import logging, flwr_ext.privacy, flwr_ext.privacy.dpsgd; "
+        "print(len(logging.getLogger().handlers))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "0"
