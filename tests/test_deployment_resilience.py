@@ -30,7 +30,11 @@ import pytest
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
-from flwr_ext.appkit.liveness import DeadlineGrid, SitesUnavailableError
+from flwr_ext.appkit.liveness import (
+    DeadlineGrid,
+    RestartAwareGrid,
+    SitesUnavailableError,
+)
 from flwr_ext.appkit.recorder import RecordingGrid
 from flwr_ext.appkit.results import parse_summary
 from flwr_ext.appkit.site_errors import site_from_reason
@@ -217,6 +221,71 @@ def test_deadline_grid_waits_then_goes_on_or_fails_with_a_fake_clock():
 
 
 # ----------------------------------------------------------------- rejoin
+class RestartingNodesGrid(InProcessGrid):
+    """A deployment-like grid: ``get_nodes()`` with activation stamps.
+
+    Node 3 loses every instruction (its SuperNode was killed mid-round) and is
+    activated again (restarted) once ``restart_at`` polls have happened.
+    """
+
+    def __init__(self, *args, restart_at: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.polls, self.restart_at = 0, restart_at
+
+    def get_nodes(self):
+        from types import SimpleNamespace
+
+        self.polls += 1
+        stamp = "t1" if self.polls > self.restart_at else "t0"
+        return [
+            SimpleNamespace(node_id=n, last_activated_at=stamp if n == 3 else "t0")
+            for n in self.get_node_ids()
+        ]
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            if int(message.metadata.dst_node_id) == 3:
+                message.metadata.__dict__["_message_id"] = f"lost-{len(ids)}"
+                ids.append(f"lost-{len(ids)}")
+                continue
+            ids.extend(super().push_messages([message]))
+        return ids
+
+
+def test_a_reply_lost_to_a_restart_does_not_wait_for_the_round_timeout():
+    from flwr.app import ConfigRecord, MessageType
+
+    grid = RestartingNodesGrid(
+        {2: lambda m, c: Message(RecordDict(), reply_to=m), 3: lambda m, c: m},
+        restart_at=3,
+    )
+    now = [0.0]
+    watch = RestartAwareGrid(
+        grid, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)
+    )
+    messages = [
+        Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n,
+                message_type=MessageType.TRAIN)
+        for n in (2, 3)
+    ]  # fmt: skip
+    replies = list(watch.send_and_receive(messages, timeout=600.0))
+    assert now[0] < 30.0  # a few polls, not the 600 s round timeout
+    by_node = {int(r.metadata.src_node_id): r for r in replies}
+    assert set(by_node) == {2, 3} and not by_node[2].has_error()
+    assert "restarted while its reply was pending" in by_node[3].error.reason
+    # Without a restart the lost reply is waited for until the timeout, as before.
+    grid.restart_at, grid.polls, now[0] = 10**9, 0, 0.0
+    messages = [
+        Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n,
+                message_type=MessageType.TRAIN)
+        for n in (2, 3)
+    ]  # fmt: skip
+    replies = list(watch.send_and_receive(messages, timeout=60.0))
+    assert [int(r.metadata.src_node_id) for r in replies] == [2]
+    assert now[0] >= 60.0
+
+
 def test_a_restarted_site_rejoins_a_ckks_run_from_its_state_dir(tmp_path, caplog):
     from flwr_ext.he import create_keys
 

@@ -26,9 +26,21 @@ resets it, so a site that stays away costs each later phase at most ``wait_s``
 seconds, and only until the SuperLink stops listing it.
 
 It forwards everything else to the wrapped grid (a
-:class:`~flwr_ext.appkit.recorder.RecordingGrid`, whose site names it uses)::
+:class:`~flwr_ext.appkit.recorder.RecordingGrid`, whose site names it uses).
 
-    recording = RecordingGrid(grid)
+A second gap: a SuperNode killed while it computes a reply and restarted with the
+same node key is the *same* node to the SuperLink. Flower's SuperLink answers
+"Node Unavailable" for a lost reply only if it notices the node offline when the
+ServerApp polls; a node restarted quickly is online again by then, and the
+round waits the whole ``round-timeout`` (600 s by default) for a reply that
+will never come. :class:`RestartAwareGrid`, under the recording grid, polls
+itself and answers for such a node at once: when the SuperLink's node list
+(``Grid.get_nodes()``) shows that a node with a pending reply was *activated
+again* after the instruction was sent, its reply is lost, and the round goes on
+with an error reply "restarted while its reply was pending" for it. The site
+takes part again from the next phase::
+
+    recording = RecordingGrid(RestartAwareGrid(grid))
     grid = DeadlineGrid(recording, min_nodes=2, wait_s=120.0)
     result = strategy.start(grid=grid, ...)
     history = round_history(recording, result)
@@ -40,12 +52,19 @@ import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
-from flwr.app import Message, RecordDict
+from flwr.app import Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore import log
 from flwr.supercore.run import Run
 
-__all__ = ["DeadlineGrid", "SitesUnavailableError"]
+__all__ = ["DeadlineGrid", "RestartAwareGrid", "SitesUnavailableError"]
+
+#: Error reason of a reply lost to a SuperNode restart.
+RESTARTED_REASON = (
+    "Error: Node Unavailable - the SuperNode restarted while its reply was pending; "
+    "the reply is lost (the site takes part again from the next phase)"
+)
 
 
 class SitesUnavailableError(RuntimeError):
@@ -174,6 +193,130 @@ class DeadlineGrid(Grid):
         """Forward; a new phase gets a fresh deadline."""
         self._deadline = None
         return self.grid.send_and_receive(messages, timeout=timeout)
+
+    def set_run(self, run: Run) -> None:
+        """Forward to the wrapped grid."""
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        """The wrapped grid's run."""
+        return self.grid.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """Forward to the wrapped grid."""
+        return self.grid.create_message(
+            content, message_type, dst_node_id, group_id, ttl
+        )
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Forward to the wrapped grid."""
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Forward to the wrapped grid."""
+        return self.grid.pull_messages(message_ids)
+
+
+class RestartAwareGrid(Grid):
+    """A Grid whose ``send_and_receive`` answers for nodes that restarted meanwhile.
+
+    Parameters
+    ----------
+    grid : Grid
+        The ServerApp's grid. Without ``get_nodes()`` (the in-process and
+        simulation grids) ``send_and_receive`` is simply forwarded.
+    poll_s : float (default: 3.0)
+        Seconds between two polls for replies (Flower's own grid also polls
+        every 3 s).
+    clock, sleep : callables
+        ``time.monotonic`` and ``time.sleep``; replaceable in tests.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        *,
+        poll_s: float = 3.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.grid = grid
+        self.poll_s = float(poll_s)
+        self._clock = clock
+        self._sleep = sleep
+
+    def _activations(self) -> dict[int, str] | None:
+        """Node id -> when the SuperLink last activated it; None if unknown.
+
+        Only the Deployment Engine's grid reports activation times; for any
+        other grid (in-process, simulation) this is None and
+        ``send_and_receive`` is forwarded unchanged.
+        """
+        get_nodes = getattr(self.grid, "get_nodes", None)
+        if not callable(get_nodes):
+            return None
+        stamps = {
+            int(node.node_id): str(getattr(node, "last_activated_at", "") or "")
+            for node in get_nodes()
+        }
+        return stamps if any(stamps.values()) else None
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Push, then pull until every reply is in, lost to a restart, or late."""
+        before = self._activations()
+        if before is None:
+            return self.grid.send_and_receive(messages, timeout=timeout)
+        messages = list(messages)
+        ids = list(self.grid.push_messages(messages))
+        sent = {m.metadata.message_id: m for m in messages}
+        pending = set(ids)
+        end = None if timeout is None else self._clock() + timeout
+        replies: list[Message] = []
+        while pending:
+            arrived = list(self.grid.pull_messages(pending))
+            replies.extend(arrived)
+            pending -= {m.metadata.reply_to_message_id for m in arrived}
+            if not pending or (end is not None and self._clock() >= end):
+                break
+            now = self._activations() or before
+            for message_id in sorted(pending):
+                original = sent.get(message_id)
+                if original is None:
+                    continue
+                node_id = int(original.metadata.dst_node_id)
+                if node_id in now and now[node_id] != before.get(node_id):
+                    log(
+                        WARNING,
+                        "node %d restarted while its %s reply was pending: that "
+                        "reply is lost; it takes part again from the next phase",
+                        node_id,
+                        str(original.metadata.message_type).split(".", 1)[0],
+                    )
+                    reason = RESTARTED_REASON
+                    error = Error(code=ErrorCode.NODE_UNAVAILABLE, reason=reason)
+                    replies.append(Message(error, reply_to=original))
+                    pending.discard(message_id)
+            if pending:
+                wait = self.poll_s
+                if end is not None:
+                    wait = max(0.0, min(wait, end - self._clock()))
+                self._sleep(wait)
+        return replies
+
+    # ------------------------------------------------------- forwarding
+    def get_node_ids(self) -> Iterable[int]:
+        """Forward to the wrapped grid."""
+        return self.grid.get_node_ids()
 
     def set_run(self, run: Run) -> None:
         """Forward to the wrapped grid."""

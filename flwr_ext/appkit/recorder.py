@@ -224,18 +224,22 @@ class RecordingGrid(Grid):
                         scalars[key] = float(value)
             record.per_node[node_id] = scalars
         record.missing = [n for n in record.sampled if n not in replied]
+        failed = len(record.failed) + len(record.missing)
         log(
             INFO,
             "round %d %s: %d site(s) sampled, %d replied, %d with an error, %d "
-            "missing (Flower's 'Received N results and M failures' counts the "
-            "replies that arrived; the strategy may still drop a result as "
-            "invalid, and says so)",
+            "missing%s",
             server_round,
             phase,
             len(record.sampled),
             len(replied) - len(record.failed),
             len(record.failed),
             len(record.missing),
+            " (Flower's 'Received N results and M failures' counts only what "
+            "reached the strategy: a missing site is in neither number, and a "
+            "wrapper may already have dropped an error reply)"
+            if failed
+            else "",
         )
         for node_id, reason in record.failed.items():
             log(

@@ -37,7 +37,7 @@ from flwr.supercore import log
 
 from flwr_ext.appkit.failure import failure_recorded
 from flwr_ext.appkit.histogram_recorder import HistogramRecordingGrid
-from flwr_ext.appkit.liveness import DeadlineGrid
+from flwr_ext.appkit.liveness import DeadlineGrid, RestartAwareGrid
 from flwr_ext.appkit.metrics import BinaryStats, make_metrics_aggregator
 from flwr_ext.appkit.plots import plot_rounds
 from flwr_ext.appkit.pr_curves import plot_pr_curves
@@ -83,7 +83,7 @@ def main(grid: Grid, context: Context) -> None:
         resolve_output_dir(settings["output-dir"], APP_NAME, context.run_id)
     )
     log(INFO, "%s: results will be written to %s", APP_NAME, writer.directory)
-    recording = HistogramRecordingGrid(grid, HISTOGRAM_KEYS)
+    recording = HistogramRecordingGrid(RestartAwareGrid(grid), HISTOGRAM_KEYS)
     with failure_recorded(
         APP_NAME, context.run_id, writer, recording, run_info={"run-config": settings}
     ):

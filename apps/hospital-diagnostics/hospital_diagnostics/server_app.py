@@ -30,7 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from flwr_ext.appkit.failure import failure_recorded
-from flwr_ext.appkit.liveness import DeadlineGrid
+from flwr_ext.appkit.liveness import DeadlineGrid, RestartAwareGrid
 from flwr_ext.appkit.metrics import make_metrics_aggregator
 from flwr_ext.appkit.plots import plot_rounds
 from flwr_ext.appkit.recorder import RecordingGrid
@@ -66,7 +66,7 @@ def main(grid: Grid, context: Context) -> None:
         resolve_output_dir(settings["output-dir"], APP_NAME, context.run_id)
     )
     log(INFO, "%s: results will be written to %s", APP_NAME, writer.directory)
-    recording = RecordingGrid(grid)
+    recording = RecordingGrid(RestartAwareGrid(grid))
     with failure_recorded(
         APP_NAME, context.run_id, writer, recording, run_info={"run-config": settings}
     ):
