@@ -234,8 +234,9 @@ class RestartAwareGrid(Grid):
         The ServerApp's grid. Without ``get_nodes()`` (the in-process and
         simulation grids) ``send_and_receive`` is simply forwarded.
     poll_s : float (default: 3.0)
-        Seconds between two polls for replies (Flower's own grid also polls
-        every 3 s).
+        Longest pause between two polls for replies (Flower's deployment grid
+        polls every 3 s); the pause starts at 0.1 s and doubles up to it, so
+        fast replies (simulation) are not delayed.
     clock, sleep : callables
         ``time.monotonic`` and ``time.sleep``; replaceable in tests.
     """
@@ -282,6 +283,7 @@ class RestartAwareGrid(Grid):
         pending = set(ids)
         end = None if timeout is None else self._clock() + timeout
         replies: list[Message] = []
+        pause = min(0.1, self.poll_s)
         while pending:
             arrived = list(self.grid.pull_messages(pending))
             replies.extend(arrived)
@@ -307,10 +309,11 @@ class RestartAwareGrid(Grid):
                     replies.append(Message(error, reply_to=original))
                     pending.discard(message_id)
             if pending:
-                wait = self.poll_s
+                wait = pause
                 if end is not None:
                     wait = max(0.0, min(wait, end - self._clock()))
                 self._sleep(wait)
+                pause = min(2 * pause, self.poll_s)
         return replies
 
     # ------------------------------------------------------- forwarding
