@@ -329,6 +329,27 @@ def test_without_a_state_dir_the_restarted_site_says_what_to_set(tmp_path, caplo
     assert summary(caplog)["dropped"] == "hospital-2"
 
 
+def test_a_restarted_site_continues_its_dp_sgd_account(tmp_path):
+    # Lost with a restart, the account would count epsilon from zero again and
+    # the site would report less privacy loss than it has spent.
+    def epsilons(folder, state_dir: bool, restart: bool) -> list[float]:
+        configs = partitions()
+        if state_dir:
+            for node, config in configs.items():
+                config["state-dir"] = str(folder / f"state-{node}")
+        out, _ = run(folder, configs, restart_after={3: 1} if restart else None,
+                     dp_sgd=True, dp_sgd_epsilon=4.0)  # fmt: skip
+        data = json.loads((out / "metrics.json").read_text())
+        return [r["sites"]["hospital-2"]["train"]["dp-record-epsilon"]
+                for r in data["rounds"]]  # fmt: skip
+
+    steady = epsilons(tmp_path / "steady", state_dir=False, restart=False)
+    kept = epsilons(tmp_path / "kept", state_dir=True, restart=True)
+    assert kept == pytest.approx(steady, rel=1e-9)
+    lost = epsilons(tmp_path / "lost", state_dir=False, restart=True)
+    assert lost[2] < steady[2]  # what happened without the kept account
+
+
 def test_state_file_is_private_per_run_and_refuses_a_symlinked_folder(tmp_path):
     scaler = Standardizer(np.array([1.0, 2.0]), np.array([0.5, 3.0]))
     context = Context(7, 3, {"state-dir": str(tmp_path / "s")}, RecordDict(), {})

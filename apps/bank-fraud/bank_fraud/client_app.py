@@ -56,7 +56,12 @@ from flwr_ext.appkit.recorder import SITE_RECORD_KEY, site_record
 from flwr_ext.appkit.secure import secure_aggregation_mod
 from flwr_ext.appkit.site import site_from_context
 from flwr_ext.appkit.site_errors import site_errors_mod
-from flwr_ext.appkit.site_state import load_scaler, save_scaler
+from flwr_ext.appkit.site_state import (
+    keep_state,
+    load_scaler,
+    restore_state,
+    save_scaler,
+)
 from flwr_ext.appkit.standardisation import (
     FeatureStats,
     Standardizer,
@@ -153,6 +158,11 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records.get("config", {})
     loss_fn = loss_from_settings(settings, y)
     if settings["dp-sgd"]:
+        from flwr_ext.privacy.dpsgd import STATE_KEY as DP_ACCOUNT
+
+        # After a SuperNode restart, continue the privacy account kept in
+        # state-dir: counting epsilon from zero again would under-report it.
+        restore_state(context, (DP_ACCOUNT,))
         result = train_binary_dp(
             model,
             x,
@@ -167,6 +177,7 @@ def train(msg: Message, context: Context) -> Message:
             max_grad_norm=settings["dp-sgd-max-grad-norm"],
             loss_fn=loss_fn,
         )
+        keep_state(context, (DP_ACCOUNT,))
     else:
         result = train_binary(
             model,
