@@ -17,12 +17,11 @@ The Flower-facing pieces live in :class:`flwr_ext.strategy.DPFedAvg`,
 :class:`flwr_ext.strategy.DistributedDP` and :func:`flwr_ext.mods.distributed_dp_mod`.
 """
 
-from ._opacus import import_opacus
-
-import_opacus()  # before the modules below import it: keeps the root logger clean
-
-from . import keys  # noqa: E402
-from .accountant import (  # noqa: E402
+from . import (
+    _opacus,  # noqa: F401 - Opacus without its root-logger handler
+    keys,
+)
+from .accountant import (
     ACCOUNTANTS,
     RDP_ORDERS,
     Neighbouring,
@@ -31,13 +30,13 @@ from .accountant import (  # noqa: E402
     PrivacyUnit,
     compute_epsilon,
 )
-from .calibration import (  # noqa: E402
+from .calibration import (
     calibrate_noise_multiplier,
     effective_noise_multiplier,
     update_noise_multiplier,
 )
-from .clipping import AdaptiveClipNorm, clip_to_norm, l2_norm  # noqa: E402
-from .dpsgd import (  # noqa: E402
+from .clipping import AdaptiveClipNorm, clip_to_norm, l2_norm
+from .dpsgd import (
     PrivacyBudgetExhaustedError,
     PrivateTraining,
     SiloPrivacy,
@@ -45,8 +44,8 @@ from .dpsgd import (  # noqa: E402
     silo_privacy,
     silo_privacy_metrics,
 )
-from .noise import add_gaussian_noise, secure_generator, secure_torch_generator  # noqa: E402
-from .silo_metrics import aggregate_silo_metrics  # noqa: E402
+from .noise import add_gaussian_noise, secure_generator, secure_torch_generator
+from .silo_metrics import aggregate_silo_metrics
 
 __all__ = [
     "ACCOUNTANTS",

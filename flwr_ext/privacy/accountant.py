@@ -52,6 +52,7 @@ import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.rdp import RDPAccountant
 
+from . import _opacus  # noqa: F401 - undoes Opacus's basicConfig
 from .validation import check_choice, check_int, check_open_unit, check_positive
 
 __all__ = [

@@ -58,6 +58,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from . import _opacus  # noqa: F401 - undoes Opacus's basicConfig
 from .accountant import ACCOUNTANTS, Neighbouring, PrivacyAccountant, PrivacyUnit
 from .calibration import calibrate_noise_multiplier
 from .keys import RECORD_DELTA, RECORD_EPSILON, RECORD_NOISE_MULTIPLIER, RECORD_STEPS

@@ -588,6 +588,12 @@ class HomomorphicAggregation(RoundReporting):
         """Validate one reply and add it to ``total``; raise to drop it."""
         node_id = int(reply.metadata.src_node_id)
         if self._sampled and node_id not in self._sampled:
+            if reply.has_error():  # the SuperLink (node 1) answers for a lost node
+                raise InvalidReplyError(
+                    node_id,
+                    "the SuperLink's reply for a sampled node that is unavailable "
+                    f"(no heartbeat): {reply.error.reason}",
+                )
             raise InvalidReplyError(node_id, "node was not sampled in this round")
         if node_id in seen:
             raise InvalidReplyError(node_id, "second reply from the same node")

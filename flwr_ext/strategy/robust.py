@@ -365,6 +365,13 @@ class RobustAggregation(RoundReporting):
     def _check_sender(self, reply: Message, seen: set[int]) -> None:
         node_id = int(reply.metadata.src_node_id)
         if self._sampled and node_id not in self._sampled:
+            if reply.has_error():  # the SuperLink (node 1) answers for a lost node
+                raise InvalidReplyError(
+                    node_id,
+                    "the SuperLink's reply for a sampled node that is unavailable "
+                    f"(no heartbeat): {reply.error.reason}",
+                    proves_faulty=False,
+                )
             raise InvalidReplyError(
                 node_id, "node was not sampled in this round", proves_faulty=False
             )
