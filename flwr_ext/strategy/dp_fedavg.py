@@ -638,7 +638,11 @@ class DPFedAvg(_DPWrapper):
                     raise InvalidReplyError(node_id, "second reply from the same node")
                 seen.add(node_id)
                 checked = validate_train_reply(
-                    reply, manifest, self.weight_key, out=buffer
+                    reply,
+                    manifest,
+                    self.weight_key,
+                    out=buffer,
+                    reference=global_vector,
                 )
             except InvalidReplyError as err:
                 dropped += 1
@@ -650,8 +654,7 @@ class DPFedAvg(_DPWrapper):
                     err.reason,
                 )
                 continue
-            buffer -= global_vector
-            _, norm = clip_to_norm(buffer, clip_norm)
+            _, norm = clip_to_norm(buffer, clip_norm)  # buffer holds the update
             unclipped += int(norm <= clip_norm)
             total += buffer
             valid.append(checked)

@@ -61,8 +61,10 @@ from ..records import (
     InvalidReplyError,
     Manifest,
     ValidReply,
+    check_no_error,
     conform_to_manifest,
     flatten,
+    node_of,
     unflatten,
     validate_metrics,
     validate_train_reply,
@@ -235,22 +237,15 @@ class RobustAggregation(Strategy):
         for reply in replies:
             try:
                 self._check_sender(reply, seen)
-                row = matrix[len(valid)]
+                # Each row becomes an update (model - global) while it is still
+                # in cache. Our own buffer: the replies stay untouched.
                 checked = validate_train_reply(
-                    reply, manifest, self.weight_key, out=row
+                    reply,
+                    manifest,
+                    self.weight_key,
+                    out=matrix[len(valid)],
+                    reference=global_vector,
                 )
-                # Each row becomes an update while it is still in cache. Our own
-                # buffer: the replies stay untouched. Both terms are finite, so
-                # only an overflow can make the difference non-finite, and the
-                # floating-point status flag catches that without another pass.
-                try:
-                    with np.errstate(over="raise"):
-                        row -= global_vector
-                except FloatingPointError:
-                    raise InvalidReplyError(
-                        checked.node_id,
-                        f"update (model - global model) overflows {matrix.dtype}",
-                    ) from None
                 valid.append(checked)
             except InvalidReplyError as err:
                 dropped.append(err)
@@ -439,13 +434,9 @@ class RobustAggregation(Strategy):
         """Drop malformed evaluation replies, then aggregate like train metrics."""
         valid: list[ValidReply] = []
         for reply in replies:
-            node_id = int(reply.metadata.src_node_id)
+            node_id = node_of(reply)
             try:
-                if reply.has_error():
-                    raise InvalidReplyError(
-                        node_id,
-                        f"client error {reply.error.code}: {reply.error.reason}",
-                    )
+                check_no_error(reply, node_id)
                 metrics, weight = validate_metrics(reply, self.weight_key, node_id)
             except InvalidReplyError as err:
                 log(
