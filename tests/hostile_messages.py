@@ -21,6 +21,7 @@ Usage in a fuzz test::
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 import numpy as np
@@ -44,7 +45,9 @@ __all__ = [
     "honest_reply",
     "npy_bytes",
     "npy_header",
+    "random_reply",
     "smuggle",
+    "snapshot",
 ]
 
 NUMPY = "numpy.ndarray"
@@ -258,14 +261,18 @@ def hostile_array(draw: st.DrawFn, honest: np.ndarray) -> Array:
 
 def finite_values(honest: np.ndarray) -> st.SearchStrategy[np.ndarray]:
     """Well-formed arrays like ``honest`` with any finite values (even extreme)."""
-    info = np.finfo(honest.dtype) if honest.dtype.kind == "f" else None
-    big = float(info.max) if info is not None else 1e6
+    if honest.dtype.kind in "iu":
+        info = np.iinfo(honest.dtype)
+        return st.integers(int(info.min), int(info.max)).map(
+            lambda v: np.full(honest.shape, v, honest.dtype)
+        )
+    big = float(np.finfo(honest.dtype).max)
     value = st.one_of(
         st.floats(-10, 10),
         st.sampled_from([0.0, -0.0, big, -big, 1e-45, float(np.float32(1e30))]),
     )
     return st.builds(
-        lambda v, noise: (np.full(honest.shape, v) + noise).astype(honest.dtype),
+        lambda v, noise: np.asarray(np.full(honest.shape, v) + noise, honest.dtype),
         value,
         st.sampled_from([0.0, 1e-3]),
     )
@@ -319,7 +326,7 @@ def hostile_arrayrecord(draw: st.DrawFn, global_arrays: ArrayRecord) -> ArrayRec
         honest = array.numpy()
         choice = draw(st.sampled_from(["honest", "extreme", "hostile", "drop"]))
         if choice == "honest":
-            out[key] = Array(honest + np.ones_like(honest))
+            out[key] = Array(np.asarray(honest + 1, honest.dtype))
         elif choice == "extreme":
             out[key] = Array(draw(finite_values(honest)))
         elif choice == "hostile":
@@ -370,6 +377,63 @@ def hostile_reply(
     if draw(st.integers(0, 4)) == 0:
         content["config"] = ConfigRecord({"x": draw(st.binary(max_size=8))})
     return Message(RecordDict(content), reply_to=instruction)
+
+
+_RANDOM_DTYPES = ["<f4", "<f8", "<f2", ">f4", "<i8", "|i1", "|u1", "|b1", "<c8"]
+
+
+@st.composite
+def random_reply(draw: st.DrawFn, instruction: Message) -> Message:
+    """A reply with random records of random arrays and metrics, unrelated to
+    the global model (a client running another app, or noise)."""
+    content: dict[str, Any] = {}
+    for name in draw(st.lists(st.text(max_size=6), max_size=3, unique=True)):
+        kind = draw(st.sampled_from(["arrays", "metrics", "config"]))
+        if kind == "arrays":
+            arrays = {}
+            for key in draw(st.lists(st.text(max_size=4), max_size=3, unique=True)):
+                dtype = np.dtype(draw(st.sampled_from(_RANDOM_DTYPES)))
+                shape = tuple(draw(st.lists(st.integers(0, 3), max_size=3)))
+                raw = draw(st.binary(min_size=dtype.itemsize * math.prod(shape)))
+                arrays[key] = Array(
+                    np.frombuffer(raw[: dtype.itemsize * math.prod(shape)], dtype)
+                    .reshape(shape)
+                    .copy()
+                )
+            content[name] = ArrayRecord(arrays)
+        elif kind == "metrics":
+            content[name] = draw(hostile_metrics())
+        else:
+            content[name] = ConfigRecord({"k": draw(st.text(max_size=4))})
+    return Message(RecordDict(content), reply_to=instruction)
+
+
+def snapshot(message: Message) -> object:
+    """Everything a reply holds, frozen, to check that no one modified it."""
+    if message.has_error():
+        return ("error", _freeze(message.error.code), _freeze(message.error.reason))
+    out = []
+    for name, record in message.content.items():
+        items = []
+        for key, value in record.__dict__["_data"].items():
+            if type(value) is Array:
+                fields = value.__dict__
+                frozen = [_freeze(fields.get(f)) for f in ("dtype", "shape", "stype")]
+                items.append((key, "Array", *frozen, _freeze(fields.get("data"))))
+            else:
+                items.append((key, _freeze(value)))
+        out.append((name, type(record).__name__, tuple(items)))
+    return out
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, tuple(_freeze(v) for v in value))
+    if isinstance(value, bytearray):
+        return ("bytearray", bytes(value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _freeze(v)) for k, v in value.items()))
+    return value
 
 
 def is_finite_like(arrays: ArrayRecord, global_arrays: ArrayRecord) -> bool:
