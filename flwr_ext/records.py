@@ -31,8 +31,9 @@ from functools import cached_property
 from logging import WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SType
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
 __all__ = [
@@ -41,9 +42,13 @@ __all__ = [
     "InvalidReplyError",
     "Manifest",
     "ValidReply",
+    "aggregate_client_metrics",
+    "check_no_error",
     "conform_to_manifest",
     "flatten",
+    "node_of",
     "unflatten",
+    "validate_evaluate_replies",
     "validate_metrics",
     "validate_train_reply",
 ]
@@ -791,6 +796,105 @@ def validate_train_reply(
                 node_id, f"update (model - global model) overflows {vector.dtype}"
             ) from None
     return ValidReply(node_id, vector, weight, metrics, message)
+
+
+def validate_evaluate_replies(
+    replies: Iterable[Message], weight_key: str, who: str, server_round: int
+) -> list[ValidReply]:
+    """Return the evaluate replies with one well-formed MetricRecord.
+
+    Error replies and malformed MetricRecords (see :func:`validate_metrics`) are
+    dropped with one log line each, naming ``who``, the round and the node. The
+    returned :class:`ValidReply` objects carry an empty vector.
+    """
+    valid: list[ValidReply] = []
+    for reply in replies:
+        node_id = node_of(reply)
+        try:
+            check_no_error(reply, node_id)
+            metrics, weight = validate_metrics(reply, weight_key, node_id)
+        except InvalidReplyError as err:
+            log(
+                WARNING,
+                "[%s] round %d: dropped evaluate reply from node %d: %s",
+                who,
+                server_round,
+                node_id,
+                err.reason,
+            )
+            continue
+        valid.append(ValidReply(node_id, np.empty(0), weight, metrics, reply))
+    return valid
+
+
+def aggregate_client_metrics(
+    valid: list[ValidReply],
+    weights: Iterable[float],
+    weight_key: str,
+    aggr_fn: object,
+    who: str,
+    server_round: int,
+) -> MetricRecord:
+    """Aggregate validated clients' metrics with the wrapper's ``weights``.
+
+    Flower's metric functions (``aggregate_metricrecords``) need every record to
+    carry the same keys, and a user's ``aggr_fn`` may raise on anything. So the
+    replies whose metric keys differ from the round's most common key set are
+    left out (one log line each: the reply's model still counts), and an
+    exception from the function costs only the round's client metrics (an empty
+    MetricRecord, with one log line), never the run.
+
+    Parameters
+    ----------
+    valid : list[ValidReply]
+        Replies that passed :func:`validate_metrics`.
+    weights : iterable of float
+        One weight per reply (the wrapper's policy, not necessarily the claims);
+        stored under ``weight_key`` for the function.
+    weight_key : str
+        The key the function weighs by.
+    aggr_fn : callable or None
+        ``fn(records, weight_key) -> MetricRecord``; Flower's
+        ``aggregate_metricrecords`` if not callable.
+    who, server_round : str, int
+        Named in the log lines.
+    """
+    if not valid:
+        return MetricRecord()
+    key_sets = [frozenset(reply.metrics.keys()) for reply in valid]
+    counts: dict[frozenset[str], int] = {}
+    for key_set in key_sets:
+        counts[key_set] = counts.get(key_set, 0) + 1
+    common = max(counts, key=counts.__getitem__)  # ties: the first seen
+    records = []
+    for reply, key_set, weight in zip(valid, key_sets, weights, strict=True):
+        if key_set != common:
+            log(
+                WARNING,
+                "[%s] round %d: metrics of node %d left out of the aggregate: "
+                "keys %s differ from the round's %s",
+                who,
+                server_round,
+                reply.node_id,
+                _names(sorted(key_set)),
+                _names(sorted(common)),
+            )
+            continue
+        metrics = MetricRecord({**reply.metrics, weight_key: float(weight)})
+        records.append(RecordDict({"metrics": metrics}))
+    fn = aggr_fn if callable(aggr_fn) else aggregate_metricrecords
+    try:
+        return fn(records, weight_key)
+    except Exception as err:  # a client's metrics never crash the server
+        log(
+            WARNING,
+            "[%s] round %d: client metrics could not be aggregated (%s: %s)",
+            who,
+            server_round,
+            type(err).__name__,
+            _text(str(err), _REASON_LIMIT),
+        )
+        return MetricRecord()
 
 
 def _finite_per_array(vector: np.ndarray, manifest: Manifest) -> list[bool]:

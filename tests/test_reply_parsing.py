@@ -19,7 +19,15 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 
 from flwr_ext import records
 from flwr_ext.records import (
@@ -38,7 +46,7 @@ from flwr_ext.strategy import (
     TrimmedMean,
 )
 
-from .conftest import instructions, model, reply_to
+from .conftest import StaticGrid, instructions, model, reply_to
 from .hostile_messages import arrayrecord, forged_array, npy_bytes, smuggle
 
 HONEST = list(range(101, 108))  # 7 honest nodes
@@ -424,3 +432,41 @@ def test_flatten_of_a_hostile_record_raises_value_error_only():
             continue
         with pytest.raises(ValueError):
             flatten(arrays, manifest)
+
+
+# ------------------------------------------------------- evaluate replies too
+def _evaluate_reply(instruction: Message, metrics: dict | None, **records) -> Message:
+    content = {} if metrics is None else {"metrics": MetricRecord(metrics)}
+    content.update(records)
+    return Message(RecordDict(content), reply_to=instruction)
+
+
+EVALUATE_ATTACKS = [
+    # escaped (DPFedAvg): InconsistentMessageReplies from the inner FedAvg
+    ("other-metric-keys", {"num-examples": 10, "acc": 0.5, "zzz": 1.0}),
+    ("no-weight", {"acc": 0.5}),
+    ("huge-int-metric", {"num-examples": 10, "acc": 10**400}),
+    ("huge-weight", {"num-examples": 10**400, "acc": 0.5}),
+    ("nan-metric", {"num-examples": 10, "acc": math.nan}),
+    ("no-metric-record", None),
+]
+
+
+@pytest.mark.parametrize("make", wrappers())
+@pytest.mark.parametrize(
+    "metrics", [p[1] for p in EVALUATE_ATTACKS], ids=[p[0] for p in EVALUATE_ATTACKS]
+)
+def test_hostile_evaluate_reply_costs_only_itself(make, metrics, caplog):
+    strategy = make()
+    global_model = model(0.0)
+    msgs = strategy.configure_evaluate(
+        1, global_model, ConfigRecord(), StaticGrid([*HONEST, HOSTILE])
+    )
+    msgs = sorted(msgs, key=lambda m: m.metadata.dst_node_id)
+    replies = [_evaluate_reply(m, {"num-examples": 10, "acc": 0.5}) for m in msgs[:-1]]
+    replies.append(_evaluate_reply(msgs[-1], metrics))
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        result = strategy.aggregate_evaluate(1, replies)
+    assert result is not None
+    assert result["acc"] == pytest.approx(0.5)
+    assert f"node {HOSTILE}" in caplog.text
