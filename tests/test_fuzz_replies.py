@@ -2,7 +2,8 @@
 
 Random and mutated replies (see :mod:`tests.hostile_messages`) are mixed with
 honest ones and thrown at every robust wrapper (with and without NNM) and at
-``DPFedAvg``. Whatever the hostile replies hold, the properties are:
+``DPFedAvg`` (``aggregate_evaluate`` too, for three of them). Whatever the
+hostile replies hold, the properties are:
 
 - no exception escapes ``aggregate_train``;
 - the returned model, if any, has the global model's keys, order, dtypes and
@@ -24,7 +25,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -40,7 +41,7 @@ from flwr_ext.strategy import (
     TrimmedMean,
 )
 
-from .conftest import instructions
+from .conftest import StaticGrid, instructions
 from .hostile_messages import (
     honest_reply,
     hostile_reply,
@@ -160,4 +161,38 @@ def test_no_reply_breaks_aggregate_train(name: str, data: st.DataObject) -> None
     assert metrics is not None
     dropped = metrics[keys.DROPPED if name == "DPFedAvg" else "robust-dropped"]
     assert dropped <= n_hostile  # honest replies are never the ones dropped
+    assert [snapshot(r) for r in replies] == before
+
+
+@pytest.mark.parametrize("name", ["Krum", "Median-NNM", "DPFedAvg"])
+@FUZZ
+@given(data=st.data())
+def test_no_reply_breaks_aggregate_evaluate(name: str, data: st.DataObject) -> None:
+    global_arrays = float32_model()
+    n_honest = data.draw(st.integers(1, 4), label="honest")
+    n_hostile = data.draw(st.integers(1, 3), label="hostile")
+    nodes = list(range(1, n_honest + n_hostile + 1))
+    strategy = WRAPPERS[name](len(nodes))
+    msgs = sorted(
+        strategy.configure_evaluate(
+            1, global_arrays, ConfigRecord(), StaticGrid(nodes)
+        ),
+        key=lambda m: m.metadata.dst_node_id,
+    )
+    replies = [
+        Message(
+            RecordDict({"metrics": MetricRecord({"num-examples": 5, "acc": 0.5})}),
+            reply_to=m,
+        )
+        for m in msgs[:n_honest]
+    ]
+    for msg in msgs[n_honest:]:
+        replies.append(data.draw(hostile_reply(msg, global_arrays)))
+    replies = data.draw(st.permutations(replies), label="order")
+    before = [snapshot(r) for r in replies]
+
+    with quiet_flwr():
+        metrics = strategy.aggregate_evaluate(1, replies)
+
+    assert metrics is None or isinstance(metrics, MetricRecord)
     assert [snapshot(r) for r in replies] == before
