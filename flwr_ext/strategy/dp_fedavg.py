@@ -70,7 +70,6 @@ from flwr.serverapp.strategy import (
     Result,
     Strategy,
 )
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
 from ..privacy import keys
@@ -99,9 +98,11 @@ from ..records import (
     InvalidReplyError,
     Manifest,
     ValidReply,
+    aggregate_client_metrics,
     conform_to_manifest,
     flatten,
     unflatten,
+    validate_evaluate_replies,
     validate_train_reply,
 )
 from .composition import Role, check_composition
@@ -270,8 +271,23 @@ class _DPWrapper(RoundReporting):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Delegate to the inner strategy."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
+        """Drop malformed replies; aggregate with the inner's metric function.
+
+        The replies are not handed to the inner strategy: Flower's
+        ``aggregate_evaluate`` raises on one inconsistent reply.
+        """
+        who = type(self).__name__
+        valid = validate_evaluate_replies(replies, self.weight_key, who, server_round)
+        if not valid:
+            return None
+        return aggregate_client_metrics(
+            valid,
+            [reply.weight for reply in valid],
+            self.weight_key,
+            getattr(self.strategy, "evaluate_metrics_aggr_fn", None),
+            who,
+            server_round,
+        )
 
     def _log_final(self) -> None:
         spent = self.accountant.spent()
@@ -640,7 +656,11 @@ class DPFedAvg(_DPWrapper):
                     raise InvalidReplyError(node_id, "second reply from the same node")
                 seen.add(node_id)
                 checked = validate_train_reply(
-                    reply, manifest, self.weight_key, out=buffer
+                    reply,
+                    manifest,
+                    self.weight_key,
+                    out=buffer,
+                    reference=global_vector,
                 )
             except InvalidReplyError as err:
                 dropped += 1
@@ -653,8 +673,7 @@ class DPFedAvg(_DPWrapper):
                     err.reason,
                 )
                 continue
-            buffer -= global_vector
-            _, norm = clip_to_norm(buffer, clip_norm)
+            _, norm = clip_to_norm(buffer, clip_norm)  # buffer holds the update
             unclipped += int(norm <= clip_norm)
             total += buffer
             valid.append(checked)
@@ -687,7 +706,7 @@ class DPFedAvg(_DPWrapper):
 
         candidate = unflatten(global_vector + noised_mean, manifest)
         arrays = self._inner_step(server_round, candidate, current)
-        metrics = self._client_metrics(valid)
+        metrics = self._client_metrics(valid, server_round)
         for key, value in round_metrics.items():
             metrics[key] = value
         log(
@@ -757,29 +776,20 @@ class DPFedAvg(_DPWrapper):
             return None
         return conform_to_manifest(arrays, current.manifest, "DPFedAvg", server_round)
 
-    def _client_metrics(self, valid: list[ValidReply]) -> MetricRecord:
+    def _client_metrics(
+        self, valid: list[ValidReply], server_round: int
+    ) -> MetricRecord:
         """Average clients' metrics uniformly (claimed weights are not trusted)."""
         if self.client_metrics == "drop" or not valid:
             return MetricRecord()
-        records = [
-            RecordDict(
-                {"metrics": MetricRecord({**reply.metrics, self.weight_key: 1.0})}
-            )
-            for reply in valid
-        ]
-        aggr_fn = getattr(self.strategy, "train_metrics_aggr_fn", None)
-        fn = aggr_fn if callable(aggr_fn) else aggregate_metricrecords
-        try:
-            return fn(records, self.weight_key)
-        except Exception as err:  # a client's metrics never crash the server
-            log(
-                WARNING,
-                "[DPFedAvg] client metrics could not be aggregated (%s: %s); "
-                "reporting the DP figures only",
-                type(err).__name__,
-                err,
-            )
-            return MetricRecord()
+        return aggregate_client_metrics(
+            valid,
+            [1.0] * len(valid),
+            self.weight_key,
+            getattr(self.strategy, "train_metrics_aggr_fn", None),
+            "DPFedAvg",
+            server_round,
+        )
 
     def state_dict(self) -> dict[str, object]:
         """Privacy state (accountant history, current clip norm, budget flag)."""

@@ -52,7 +52,6 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
 from ..aggregation import AggregationRule, NearestNeighborMixing, PreAggregation
@@ -61,10 +60,11 @@ from ..records import (
     InvalidReplyError,
     Manifest,
     ValidReply,
+    aggregate_client_metrics,
     conform_to_manifest,
     flatten,
     unflatten,
-    validate_metrics,
+    validate_evaluate_replies,
     validate_train_reply,
 )
 from .composition import Role, check_composition
@@ -257,22 +257,15 @@ class RobustAggregation(RoundReporting):
         for reply in replies:
             try:
                 self._check_sender(reply, seen)
-                row = matrix[len(valid)]
+                # Each row becomes an update (model - global) while it is still
+                # in cache. Our own buffer: the replies stay untouched.
                 checked = validate_train_reply(
-                    reply, manifest, self.weight_key, out=row
+                    reply,
+                    manifest,
+                    self.weight_key,
+                    out=matrix[len(valid)],
+                    reference=global_vector,
                 )
-                # Each row becomes an update while it is still in cache. Our own
-                # buffer: the replies stay untouched. Both terms are finite, so
-                # only an overflow can make the difference non-finite, and the
-                # floating-point status flag catches that without another pass.
-                try:
-                    with np.errstate(over="raise"):
-                        row -= global_vector
-                except FloatingPointError:
-                    raise InvalidReplyError(
-                        checked.node_id,
-                        f"update (model - global model) overflows {matrix.dtype}",
-                    ) from None
                 valid.append(checked)
             except InvalidReplyError as err:
                 dropped.append(err)
@@ -419,7 +412,7 @@ class RobustAggregation(RoundReporting):
         started: float,
     ) -> MetricRecord:
         metrics = self._aggregate_client_metrics(
-            valid, getattr(self.strategy, "train_metrics_aggr_fn", None)
+            valid, getattr(self.strategy, "train_metrics_aggr_fn", None), server_round
         )
         for key, value in counts.items():
             metrics[key] = value
@@ -440,31 +433,18 @@ class RobustAggregation(RoundReporting):
         return metrics
 
     def _aggregate_client_metrics(
-        self, valid: list[ValidReply], aggr_fn: object
+        self, valid: list[ValidReply], aggr_fn: object, server_round: int
     ) -> MetricRecord:
         """Aggregate clients' MetricRecords with the policy's weights."""
-        if not valid:
-            return MetricRecord()
-        weights = self._weights([r.weight for r in valid])
-        records = [
-            RecordDict(
-                {"metrics": MetricRecord({**r.metrics, self.weight_key: float(w)})}
-            )
-            for r, w in zip(valid, weights, strict=True)
-        ]
-        fn = aggr_fn if callable(aggr_fn) else aggregate_metricrecords
-        try:
-            return fn(records, self.weight_key)
-        except Exception as err:  # a client's metrics never crash the server
-            log(
-                WARNING,
-                "[%s] client metrics could not be aggregated (%s: %s); reporting "
-                "the robust counters only",
-                type(self).__name__,
-                type(err).__name__,
-                err,
-            )
-            return MetricRecord()
+        weights = self._weights([r.weight for r in valid]) if valid else []
+        return aggregate_client_metrics(
+            valid,
+            weights,
+            self.weight_key,
+            aggr_fn,
+            type(self).__name__,
+            server_round,
+        )
 
     # ------------------------------------------------------------- evaluate
     def configure_evaluate(
@@ -477,31 +457,15 @@ class RobustAggregation(RoundReporting):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Drop malformed evaluation replies, then aggregate like train metrics."""
-        valid: list[ValidReply] = []
-        for reply in replies:
-            node_id = int(reply.metadata.src_node_id)
-            try:
-                if reply.has_error():
-                    raise InvalidReplyError(
-                        node_id,
-                        f"client error {reply.error.code}: {reply.error.reason}",
-                    )
-                metrics, weight = validate_metrics(reply, self.weight_key, node_id)
-            except InvalidReplyError as err:
-                log(
-                    WARNING,
-                    "[%s] round %d: dropped evaluate reply from node %d: %s",
-                    type(self).__name__,
-                    server_round,
-                    node_id,
-                    err.reason,
-                )
-                continue
-            valid.append(ValidReply(node_id, np.empty(0), weight, metrics, reply))
+        valid = validate_evaluate_replies(
+            replies, self.weight_key, type(self).__name__, server_round
+        )
         if not valid:
             return None
         return self._aggregate_client_metrics(
-            valid, getattr(self.strategy, "evaluate_metrics_aggr_fn", None)
+            valid,
+            getattr(self.strategy, "evaluate_metrics_aggr_fn", None),
+            server_round,
         )
 
 
