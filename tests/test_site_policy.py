@@ -50,6 +50,7 @@ from flwr_ext.inprocess import InProcessGrid
 from flwr_ext.mods import ckks_mod, distributed_dp_mod
 from flwr_ext.mods.site_policy import (
     PolicyViolationError,
+    ShareableError,
     SitePolicy,
     SitePolicyError,
     site_policy_mod,
@@ -438,6 +439,17 @@ def test_exceptions_from_the_clientapp_are_redacted_by_default(caplog):
     assert PATIENT_ID in caplog.text  # the site's own log keeps the detail
     loud = app(train_message({}), context({"policy-redact-errors": False}))
     assert PATIENT_ID in loud.error.reason  # the site chose to share it
+
+
+def test_errors_written_to_be_shared_pass_redaction():
+    def raise_shareable(msg, ctx, call_next):
+        raise ShareableError("no feature scaler: the server sent none")
+
+    app = make_app([site_policy_mod, raise_shareable])
+    reply = app(train_message({}), context())
+    assert (
+        reply.error.reason == "ShareableError: no feature scaler: the server sent none"
+    )
 
 
 # ------------------------------------------------------------------ fuzzing

@@ -74,6 +74,7 @@ from ..privacy import keys
 
 __all__ = [
     "POLICY_PREFIX",
+    "ShareableError",
     "PolicyViolationError",
     "SitePolicy",
     "SitePolicyError",
@@ -98,6 +99,22 @@ _CKKS_STYPES = frozenset({STYPE_META, STYPE_CIPHERTEXT})
 #: computed on the server and squared back here loses a few ulps).
 _RTOL = 1e-9
 _STATE_KEY = "flwr-ext-site-policy"
+
+
+class ShareableError(ValueError):
+    """An error from site code whose message was written to be sent to the server.
+
+    Raise it (instead of ``ValueError``) for messages that hold nothing about the
+    site's data - a missing setting, a non-finite global model - so that they
+    reach the coordinator even under ``policy-redact-errors``. Any exception with
+    a ``public_reason`` string attribute is treated the same way (e.g.
+    :class:`flwr_ext.appkit.tabular.SchemaError`).
+    """
+
+    @property
+    def public_reason(self) -> str:
+        """The message that may leave the site."""
+        return str(self)
 
 
 class SitePolicyError(ValueError):

@@ -13,8 +13,11 @@
   its AUROC, sensitivity, specificity, accuracy and the summable statistics the
   server pools (:mod:`flwr_ext.appkit.metrics`), plus its site name.
 
-Mods, outermost first: ``secure_aggregation_mod`` runs ``ckks_mod`` (decrypts the
-global model, encrypts the update) when the hospital has a secret context or the
+Mods, outermost first: ``site_policy_mod`` enforces the hospital's own privacy
+policy (node config ``policy-*``: CKKS required, minimum contributions, error
+replies that carry no data - see ``docs/security.md``);
+``secure_aggregation_mod`` runs ``ckks_mod`` (decrypts the global model, encrypts
+the update) when the hospital has a secret context or the
 run asks for ``secure-aggregation="ckks"``; ``byzantine_mod`` turns a site
 Byzantine when its config says so (robustness experiments; otherwise it does
 nothing).
@@ -61,11 +64,12 @@ from flwr_ext.appkit.torch_train import (
     train_binary_dp,
 )
 from flwr_ext.attacks import byzantine_mod, flip_labels_if_attacking
+from flwr_ext.mods.site_policy import ShareableError, site_policy_mod
 
 from .settings import EVALUATION_METRICS, load_settings
 from .task import SiteData, load_site_data, make_model
 
-app = ClientApp(mods=[secure_aggregation_mod, byzantine_mod])
+app = ClientApp(mods=[site_policy_mod, secure_aggregation_mod, byzantine_mod])
 
 
 def _site(context: Context) -> tuple[SiteData, dict]:
@@ -95,7 +99,7 @@ def _standardizer(
     # Under CKKS the site decrypted it itself in the statistics round.
     standardizer = Standardizer.from_config(config) or scaler_from_state(context)
     if standardizer is None:
-        raise ValueError(
+        raise ShareableError(
             "no feature scaler: the server sent none, and this site took no part "
             "in the statistics round before training (it joined late, or the "
             "ServerApp is not this app's)"
@@ -118,7 +122,9 @@ def query(msg: Message, context: Context) -> Message:
         return reply_encrypted_stats(msg, context, data.train.x)
     if is_stats_query(msg):
         return reply_feature_stats(msg, data.train.x)
-    raise ValueError("unknown query; this ClientApp answers feature statistics only")
+    raise ShareableError(
+        "unknown query; this ClientApp answers feature statistics only"
+    )
 
 
 @app.train()
