@@ -173,3 +173,13 @@ def test_undecodable_bytes_are_not_quoted(tmp_path):
         load_csv(path, SCHEMA_AB)
     assert err.value.code == "unreadable"
     assert "0xff" not in str(err.value) and "position" not in str(err.value)
+
+
+def test_node_config_errors_name_keys_not_the_sites_values(tmp_path, caplog):
+    """A relative data-path naming a cohort is refused without echoing it."""
+    with caplog.at_level(logging.ERROR):
+        reply = _train_reply(Path(f"relative/{SECRET}.csv"))
+    text = _wire_text(reply)
+    assert SECRET not in text
+    assert "data-path must be an absolute path" in text
+    assert SECRET in caplog.text
