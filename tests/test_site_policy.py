@@ -397,6 +397,29 @@ def test_a_single_update_relabelled_as_aggregate_is_not_decrypted(key_dir):
     assert not reply.has_error(), reply.error.reason
 
 
+def test_a_decryption_request_sent_as_evaluate_is_checked_too(key_dir):
+    ckks_keys = load_keys(key_dir / SECRET_FILE)
+    one = _relabel_as_aggregate(
+        encrypt_record(
+            ArrayRecord({"w": Array(np.ones(D, np.float32))}), ckks_keys, 1.0
+        )
+    )
+    node = {
+        "ckks-context": str(key_dir / SECRET_FILE),
+        "ckks-decrypt-for-server": True,
+        "ckks-decrypt-min-clients": 1,
+    }
+    msg = Message(
+        RecordDict(
+            {"arrays": one, "config": ConfigRecord({"ckks-decrypt-request": True})}
+        ),
+        dst_node_id=1,
+        message_type=MessageType.EVALUATE,
+    )
+    reply = make_app([site_policy_mod, ckks_mod])(msg, context(node))
+    assert reply.has_error() and "policy-min-contributions" in reply.error.reason
+
+
 def test_decrypt_request_flag_cannot_smuggle_a_plaintext_update_out():
     """Without ckks_mod the ClientApp trains on a 'decrypt request' and returns its
     plaintext model: refused."""

@@ -357,9 +357,8 @@ def site_policy_mod(
         category = str(msg.metadata.message_type).split(".", 1)[0]
         train = category == MessageType.TRAIN
         configs = list(msg.content.config_records.values())
-        decrypt_request = train and any(
-            c.get(KEY_DECRYPT_REQUEST) is True for c in configs
-        )
+        # ckks_mod answers a decryption request whatever the message type
+        decrypt_request = any(c.get(KEY_DECRYPT_REQUEST) is True for c in configs)
         if train and not decrypt_request:
             _check_train_instruction(policy, configs, context)
     except PolicyViolationError as err:
