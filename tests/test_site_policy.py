@@ -530,9 +530,18 @@ def server_instructions(draw) -> Message:
     for i in range(draw(st.sampled_from([1, 1, 1, 0, 2]))):
         kind = draw(
             st.sampled_from(
-                ["ok", "ok", "ok", "shape", "dtype", "nan", "huge", "extra"]
+                ["ok", "ok", "ok", "shape", "dtype", "nan", "huge", "extra", "raw"]
             )
         )
+        if kind == "raw":  # bytes that are not what the Array says
+            junk = Array(
+                dtype=draw(st.sampled_from(["float32", "float128x", "<f4", ""])),
+                shape=tuple(draw(st.lists(st.integers(0, 2**40), max_size=3))),
+                stype=draw(st.sampled_from(["numpy.ndarray", "ckks-meta", "x"])),
+                data=draw(st.binary(max_size=64)),
+            )
+            content[f"arrays{i}" if i else "arrays"] = ArrayRecord({"w": junk})
+            continue
         w = np.zeros(D, np.float32)
         arrays = {"w": w}
         if kind == "shape":
