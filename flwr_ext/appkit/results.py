@@ -42,6 +42,7 @@ import csv
 import json
 import math
 import os
+import secrets
 import shlex
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -158,7 +159,9 @@ class ResultsWriter:
             raise ValueError(f"results folder must be absolute, got {directory}")
         try:
             create_private_dir(directory, fresh=not overwrite, claim=True)
-            probe = write_bytes(directory / f".write-test-{os.getpid()}", b"ok")
+            probe = write_bytes(
+                directory / f".write-test-{secrets.token_hex(6)}", b"ok"
+            )
             probe.unlink()
         except UnsafePathError as err:
             raise UnsafePathError(
