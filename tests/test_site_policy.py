@@ -725,3 +725,31 @@ def test_fuzz_the_whole_site_chain_with_real_ckks(data, key_dir, ckks_train_conf
     app = make_app([site_policy_mod, ckks_mod, distributed_dp_mod])
     reply = app(msg, context(node_config))
     _check_no_leak(msg, reply, _policy_or_none(node_config))
+
+
+def test_the_app_templates_enforce_the_site_policy(tmp_path):
+    """Both ClientApps list site_policy_mod first: a hospital that requires CKKS
+    refuses a plaintext round before touching its data."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "apps"
+    for folder, module in (
+        ("hospital-diagnostics", "hospital_diagnostics.client_app"),
+        ("bank-fraud", "bank_fraud.client_app"),
+    ):
+        sys.path.insert(0, str(root / folder))
+        app = __import__(module, fromlist=["app"]).app
+        ctx = Context(
+            run_id=1,
+            node_id=1,
+            node_config={
+                "data-path": str(tmp_path / "never-read.csv"),
+                "policy-require-ckks": True,
+            },
+            state=RecordDict(),
+            run_config={},
+        )
+        reply = app(train_message({"server-round": 1}), ctx)
+        assert reply.has_error(), module
+        assert "policy-require-ckks" in reply.error.reason, reply.error.reason
