@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..safe_files import atomic_open
 from .metrics import METRICS, BinaryStats
 from .thresholds import OperatingPoint, operating_curve
 
@@ -121,5 +122,7 @@ def plot_pr_curves(
     axes.legend(fontsize=7, loc="lower left")
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path)
+    # private (0600), atomic, a symlink at ``path`` replaced, never followed
+    with atomic_open(path, "wb", overwrite=True) as handle:
+        figure.savefig(handle, format=path.suffix.lstrip(".") or "png")
     return path

@@ -6,9 +6,13 @@
 - :func:`distributed_dp_mod` - clips the client's update and adds its share of the
   Gaussian noise (pairs with :class:`flwr_ext.strategy.DistributedDP`). List it
   after any encrypting mod: ``ClientApp(mods=[ckks_mod, distributed_dp_mod])``.
+- :func:`site_policy_mod` - enforces the site's own privacy policy (node config
+  ``policy-*`` floors: minimum noise, minimum contributions, CKKS required...)
+  against any server instruction. Put it first (outermost).
 """
 
 from .ckks import ckks_mod
 from .distributed_dp import distributed_dp_mod
+from .site_policy import SitePolicy, site_policy_mod
 
-__all__ = ["ckks_mod", "distributed_dp_mod"]
+__all__ = ["SitePolicy", "ckks_mod", "distributed_dp_mod", "site_policy_mod"]
