@@ -43,8 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--profile",
         choices=sorted(PROFILES),
         default="default",
-        help="CKKS parameters: default (N=8192, [60, 40], 2^40, |aggregate| <= "
-        "2^18) or compact (N=4096, [45, 60], 2^35, |aggregate| <= 256)",
+        help="CKKS parameters: default (N=8192, [60, 60, 60], 2^100, |aggregate| "
+        "<= 2^18) or compact (N=4096, [47, 46, 16], 2^83, |aggregate| <= 256)",
     )
     create.add_argument(
         "--force", action="store_true", help="overwrite existing key files"
