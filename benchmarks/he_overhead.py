@@ -70,8 +70,8 @@ from flwr_ext.he import (  # noqa: E402
     load_keys,
 )
 from flwr_ext.he._native import quiet_native_stdout  # noqa: E402
-from flwr_ext.he.codec import EncryptedHeader, chunks  # noqa: E402
-from flwr_ext.he.wire import _scratch_file, get_wire  # noqa: E402
+from flwr_ext.he.codec import EncryptedHeader, chunks, decrypt_average  # noqa: E402
+from flwr_ext.he.wire import _scratch_file  # noqa: E402
 
 CLIENTS = 10
 
@@ -354,14 +354,9 @@ def _ckks_repeat(
 
 
 def _decrypt_float64(record: ArrayRecord, keys) -> np.ndarray:
-    """Decrypt to the float64 average (no cast to the model's float32)."""
-    header = EncryptedHeader.from_record(record)
-    header.check_keys(keys, "aggregate")
-    values = get_wire(header.wire).decrypt(
-        keys, chunks(record, header), header.num_values
-    )
-    size = header.manifest.size
-    return values[:size] / values[size]
+    """Return the released (flooded, rounded) average, before the float32 cast."""
+    average, _, _, _ = decrypt_average(record, keys, "aggregate")
+    return average
 
 
 def bench_flare_style(models, counts, expected, repeats) -> Row:

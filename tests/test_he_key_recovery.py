@@ -211,15 +211,24 @@ def server_view(grid: CuriousGrid):
     ciphertext of the sum and of client 3's update, and client 3's weight
     (its plaintext ``num-examples`` over the announced weight unit).
     """
+
     def is_request(m: Message) -> bool:
         config = m.content.config_records.get("config")
         return config is not None and config.get("ckks-decrypt-request") is True
 
     request = next(m for m in grid.sent if is_request(m))
-    answer = next(m for m in grid.received if not m.has_error()
-                  and "ckks-total-weight" in m.content.metric_records.get("metrics", {}))  # fmt: skip
-    victim = next(m for m in grid.received if m.metadata.src_node_id == 3
-                  and not m.has_error() and "ckks-meta" in m.content["arrays"])  # fmt: skip
+
+    def is_release(m: Message) -> bool:
+        metrics = m.content.metric_records.get("metrics", {})
+        return not m.has_error() and "ckks-total-weight" in metrics
+
+    def is_victims_update(m: Message) -> bool:
+        if m.metadata.src_node_id != 3 or m.has_error():
+            return False
+        return "ckks-meta" in m.content["arrays"]
+
+    answer = next(m for m in grid.received if is_release(m))
+    victim = next(m for m in grid.received if is_victims_update(m))
     average = answer.content["arrays"]
     manifest = Manifest.from_arrayrecord(average)
     vector, _ = flatten(average, manifest)

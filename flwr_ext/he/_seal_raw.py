@@ -28,13 +28,56 @@ import numpy as np
 
 from .keys import SealHandles
 
-__all__ = ["add_polynomial", "data_moduli"]
+__all__ = ["add_polynomial", "data_moduli", "uncompressed"]
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_COMPR_ZSTD = 2
 
 
 def data_moduli(seal: SealHandles) -> list[int]:
-    """The data primes a fresh ciphertext lives in (SEAL's first data level)."""
+    """Return the data primes a fresh ciphertext lives in (SEAL's first level)."""
     parms = seal.context.first_context_data().parms()
     return [int(m.value()) for m in parms.coeff_modulus()]
+
+
+def uncompressed(blob: bytes) -> bytes:
+    """Return SEAL's serialisation ``blob`` uncompressed, if that is a plain copy.
+
+    ``sealapi`` always saves with SEAL's default compression (zstd). A
+    ciphertext's 60-bit residues do not compress, so zstd stores them as *raw
+    blocks* - the bytes themselves, with a 3-byte header every 128 KiB - and SEAL
+    still pays for a zstd pass on every load. When every block is raw, this
+    returns the same object with compression ``none``: the same bytes minus the
+    frame (SEAL loads it about twice as fast). Anything else - compressed or RLE
+    blocks, a checksum, a frame SEAL would not write - is returned unchanged.
+    """
+    if len(blob) < 16 + 6 or blob[5] != _COMPR_ZSTD:
+        return blob
+    frame = memoryview(blob)[16:]
+    if bytes(frame[:4]) != _ZSTD_MAGIC:
+        return blob
+    descriptor = frame[4]
+    single_segment = (descriptor >> 5) & 1
+    if (descriptor >> 2) & 1 or descriptor & 3:  # content checksum, dictionary id
+        return blob
+    pos = 5 + (0 if single_segment else 1)
+    pos += (1 if single_segment else 0, 2, 4, 8)[descriptor >> 6]
+    parts = []
+    while True:
+        if pos + 3 > len(frame):
+            return blob
+        block = int.from_bytes(frame[pos : pos + 3], "little")
+        kind, size = (block >> 1) & 3, block >> 3
+        if kind != 0 or pos + 3 + size > len(frame):
+            return blob
+        parts.append(frame[pos + 3 : pos + 3 + size])
+        pos += 3 + size
+        if block & 1:
+            break
+    if pos != len(frame):
+        return blob
+    body = b"".join(parts)
+    return _header(bytes(blob[:16]), 16 + len(body)) + body
 
 
 def _header_template(seal: SealHandles, scratch: Any) -> bytes:

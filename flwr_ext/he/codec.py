@@ -60,6 +60,7 @@ __all__ = [
     "DecryptedModel",
     "EncryptedHeader",
     "InvalidCiphertextError",
+    "decrypt_average",
     "decrypt_record",
     "encrypt_record",
     "is_encrypted",
@@ -360,7 +361,33 @@ def decrypt_record(
     sized from the profile's error bound is added to the plaintext before it is
     decoded, so the result does not reveal the secret-dependent decryption
     error (which would give away the key), and the average and the total weight
-    are then rounded to a power-of-two grid below the noise. Steps:
+    are then rounded to a power-of-two grid below the noise. See
+    :func:`decrypt_average` for the steps; this function shapes the average
+    like the original model (names, shapes, dtypes).
+
+    Raises
+    ------
+    KeyMismatchError
+        If it was encrypted under another key set or profile (names both).
+    InvalidCiphertextError
+        If it is malformed, a ciphertext does not load, or its weight or count
+        slot is out of range.
+    """
+    average, total_weight, contributions, noise_std, manifest = _release(
+        record, keys, what
+    )
+    return DecryptedModel(
+        unflatten(average, manifest), total_weight, contributions, noise_std
+    )
+
+
+def decrypt_average(
+    record: ArrayRecord, keys: CkksKeys, what: str = "the encrypted model"
+) -> tuple[np.ndarray, float, int, float]:
+    """Return the released weighted average as a flat float64 vector.
+
+    What :func:`decrypt_record` releases, before the cast to the model's dtypes
+    (for measurements). Steps:
 
     1. decrypt the last ciphertext exactly, locally, to read the count slot
        ``n`` (the error of a sum of ``n`` fresh ciphertexts is at most
@@ -373,14 +400,19 @@ def decrypt_record(
     4. decrypt every ciphertext with its noise polynomial added, divide by the
        weight slot, round.
 
-    Raises
-    ------
-    KeyMismatchError
-        If it was encrypted under another key set or profile (names both).
-    InvalidCiphertextError
-        If it is malformed, a ciphertext does not load, or its weight or count
-        slot is out of range.
+    Returns
+    -------
+    tuple
+        ``(average, total_weight, contributions, noise_std)``: see
+        :class:`DecryptedModel`.
     """
+    average, total_weight, contributions, noise_std, _ = _release(record, keys, what)
+    return average, total_weight, contributions, noise_std
+
+
+def _release(
+    record: ArrayRecord, keys: CkksKeys, what: str
+) -> tuple[np.ndarray, float, int, float, Manifest]:
     keys.require_secret()
     header = EncryptedHeader.from_record(record)
     header.check_keys(keys, what)
@@ -388,6 +420,7 @@ def decrypt_record(
     blobs = chunks(record, header)
     sizes = wire.chunk_sizes(keys, header.num_values)
     profile = keys.profile
+    degree = profile.poly_modulus_degree
     try:
         last = wire.decrypt(keys, blobs[-1:], sizes[-1], None)  # local, never released
         count = float(last[-1])
@@ -396,7 +429,6 @@ def decrypt_record(
                 f"{what} decrypts to a contribution count of {count:g}; the "
                 "aggregate overflowed the profile's bound or was made with another key"
             )
-        degree = profile.poly_modulus_degree
         tau = flooding_std(
             FRESH_ERROR_BOUND * round(count),
             len(blobs) * degree,
@@ -429,9 +461,10 @@ def decrypt_record(
         values[:size] / total_weight, release_grid(noise_std / total_weight)
     )
     total_weight = float(round_to_grid(total_weight, release_grid(noise_std)))
-    return DecryptedModel(
-        unflatten(average, header.manifest),
+    return (
+        average,
         total_weight,
         round(float(values[size + 1])),
         noise_std,
+        (header.manifest),
     )

@@ -112,7 +112,7 @@ def flooding_std(
     num_decryptions: int,
     security_bits: int = 30,
 ) -> float:
-    """Standard deviation ``tau`` of the flooding noise, per coefficient.
+    """Return ``tau``, the flooding noise's standard deviation per coefficient.
 
     Parameters
     ----------
@@ -246,7 +246,7 @@ def noise_residues(noise: np.ndarray, moduli: Sequence[int]) -> np.ndarray:
 
 
 def release_grid(std: float) -> float:
-    """The power of two a released value is rounded to: ``<= std``.
+    """Return the power of two a released value is rounded to: ``<= std``.
 
     Rounding to the grid costs at most half a grid step - at most ``std / 2`` on
     top of the flooding noise - and removes the low-order bits of the decoding,

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from ._native import quiet_native_stdout, tenseal
-from ._seal_raw import add_polynomial
+from ._seal_raw import add_polynomial, uncompressed
 from .keys import CkksKeys
 
 __all__ = [
@@ -149,7 +149,9 @@ class Wire:
         keys.require_secret()
         sizes = self.chunk_sizes(keys, num_values)
         if len(blobs) != len(sizes):
-            raise CiphertextError(f"expected {len(sizes)} ciphertexts, got {len(blobs)}")
+            raise CiphertextError(
+                f"expected {len(sizes)} ciphertexts, got {len(blobs)}"
+            )
         if noise is not None and noise.shape[0] != len(blobs):
             raise ValueError(f"{noise.shape[0]} noise polynomials for {len(blobs)}")
         out = np.empty(num_values, dtype=np.float64)
@@ -248,7 +250,7 @@ class TensealWire(Wire):
     def seal_ciphertext(
         self, keys: CkksKeys, blob: bytes, num_values: int, scratch: _ScratchFile
     ) -> Any:
-        """The SEAL ciphertext inside a checked TenSEAL vector (moved via ``save``)."""
+        """Return the SEAL ciphertext inside a checked TenSEAL vector (via ``save``)."""
         vector = self.load(keys, blob, num_values, quiet=False)
         vector.ciphertext()[0].save(scratch.path)
         ciphertext = keys.seal().sealapi.Ciphertext()
@@ -298,7 +300,7 @@ class PackedWire(Wire):
                     ciphertext = seal.sealapi.Ciphertext()
                     seal.encryptor.encrypt_symmetric(plain, ciphertext)
                     ciphertext.save(scratch.path)
-                blobs.append(scratch.read())
+                blobs.append(uncompressed(scratch.read()))
         return blobs
 
     def load(
@@ -358,7 +360,7 @@ class PackedWire(Wire):
         with _scratch_file() as scratch:
             for ciphertext in ciphertexts:
                 ciphertext.save(scratch.path)
-                out.append(scratch.read())
+                out.append(uncompressed(scratch.read()))
         return out
 
     def seal_ciphertext(
@@ -394,9 +396,7 @@ def _check_seal_ciphertext(ciphertext: Any, keys: CkksKeys) -> None:
         )
     primes = len(profile.coeff_mod_bit_sizes) - 1
     if int(ciphertext.coeff_modulus_size()) != primes:
-        problems.append(
-            f"{ciphertext.coeff_modulus_size()} primes instead of {primes}"
-        )
+        problems.append(f"{ciphertext.coeff_modulus_size()} primes instead of {primes}")
     if int(ciphertext.size()) != 2:
         problems.append(f"{ciphertext.size()} polynomials instead of 2")
     if float(ciphertext.scale) != profile.scale:
