@@ -28,7 +28,7 @@ import numpy as np
 
 from .keys import SealHandles
 
-__all__ = ["add_polynomial", "data_moduli", "uncompressed"]
+__all__ = ["add_polynomial", "data_moduli", "load_ciphertext", "uncompressed"]
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _COMPR_ZSTD = 2
@@ -97,17 +97,22 @@ def _header(template: bytes, size: int) -> bytes:
     return bytes(header)
 
 
-def _load_coefficient_form(
-    seal: SealHandles, like: Any, polys: np.ndarray, scratch: Any
+def load_ciphertext(
+    seal: SealHandles, like: Any, polys: np.ndarray, scratch: Any, ntt_form: bool
 ) -> Any:
-    """Load a 2-polynomial ciphertext with ``polys`` (2, k, N) in coefficient form."""
+    """Load a 2-polynomial ciphertext with the residues ``polys`` (2, k, N).
+
+    ``like`` supplies the level (``parms_id``) and the scale. The result is in
+    NTT form: ``polys`` are taken as NTT values if ``ntt_form``, else as
+    coefficients that SEAL then transforms.
+    """
     template = _header_template(seal, scratch)
     _, primes, degree = polys.shape
     data = np.ascontiguousarray(polys, dtype="<u8")
     array = _header(template, 24 + data.nbytes) + struct.pack("<Q", data.size)
     members = (
         struct.pack("<4Q", *like.parms_id())
-        + b"\x00"  # coefficient form
+        + (b"\x01" if ntt_form else b"\x00")
         + struct.pack("<QQQdQ", 2, degree, primes, float(like.scale), 1)
         + array
     )
@@ -115,7 +120,8 @@ def _load_coefficient_form(
     scratch.write(_header(template, size) + members + data.tobytes())
     ciphertext = seal.sealapi.Ciphertext()
     ciphertext.load(seal.context, scratch.path)
-    seal.evaluator.transform_to_ntt_inplace(ciphertext)
+    if not ntt_form:
+        seal.evaluator.transform_to_ntt_inplace(ciphertext)
     return ciphertext
 
 
@@ -139,8 +145,8 @@ def add_polynomial(
         )
     polys = np.zeros((2, primes, degree), dtype=np.uint64)
     polys[1, :, 0] = 1
-    one = _load_coefficient_form(seal, ciphertext, polys, scratch)
+    one = load_ciphertext(seal, ciphertext, polys, scratch, False)
     polys[0] = residues
-    shifted = _load_coefficient_form(seal, ciphertext, polys, scratch)
+    shifted = load_ciphertext(seal, ciphertext, polys, scratch, False)
     seal.evaluator.add_inplace(ciphertext, shifted)
     seal.evaluator.sub_inplace(ciphertext, one)
