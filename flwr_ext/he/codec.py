@@ -9,7 +9,7 @@ Encoding (data owner, secret key)
    ``[w * x_1, ..., w * x_d, w, 1]``. Summing such vectors over clients gives
    ``[sum w_i x_i, sum w_i, n]``; the key holder divides by the weight slot to get
    the weighted average (FedAvg) and reads the number of contributions from the
-   last slot. The server never multiplies, so one data prime suffices.
+   last slot. The server never multiplies, so no prime is consumed by rescaling.
 3. Check ``|w * x| <= bound / num_clients`` (the profile's magnitude bound, see
    :func:`flwr_ext.he.profiles.check_bound`) before anything is encrypted.
 4. Encrypt chunk by chunk (:mod:`flwr_ext.he.wire`) and put the ciphertext bytes in
