@@ -145,7 +145,11 @@ def add_polynomial(
         )
     polys = np.zeros((2, primes, degree), dtype=np.uint64)
     polys[1, :, 0] = 1
-    one = load_ciphertext(seal, ciphertext, polys, scratch, False)
+    cache = seal.__dict__.setdefault("_raw_ones", {})
+    level = (tuple(ciphertext.parms_id()), float(ciphertext.scale))
+    one = cache.get(level)
+    if one is None:
+        one = cache[level] = load_ciphertext(seal, ciphertext, polys, scratch, False)
     polys[0] = residues
     shifted = load_ciphertext(seal, ciphertext, polys, scratch, False)
     seal.evaluator.add_inplace(ciphertext, shifted)

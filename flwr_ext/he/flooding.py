@@ -257,7 +257,7 @@ def release_grid(std: float) -> float:
     return 2.0 ** math.floor(math.log2(std))
 
 
-def round_to_grid(values: np.ndarray, grid: float) -> np.ndarray:
+def round_to_grid(values: np.ndarray | float, grid: float) -> np.ndarray:
     """Round ``values`` to the nearest multiple of ``grid`` (float64)."""
     return np.rint(np.asarray(values, dtype=np.float64) / grid) * grid
 
