@@ -12,7 +12,10 @@
 
 ``flwr-ext keys decrypt --context SECRET MODEL --out OUT.npz``
     Decrypts an encrypted final model saved by the ServerApp
-    (:func:`flwr_ext.he.save_encrypted_model`) into a plain ``.npz``.
+    (:func:`flwr_ext.he.save_encrypted_model`) into a plain ``.npz``. Like every
+    flwr-ext decryption the values are flooded and rounded
+    (:mod:`flwr_ext.he.flooding`), so the file can be shared without revealing
+    the key; decrypting the same model again writes the same values.
 """
 
 from __future__ import annotations

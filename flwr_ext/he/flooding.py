@@ -63,6 +63,13 @@ threshold scheme (which flood their share the same way):
 - :func:`release_grid` / :func:`round_to_grid` - the rounding before release;
 - :func:`charge_release` - a per-run counter that refuses decryptions beyond the
   site's budget.
+
+For a threshold scheme, a party floods its partial decryption ``c1 * s_i + e_i``
+the same way before it leaves the party: ``B`` is that party's error bound,
+``M`` the coefficients it releases, ``Q`` the partial decryptions it will release;
+draw ``flooding_noise(M, flooding_std(B, M, Q, kappa), NoiseStream())``, reduce
+it with :func:`noise_residues` and add it in coefficient form (on SEAL objects:
+:func:`flwr_ext.he._seal_raw.add_polynomial`).
 """
 
 from __future__ import annotations
