@@ -30,8 +30,9 @@ ciphertext, so every site - and :func:`decrypt_scaler` later - gets the same
 values. The result equals the plaintext pooled standardisation up to CKKS
 precision (measured on the WDBC features with the previous, unflooded default
 profile: means within 2e-7 and standard deviations within 2e-5, relative; the
-flooding noise of the current default profile is ~1e-12 absolute). A site that misses the round
-(joins later) has no scaler and answers train/evaluate with an error saying so.
+flooding noise of the current default profile is ~1e-12 absolute). A site that
+misses the round (joins later) has no scaler and answers train/evaluate with an
+error saying so.
 The server can write the two encrypted sums next to the encrypted model
 (:func:`save_encrypted_scaler`); a data owner decrypts them with
 :func:`decrypt_scaler`.
