@@ -527,7 +527,12 @@ def plot(rows: Sequence[Row], path: Path) -> None:
          [r.server_per_client_s * 1e3 for r in rows]),
     ]  # fmt: skip
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    colors = ["#888888"] + ["#3b7dd8"] * (len(rows) - 2) + ["#d8703b"]
+    colors = [
+        "#888888" if r.name.startswith("plaintext")
+        else "#d8703b" if r.name.startswith("FLARE")
+        else "#3b7dd8"
+        for r in rows
+    ]  # fmt: skip
     for ax, (title, values) in zip(axes, panels, strict=True):
         ax.barh(names, values, color=colors[: len(values)])
         ax.set_title(title, fontsize=10)
@@ -551,6 +556,11 @@ def _json_row(row: Row) -> dict[str, object]:
             for k, v in asdict(row).items()}  # fmt: skip
 
 
+_CONFIGS = [("default", "packed"), ("compact", "packed"),
+            ("default", "tenseal"), ("compact", "tenseal"),
+            ("default", "seeded"), ("compact", "seeded")]  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run every configuration and print (and optionally write) the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -560,7 +570,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=None, help="folder for he-overhead.json/.png"
     )
+    parser.add_argument(
+        "--configs",
+        default=",".join(f"{p}/{w}" for p, w in _CONFIGS),
+        help="comma-separated PROFILE/WIRE configurations to run (default: all)",
+    )
+    parser.add_argument(
+        "--skip-flare", action="store_true", help="leave out the FLARE-style row"
+    )
     args = parser.parse_args(argv)
+    configs = [tuple(c.strip().split("/", 1)) for c in args.configs.split(",")]
+    unknown = [c for c in configs if c not in _CONFIGS]
+    if unknown:
+        parser.error(f"unknown configurations {unknown}; choose from {_CONFIGS}")
     if args.repeats < 1 or args.params < 10_000:
         parser.error("--repeats must be >= 1 and --params >= 10000")
     load_before = os.getloadavg()
@@ -572,16 +594,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [bench_plaintext(models, counts, expected, args.repeats)]
     print(markdown(rows, params), flush=True)
     with tempfile.TemporaryDirectory() as key_dir:
-        configs = [("default", "packed"), ("compact", "packed"),
-                   ("default", "tenseal"), ("compact", "tenseal"),
-                   ("default", "seeded"), ("compact", "seeded")]  # fmt: skip
         for profile, wire in configs:
             row = bench_ckks(
                 profile, wire, models, counts, expected, args.repeats, key_dir
             )
             rows.append(row)
             print(markdown(rows[-1:], params).split("\n")[-1], flush=True)
-    rows.append(bench_flare_style(models, counts, expected, args.repeats))
+    if not args.skip_flare:
+        rows.append(bench_flare_style(models, counts, expected, args.repeats))
     load_after = os.getloadavg()
     cpu = time.process_time() - started_cpu
     table = markdown(rows, params)
@@ -591,9 +611,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{platform.processor() or platform.machine()}, Python "
         f"{platform.python_version()}; {time.perf_counter() - started:.0f} s total, "
         f"wall-clock / CPU time {(time.perf_counter() - started) / cpu:.2f}; "
-        f"FLARE-style public context with relinearisation keys: "
-        f"{rows[-1].key_material_bytes / 1e6:.2f} MB; mean relative error "
-        "(|x| > 1): "
+        + (
+            ""
+            if args.skip_flare
+            else "FLARE-style public context with relinearisation keys: "
+            f"{rows[-1].key_material_bytes / 1e6:.2f} MB; "
+        )
+        + "mean relative error (|x| > 1): "
         + ", ".join(f"{r.name} {r.mean_relative_error:.1e}" for r in rows)
         + "; bare library load + add on the same replies, without flwr-ext's "
         "checks (ms / 1M / client; TenSEAL ckks_vector_from + add_ for tenseal, "
