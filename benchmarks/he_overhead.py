@@ -631,7 +631,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n" + table + note)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
+        command = " ".join(sys.argv[1:] if argv is None else argv)
         results = {
+            "command": f"python -m benchmarks.he_overhead {command}".strip(),
             "params": params, "clients": CLIENTS, "counts": counts,
             "repeats": args.repeats, "load_before": load_before,
             "load_after": load_after, "rows": [_json_row(r) for r in rows],
