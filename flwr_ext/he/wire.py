@@ -8,17 +8,20 @@ clients.
 ``"packed"`` (default)
     Raw SEAL through the bindings TenSEAL ships (``tenseal.sealapi``): two reals per
     slot (the real and imaginary part of each complex slot, so ``N`` values per
-    ciphertext) and full symmetric ciphertexts. About 16 B/param in both
-    directions - half of ``"tenseal"`` - and half the ciphertexts for the server
-    to load and add, which makes it the fastest format at the server.
+    ciphertext) and full symmetric ciphertexts. About 32 B/param in both
+    directions with the two data primes of profile ``default`` - half of
+    ``"tenseal"`` - and half the ciphertexts for the server to load and add,
+    which makes it the fastest format at the server. SEAL's zstd frame is
+    unwrapped when it only holds raw blocks (random residues never compress), so
+    the server's SEAL loads the residues without a zstd pass.
 ``"tenseal"``
     One TenSEAL ``CKKSVector`` per ``N / 2`` values, serialised with
     ``CKKSVector.serialize()``: each chunk loads with plain TenSEAL
     (``ts.ckks_vector_from``), for tools that expect TenSEAL objects. About
-    32 B/param (profile ``default``) and 27 B/param (``compact``) in both directions.
+    64 B/param (profile ``default``) and 55 B/param (``compact``) in both directions.
 ``"seeded"``
     ``"packed"`` with *seeded* uplink ciphertexts, whose second polynomial is
-    replaced on the wire by the 64-byte seed that generates it: about 8 B/param up
+    replaced on the wire by the 64-byte seed that generates it: about 16 B/param up
     (the smallest), but the server pays for expanding every seed when it loads a
     reply. The summed model that goes back down is a full (unseeded) ciphertext,
     as in ``"packed"``.
