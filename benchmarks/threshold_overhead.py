@@ -10,7 +10,7 @@ One run measures, for a ~1M-parameter float32 model (|x| <= 10, the layout of
   and adds (:func:`~flwr_ext.he.threshold_protocol.decode_update`, SEAL's
   ``Ciphertext.load`` and ``add_inplace``), sends each of 10 sites the sum's
   ``c1``; each site computes its flooded partial decryption
-  (:meth:`~flwr_ext.he.threshold.SecretShare.partial_decrypt`); the server combines
+  (:meth:`~flwr_ext.he.threshold.SecretShare.partial_decrypt_all`); the server combines
   and decodes (:func:`~flwr_ext.he.threshold.combine`).
 - ``secagg+`` - Flower's own SecAgg+ (``SecAggPlusWorkflow`` + ``secaggplus_mod``,
   the legacy workflow; 10 shares, threshold 6, clipping range 10) on Flower's real
@@ -159,7 +159,7 @@ def _threshold_repeat(context, encryptor, shares, models, counts, unit) -> dict:
     for share in shares:
         start = _cpu()
         c1s = read_residue_record(context, c1_record, "c1", expected=len(raws))
-        partials = [share.partial_decrypt(c1) for c1 in c1s]
+        partials = share.partial_decrypt_all(c1s)
         share_record = residue_record("h", [p.share for p in partials])
         partial_times.append(_cpu() - start)
         share_bytes = record_bytes(share_record)
