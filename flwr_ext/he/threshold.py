@@ -78,6 +78,7 @@ from flwr_ext.he.seal_raw import (
     ciphertext_bytes,
     parse_ciphertext,
     plaintext_bytes,
+    uncompressed,
 )
 
 __all__ = [
@@ -437,10 +438,6 @@ class SecretShare:
         context = self.context
         profile = context.profile
         checked = [check_residues(context, c1, "c1") for c1 in c1s]
-        if any(not np.any(c1) for c1 in checked):
-            # no aggregate has c1 = 0 (it would be a plaintext); SEAL would refuse
-            # the product as a transparent ciphertext
-            raise ThresholdError("a c1 of all zeros is not an encrypted aggregate")
         if self.decryptions_used + len(checked) > profile.max_decryptions:
             raise ThresholdError(
                 f"this secret share has helped decrypt {self.decryptions_used} "
@@ -481,16 +478,28 @@ class SecretShare:
         multiplies polynomial by polynomial. ``add_inplace`` sums the two; one
         save and one parse return all ``m`` shares. Four SEAL calls and two file
         round trips per 16 chunks instead of per chunk; the residues are the
-        numpy ``modmul`` and ``NttTables.forward`` results exactly (tested). A
-        single chunk is padded with a copy of itself (a ciphertext has at least
-        two polynomials) whose result is dropped.
+        numpy ``modmul`` and ``NttTables.forward`` results exactly (tested).
+
+        SEAL refuses a *transparent* result (every polynomial after the first
+        zero), which a single chunk or ``c1``s of zeros (a hostile request) would
+        give: such a batch gets a padding polynomial of ones whose result is
+        dropped (a full batch is split in two first, to leave room for it).
         """
         context = self.context
         sealapi = context.sealapi
         count = c1s.shape[0]
-        if count == 1:
-            c1s = np.concatenate([c1s, c1s])
-            floods = np.concatenate([floods, floods])
+        if count < 2 or not np.any(c1s[1:]):
+            if count == _BATCH:
+                half = count // 2
+                return np.concatenate(
+                    [
+                        self._seal_shares(c1s[:half], floods[:half], scratch),
+                        self._seal_shares(c1s[half:], floods[half:], scratch),
+                    ]
+                )
+            pad = np.ones((1, context.k, context.n), dtype=np.uint64)
+            c1s = np.concatenate([c1s, pad])
+            floods = np.concatenate([floods, pad])
         if self._plain_share is None:
             self._plain_share = sealapi.Plaintext()
             scratch.write(
@@ -652,6 +661,10 @@ def encrypt_values(
     ``scale_bits`` (default: the profile's) sets the fixed-point scale: a smaller
     scale leaves room for larger sums (e.g. feature statistics) at the price of
     absolute precision (the flooding noise does not depend on the scale).
+
+    Each ciphertext is SEAL's serialization without its zstd frame
+    (:func:`~flwr_ext.he.seal_raw.uncompressed`): residues do not compress, and
+    the server loads an uncompressed ciphertext about three times faster.
     """
     scale = context.scale if scale_bits is None else float(2**scale_bits)
     from flwr_ext.he.wire import _scratch_file
@@ -671,7 +684,7 @@ def encrypt_values(
             ciphertext = context.sealapi.Ciphertext()
             encryptor_.encrypt(plain, ciphertext)
             ciphertext.save(scratch.path)
-            out.append(scratch.read())
+            out.append(uncompressed(scratch.read()))
     return out
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,13 +241,14 @@ class EncryptedUpdate:
     num_values : int
         Length of the encrypted vector (model values plus the weight and count
         slots).
-    ciphertexts : list[bytes]
-        SEAL ciphertext bytes, ``N`` values each.
+    ciphertexts : list[bytes | memoryview]
+        SEAL ciphertext bytes, ``N`` values each (as parsed: read-only views
+        into the received message, not copies).
     """
 
     keyset: str
     num_values: int
-    ciphertexts: list[bytes]
+    ciphertexts: Sequence[bytes | memoryview]
 
 
 def encode_update(update: EncryptedUpdate) -> ArrayRecord:
@@ -287,7 +289,7 @@ def decode_update(
         )
     meta = _bytes_of(record[META], 4096, "metadata")
     try:
-        parsed: Any = json.loads(meta.decode("utf-8"))
+        parsed: Any = json.loads(bytes(meta).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise ThresholdError("the update's metadata is not JSON") from err
     if not isinstance(parsed, dict) or set(parsed) != {
@@ -312,8 +314,11 @@ def decode_update(
     return EncryptedUpdate(keyset, expected_values, ciphertexts)
 
 
-def _bytes_of(array: Array, limit: int, what: str) -> bytes:
-    """Return the raw bytes of a 1-D uint8 ``Array`` of at most ``limit`` bytes."""
+def _bytes_of(array: Array, limit: int, what: str) -> memoryview:
+    """Return the raw bytes of a 1-D uint8 ``Array`` of at most ``limit`` bytes.
+
+    A read-only view into the message's payload (no copy of a ciphertext).
+    """
     if array.dtype not in ("|u1", "uint8") or len(array.shape) != 1:
         raise ThresholdError(f"'{what}' must be a 1-D uint8 array")
     length = array.shape[0]
@@ -326,7 +331,7 @@ def _bytes_of(array: Array, limit: int, what: str) -> bytes:
     data = bytes(array.data)
     if len(data) < length or data[:6] != b"\x93NUMPY":
         raise ThresholdError(f"'{what}' payload is malformed")
-    payload = data[len(data) - length :]
+    payload = memoryview(data)[len(data) - length :]
     if len(data) - length > 256:  # an .npy header is at most a few hundred bytes
         raise ThresholdError(f"'{what}' payload is malformed")
     return payload
