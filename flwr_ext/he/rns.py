@@ -63,9 +63,14 @@ def modmul(a: np.ndarray, b: np.ndarray | int, q: int) -> np.ndarray:
 
 
 def add_mod(a: np.ndarray, b: np.ndarray, q: int) -> np.ndarray:
-    """Return ``a + b mod q`` for residues below ``q < 2**62``."""
-    total = a + b
-    return np.where(total >= np.uint64(q), total - np.uint64(q), total)
+    """Return ``a + b mod q`` for residues below ``q < 2**63``.
+
+    ``min(t, t - q)`` with wrapping ``uint64`` subtraction: when ``t < q`` the
+    difference wraps above ``t``; otherwise it is the reduced value.
+    """
+    total = np.add(a, b, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return np.minimum(total, total - np.uint64(q))
 
 
 def sub_mod(a: np.ndarray, b: np.ndarray, q: int) -> np.ndarray:
@@ -189,7 +194,10 @@ def sample_gaussian_residues(
         table = np.array(
             [(h << base) % q for h in range(first, last + 1)], dtype=np.uint64
         )
-        out[..., j, :] = add_mod(table[high], low, q)
+        row = out[..., j, :]
+        np.add(table[high], low, out=row)
+        with np.errstate(over="ignore"):
+            np.minimum(row, row - np.uint64(q), out=row)  # add_mod, in place
     return out
 
 

@@ -76,6 +76,7 @@ from flwr_ext.he.rns import (
 from flwr_ext.he.seal_raw import (
     RawCiphertext,
     ciphertext_bytes,
+    ciphertext_parts,
     parse_ciphertext,
     plaintext_bytes,
     uncompressed,
@@ -510,11 +511,13 @@ class SecretShare:
             self._plain_share.load(context.context, scratch.path)
             self._evaluator = sealapi.Evaluator(context.context)
         noise = sealapi.Ciphertext()
-        scratch.write(ciphertext_bytes(context.data_parms_id, floods, ntt_form=False))
+        _write_parts(
+            scratch, ciphertext_parts(context.data_parms_id, floods, ntt_form=False)
+        )
         noise.load(context.context, scratch.path)
         self._evaluator.transform_to_ntt_inplace(noise)
         product = sealapi.Ciphertext()
-        scratch.write(ciphertext_bytes(context.data_parms_id, c1s))
+        _write_parts(scratch, ciphertext_parts(context.data_parms_id, c1s))
         product.load(context.context, scratch.path)
         self._evaluator.multiply_plain_inplace(product, self._plain_share)
         self._evaluator.add_inplace(product, noise)
@@ -526,6 +529,15 @@ class SecretShare:
             expected_size=c1s.shape[0],
         )
         return raw.polys[:count]
+
+
+def _write_parts(scratch: Any, parts: list[bytes | memoryview]) -> None:
+    """Make the scratch file hold the concatenation of ``parts`` (one syscall)."""
+    size = sum(memoryview(part).nbytes for part in parts)
+    os.ftruncate(scratch.fd, size)
+    written = os.pwritev(scratch.fd, parts, 0)
+    if written != size:  # pragma: no cover - full disk
+        raise OSError(f"wrote {written} of {size} bytes to {scratch.path}")
 
 
 def check_residues(context: ThresholdContext, values: object, what: str) -> np.ndarray:

@@ -226,7 +226,9 @@ def _npy_uint64(array: Array, shape: tuple[int, int]) -> np.ndarray:
     if b"'fortran_order': False" not in header or b"'<u8'" not in header:
         raise ThresholdError("residue array payload is not C-ordered little-endian")
     return (
-        np.frombuffer(data, dtype="<u8", offset=start).astype(np.uint64).reshape(shape)
+        np.frombuffer(data, dtype="<u8", offset=start)
+        .astype(np.uint64, copy=False)
+        .reshape(shape)
     )
 
 
