@@ -216,6 +216,8 @@ class ThresholdContext:
             int(m.value())
             for m in self.context.first_context_data().parms().coeff_modulus()
         )
+        if max(self.key_moduli) >> 60:
+            raise ThresholdError("the wire format packs residues in 60 bits")
         self.key_parms_id = tuple(self.context.key_parms_id())
         self.data_parms_id = tuple(self.context.first_parms_id())
         self.key_ntt = ntt_tables(n, self.key_moduli)
