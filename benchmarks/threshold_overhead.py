@@ -17,8 +17,10 @@ One run measures, for a ~1M-parameter float32 model (|x| <= 10, the layout of
   ``DefaultWorkflow`` over :class:`~flwr_ext.inprocess.InProcessGrid` (every message
   through Flower's protobuf serialisation), the same model and clients.
 
-Columns: uplink / downlink bytes per parameter per client (SecAgg+: every stage's
-messages, from the grid's byte counters), client time, server time per client and
+Columns: uplink / downlink bytes per parameter per client (threshold: the encrypted
+update up; the plaintext global model plus the collective public key, which every
+train instruction carries, down; SecAgg+: every stage's messages, from the grid's
+byte counters), client time, server time per client and
 per round, one site's partial decryption, all CPU seconds per 1M parameters (the
 benchmark process is single-threaded; other processes' load does not inflate CPU
 time), rounds of interaction per training round, and the max absolute error of the
@@ -99,7 +101,8 @@ def bench_threshold(models: list[ArrayRecord], counts: list[int], repeats: int) 
     return {
         "name": "threshold (N-of-N, 10 sites)",
         "up_bytes_per_param": runs[0]["up"] / params,
-        "down_bytes_per_param": 0.0,
+        # each train instruction: the plaintext global model + the public key
+        "down_bytes_per_param": (record_bytes(models[0]) + len(public_key)) / params,
         "client_encrypt_s": med(r["encrypt"] for r in runs) * per_m,
         "server_per_client_s": med(r["server"] for r in runs) * per_m,
         "server_round_s": med(r["round"] for r in runs) * per_m,
