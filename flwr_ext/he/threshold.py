@@ -431,9 +431,9 @@ class SecretShare:
         """``h_i = c1 * s_i + f_i`` for each aggregate chunk's ``c1``.
 
         ``c1`` is the ``(k, N)`` NTT-form second polynomial of an aggregate
-        ciphertext (the server sends only ``c1``: 16 B/param). ``f_i`` is this
-        site's flooding noise (:meth:`ThresholdProfile.flooding_sigma`), fresh for
-        every chunk. Each chunk spends one of the share's ``max_decryptions``; the
+        ciphertext (the server sends only ``c1``, 15 B/param packed at 60 bits).
+        ``f_i`` is this site's flooding noise
+        (:meth:`ThresholdProfile.flooding_sigma`), fresh for every chunk. Each chunk spends one of the share's ``max_decryptions``; the
         whole batch is claimed and persisted before any share is computed, and a
         batch beyond the budget is refused (the flooding would no longer give
         ``lambda`` bits).

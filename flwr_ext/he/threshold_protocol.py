@@ -21,7 +21,8 @@ op            server -> site                                   site -> server
 ============  ===============================================  ======================
 
 Sizes (N = 8192, two 60-bit data primes, packed two reals per slot): an encrypted
-update is 32 B/param, each ``c1`` down and each share up 16 B/param per site.
+update is 32 B/param (SEAL's format, 64-bit words), each ``c1`` down and each share
+up 15 B/param per site (residues packed at 60 bits, :func:`pack_residues`).
 
 Everything parsed here comes from the other side of a trust boundary: every parser
 checks types, counts and sizes before anything sized by the message is allocated,
