@@ -433,10 +433,11 @@ class SecretShare:
         ``c1`` is the ``(k, N)`` NTT-form second polynomial of an aggregate
         ciphertext (the server sends only ``c1``, 15 B/param packed at 60 bits).
         ``f_i`` is this site's flooding noise
-        (:meth:`ThresholdProfile.flooding_sigma`), fresh for every chunk. Each chunk spends one of the share's ``max_decryptions``; the
-        whole batch is claimed and persisted before any share is computed, and a
-        batch beyond the budget is refused (the flooding would no longer give
-        ``lambda`` bits).
+        (:meth:`ThresholdProfile.flooding_sigma`), fresh for every chunk. Each
+        chunk spends one of the share's ``max_decryptions``; the whole batch is
+        claimed and persisted before any share is computed, and a batch beyond
+        the budget is refused (the flooding would no longer give ``lambda``
+        bits). SEAL computes the shares 16 chunks at a time (:meth:`_seal_shares`).
         """
         context = self.context
         profile = context.profile
