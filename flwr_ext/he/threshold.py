@@ -555,9 +555,8 @@ def check_residues(context: ThresholdContext, values: object, what: str) -> np.n
         raise ThresholdError(
             f"{what} has shape {values.shape}, expected {(context.k, context.n)}"
         )
-    for j, q in enumerate(context.data_moduli):
-        if np.any(values[j] >= np.uint64(q)):
-            raise ThresholdError(f"{what} holds residues out of range")
+    if np.any(values >= np.array(context.data_moduli, dtype=np.uint64)[:, None]):
+        raise ThresholdError(f"{what} holds residues out of range")
     return values
 
 

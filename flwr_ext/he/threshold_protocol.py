@@ -167,23 +167,34 @@ RESIDUE_BITS = 60
 _LOW60 = np.uint64((1 << 60) - 1)
 
 
+def _windows(buffer: np.ndarray, offset: int, count: int) -> np.ndarray:
+    """``count`` little-endian uint64 words at ``offset + 15 i`` of a byte buffer."""
+    return np.ndarray(
+        (count,), dtype="<u8", buffer=buffer, offset=offset, strides=(15,)
+    )
+
+
 def pack_residues(values: np.ndarray) -> np.ndarray:
     """Pack residues below ``2**60`` into 60 bits each: 15 bytes per pair.
 
     ``(k, N)`` uint64 (``k N`` even) to ``7.5 k N`` uint8, little-endian: the pair
-    ``(a, b)`` is the 120-bit number ``a + b 2**60``. A residue is 60 bits of
-    entropy; the 64-bit layout wasted 6.25% of the partial-decryption traffic.
+    ``(a, b)`` is the 120-bit number ``a + b 2**60``, bytes ``15 i .. 15 i + 14``.
+    A residue is 60 bits of entropy; the 64-bit layout wasted 6.25% of the
+    partial-decryption traffic. (Written as overlapping unaligned 64-bit words:
+    first the high words at ``15 i + 8``, then the low words at ``15 i``, which
+    overwrite the byte each high word spilled into the next pair.)
     """
     flat = np.ascontiguousarray(values, dtype=np.uint64).ravel()
     if flat.size % 2 or (flat.size and int(flat.max()) >> RESIDUE_BITS):
         raise ThresholdError("only an even count of residues below 2**60 packs")
+    pairs = flat.size // 2
+    if pairs == 0:
+        return np.empty(0, dtype=np.uint8)
     first, second = flat[0::2], flat[1::2]
-    low = (first | (second << np.uint64(60))).astype("<u8")
-    high = (second >> np.uint64(4)).astype("<u8")  # 56 bits
-    out = np.empty((first.size, 15), dtype=np.uint8)
-    out[:, :8] = low.view(np.uint8).reshape(-1, 8)
-    out[:, 8:] = high.view(np.uint8).reshape(-1, 8)[:, :7]
-    return out.ravel()
+    out = np.zeros(15 * pairs + 1, dtype=np.uint8)
+    _windows(out, 8, pairs)[:] = second >> np.uint64(4)  # 56 bits
+    _windows(out, 0, pairs)[:] = first | (second << np.uint64(60))
+    return out[: 15 * pairs]
 
 
 def unpack_residues(data: bytes | memoryview, count: int) -> np.ndarray:
@@ -192,18 +203,19 @@ def unpack_residues(data: bytes | memoryview, count: int) -> np.ndarray:
     Exactly that many bytes, else :class:`ThresholdError`; the uint64 values are
     below ``2**60`` (the caller checks them against the primes).
     """
-    if count % 2 or len(data) != count * RESIDUE_BITS // 8:
+    if count < 0 or count % 2 or len(data) != count * RESIDUE_BITS // 8:
         raise ThresholdError(
             f"{len(data)} bytes do not hold {count} packed 60-bit residues"
         )
-    pairs = np.frombuffer(data, dtype=np.uint8).reshape(-1, 15)
-    low = np.ascontiguousarray(pairs[:, :8]).view("<u8").ravel().astype(np.uint64)
-    high_bytes = np.zeros((pairs.shape[0], 8), dtype=np.uint8)
-    high_bytes[:, :7] = pairs[:, 8:]
-    high = high_bytes.view("<u8").ravel().astype(np.uint64)
+    pairs = count // 2
+    if pairs == 0:
+        return np.empty(0, dtype=np.uint64)
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    low = _windows(buffer, 0, pairs)
+    high = _windows(buffer, 7, pairs)  # bytes 7..14: the top 56 bits after >> 8
     out = np.empty(count, dtype=np.uint64)
     out[0::2] = low & _LOW60
-    out[1::2] = (low >> np.uint64(60)) | (high << np.uint64(4))
+    out[1::2] = (low >> np.uint64(60)) | ((high >> np.uint64(8)) << np.uint64(4))
     return out
 
 
@@ -249,9 +261,8 @@ def read_residue_record(
         if len(payload) != nbytes:
             raise ThresholdError(f"'{name}' is not {shape} packed residues")
         values = unpack_residues(payload, shape[0] * shape[1]).reshape(shape)
-        for j, q in enumerate(moduli):
-            if np.any(values[j] >= np.uint64(q)):
-                raise ThresholdError(f"'{name}' holds residues out of range")
+        if np.any(values >= np.array(moduli, dtype=np.uint64)[:, None]):
+            raise ThresholdError(f"'{name}' holds residues out of range")
         out.append(values)
     return out
 
