@@ -475,7 +475,7 @@ def test_packed_ciphertexts_travel_uncompressed_only_when_zstd_stored_raw_blocks
     wire unwraps them (SEAL loads the result about twice as fast). ``compact``'s
     47-bit residues do compress, and stay compressed.
     """
-    from flwr_ext.he._seal_raw import uncompressed
+    from flwr_ext.he.seal_raw import uncompressed
     from flwr_ext.he.wire import get_wire
 
     secret, server, _ = keysets[profile]

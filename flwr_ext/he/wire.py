@@ -48,8 +48,9 @@ from typing import Any
 import numpy as np
 
 from ._native import quiet_native_stdout, tenseal
-from ._seal_raw import add_polynomial, uncompressed
+from ._seal_raw import add_polynomial
 from .keys import CkksKeys
+from .seal_raw import uncompressed
 
 __all__ = [
     "WIRES",
