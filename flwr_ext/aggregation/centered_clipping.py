@@ -9,9 +9,15 @@ Byzantine row can move ``v`` by at most ``w_i * tau`` per iteration.
 
 Choices made here (and why):
 
-- The centre starts at the coordinate-wise median, a robust point inside the honest
-  range (the paper uses the previous round's momentum, which a stateless rule
-  cannot hold; with server momentum off the two coincide in spirit).
+- ``centre="median"`` (stateless) starts at the coordinate-wise median, a robust
+  point inside the honest range. ``centre="previous"`` is the paper's version: the
+  centre is the previous round's aggregate (with client momentum, the server's
+  running estimate of the momentum), so an attacker must pull it away round after
+  round, at most ``tau`` per iteration each time, while the honest clients pull it
+  back. The rule holds no state: :meth:`CenteredClippingRule.aggregate_stateful`
+  takes the previous aggregate and returns the new one, and the strategy wrapper
+  keeps it across rounds (and exports it with the run). The first round, or a
+  state that does not fit the model, starts from the median.
 - ``tau=None`` (default) sets the radius each iteration to the median distance of
   the rows to the current centre, so at least half the rows pass unclipped and the
   radius scales with the honest spread; a fixed ``tau`` is also accepted.
@@ -22,9 +28,17 @@ Choices made here (and why):
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 
-from .base import AggregationRule, check_fraction, check_int
+from .base import (
+    AggregationResult,
+    AggregationRule,
+    check_fraction,
+    check_int,
+    check_updates,
+)
 from .distances import centred_gram, combine, median_and_centred_gram
 
 __all__ = ["CenteredClippingRule", "centered_clipping"]
@@ -95,20 +109,75 @@ class CenteredClippingRule(AggregationRule):
         to the median distance to the centre in every iteration.
     iterations : int (default: 3)
         ``L``, clipping iterations per round (the paper uses 1-3).
+    centre : {"median", "previous"} (default: "median")
+        Where the iteration starts: the round's coordinate-wise median
+        (stateless), or the previous round's aggregate, kept by the caller
+        (Karimireddy et al.; see the module docstring).
     """
 
     name = "centered-clipping"
 
-    def __init__(self, tau: float | None = None, iterations: int = 3) -> None:
+    def __init__(
+        self,
+        tau: float | None = None,
+        iterations: int = 3,
+        centre: Literal["median", "previous"] = "median",
+    ) -> None:
         if tau is not None:
             tau = check_fraction("tau", tau, 0.0, float("inf"))
             if tau == 0.0:
                 raise ValueError("tau must be > 0 (or None to adapt it), got 0.0")
+        if centre not in ("median", "previous"):
+            raise ValueError(f"centre must be 'median' or 'previous', got {centre!r}")
         self.tau = tau
         self.iterations = check_int("iterations", iterations, 1)
+        self.centre: Literal["median", "previous"] = centre
 
     def _params(self) -> dict[str, object]:
-        return {"tau": self.tau, "iterations": self.iterations}
+        params: dict[str, object] = {"tau": self.tau, "iterations": self.iterations}
+        if self.centre != "median":
+            params["centre"] = self.centre
+        return params
+
+    def aggregate_stateful(
+        self,
+        updates: np.ndarray,
+        weights: np.ndarray,
+        state: np.ndarray | None,
+        *,
+        overwrite_updates: bool = False,
+        check_finite: bool = True,
+    ) -> tuple[AggregationResult, np.ndarray | None]:
+        """Clip around ``state`` (the previous aggregate); return the new one.
+
+        With ``centre="median"`` this is :meth:`aggregate_detailed` and no state.
+        A ``state`` that is not a finite float vector of the updates' width is
+        ignored (the median is used, as in the first round).
+        """
+        if self.centre == "median":
+            return super().aggregate_stateful(
+                updates,
+                weights,
+                state,
+                overwrite_updates=overwrite_updates,
+                check_finite=check_finite,
+            )
+        updates, weights = check_updates(
+            updates, weights, self.min_clients(), check_finite=check_finite
+        )
+        centre = None
+        if (
+            isinstance(state, np.ndarray)
+            and state.shape == (updates.shape[1],)
+            and state.dtype.kind == "f"
+            and np.isfinite(state).all()
+        ):
+            centre = state
+        value = centered_clipping(
+            updates, weights, tau=self.tau, iterations=self.iterations, centre=centre
+        )
+        result = AggregationResult(value, np.ones(updates.shape[0], dtype=bool))
+        return result, value.copy()
 
     def _aggregate(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
         return centered_clipping(

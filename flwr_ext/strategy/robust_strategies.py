@@ -239,6 +239,10 @@ class CenteredClipping(RobustAggregation):
         to the median distance to the centre.
     iterations : int (default: 3)
         Clipping iterations per round.
+    centre : {"median", "previous"} (default: "median")
+        ``"previous"`` clips around the previous round's aggregate, which the
+        strategy keeps across rounds (:meth:`export_state` /
+        :meth:`import_state` save and restore it with the run).
     num_byzantine : int or None (default: None)
         Needed only with ``pre_aggregation="nnm"``.
     """
@@ -251,6 +255,7 @@ class CenteredClipping(RobustAggregation):
         *,
         tau: float | None = None,
         iterations: int = 3,
+        centre: Literal["median", "previous"] = "median",
         num_byzantine: int | None = None,
         pre_aggregation: PreAggregationArg = None,
         weighting: Weighting = "uniform",
@@ -259,7 +264,7 @@ class CenteredClipping(RobustAggregation):
     ) -> None:
         super().__init__(
             strategy if strategy is not None else FedAvg(),
-            CenteredClippingRule(tau=tau, iterations=iterations),
+            CenteredClippingRule(tau=tau, iterations=iterations, centre=centre),
             pre_aggregation=pre_aggregation,
             num_byzantine=num_byzantine,
             weighting=weighting,
