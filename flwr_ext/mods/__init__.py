@@ -6,9 +6,12 @@
 - :func:`distributed_dp_mod` - clips the client's update and adds its share of the
   Gaussian noise (pairs with :class:`flwr_ext.strategy.DistributedDP`). List it
   after any encrypting mod: ``ClientApp(mods=[ckks_mod, distributed_dp_mod])``.
+- :func:`momentum_mod` - sends the client's momentum instead of its raw update
+  (variance reduction for any robust rule); state in ``context.state``.
 """
 
 from .ckks import ckks_mod
 from .distributed_dp import distributed_dp_mod
+from .momentum import momentum_mod
 
-__all__ = ["ckks_mod", "distributed_dp_mod"]
+__all__ = ["ckks_mod", "distributed_dp_mod", "momentum_mod"]
