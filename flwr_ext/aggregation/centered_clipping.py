@@ -51,10 +51,13 @@ def centered_clipping(
     tau: float | None = None,
     iterations: int = 3,
     centre: np.ndarray | None = None,
+    radius_quantile: float = 0.5,
 ) -> np.ndarray:
     """Run centered clipping on validated inputs; return float64 ``(d,)``.
 
     ``centre`` is the starting point (default: the coordinate-wise median).
+    With ``tau=None`` the radius of each iteration is the ``radius_quantile``
+    quantile of the rows' distances to the current centre (0.5: the median).
     """
     if centre is None:
         centre, gram = median_and_centred_gram(updates, weights)
@@ -62,22 +65,31 @@ def centered_clipping(
         centre = np.asarray(centre, dtype=np.float64)
         gram = centred_gram(updates, centre)
     if not np.isfinite(gram).all():
-        return _centered_clipping_direct(updates, weights, tau, iterations, centre)
+        return _centered_clipping_direct(
+            updates, weights, tau, iterations, centre, radius_quantile
+        )
     sq = np.diag(gram)
     alpha = np.zeros(len(weights))  # v = centre + alpha @ (X - centre)
     for _ in range(iterations):
         g_alpha = gram @ alpha
         norms = np.sqrt(np.maximum(sq - 2.0 * g_alpha + alpha @ g_alpha, 0.0))
-        scale = _clip_scale(norms, tau)
+        scale = _clip_scale(norms, tau, radius_quantile)
         # v <- v + sum_i w_i s_i (x_i - v), written on the coefficients.
         moved = weights * scale
         alpha = alpha * (1.0 - moved.sum()) + moved
     return combine(alpha, updates, centre)
 
 
-def _clip_scale(norms: np.ndarray, tau: float | None) -> np.ndarray:
+def _clip_scale(
+    norms: np.ndarray, tau: float | None, quantile: float = 0.5
+) -> np.ndarray:
     """Per-row factor that shortens ``x_i - v`` to at most the radius."""
-    radius = float(np.median(norms)) if tau is None else tau
+    if tau is not None:
+        radius = tau
+    elif quantile == 0.5:
+        radius = float(np.median(norms))
+    else:
+        radius = float(np.quantile(norms, quantile))
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(norms > radius, radius / norms, 1.0)
 
@@ -88,13 +100,14 @@ def _centered_clipping_direct(
     tau: float | None,
     iterations: int,
     v: np.ndarray,
+    radius_quantile: float = 0.5,
 ) -> np.ndarray:
     """Centered clipping on the full matrix, for rows whose Gram overflows."""
     x = np.asarray(updates, dtype=np.float64)
     for _ in range(iterations):
         diff = x - v
         with np.errstate(over="ignore"):  # an overflowing norm is inf: clipped
-            scale = _clip_scale(np.linalg.norm(diff, axis=1), tau)
+            scale = _clip_scale(np.linalg.norm(diff, axis=1), tau, radius_quantile)
         v = v + (weights * scale) @ diff
     return v
 
@@ -113,6 +126,11 @@ class CenteredClippingRule(AggregationRule):
         Where the iteration starts: the round's coordinate-wise median
         (stateless), or the previous round's aggregate, kept by the caller
         (Karimireddy et al.; see the module docstring).
+    radius_quantile : float in (0, 1] (default: 0.5)
+        With ``tau=None``, the radius is this quantile of the rows' distances
+        to the current centre: 0.5 lets half the rows through unclipped; a
+        smaller value clips more rows (a tighter bound on what ``f`` rows can
+        move, and slower honest progress per round).
     """
 
     name = "centered-clipping"
@@ -122,6 +140,7 @@ class CenteredClippingRule(AggregationRule):
         tau: float | None = None,
         iterations: int = 3,
         centre: Literal["median", "previous"] = "median",
+        radius_quantile: float = 0.5,
     ) -> None:
         if tau is not None:
             tau = check_fraction("tau", tau, 0.0, float("inf"))
@@ -132,11 +151,18 @@ class CenteredClippingRule(AggregationRule):
         self.tau = tau
         self.iterations = check_int("iterations", iterations, 1)
         self.centre: Literal["median", "previous"] = centre
+        self.radius_quantile = check_fraction(
+            "radius_quantile", radius_quantile, 0.0, 1.0, high_inclusive=True
+        )
+        if self.radius_quantile == 0.0:
+            raise ValueError("radius_quantile must be > 0, got 0.0")
 
     def _params(self) -> dict[str, object]:
         params: dict[str, object] = {"tau": self.tau, "iterations": self.iterations}
         if self.centre != "median":
             params["centre"] = self.centre
+        if self.radius_quantile != 0.5:
+            params["radius_quantile"] = self.radius_quantile
         return params
 
     def aggregate_stateful(
@@ -174,12 +200,21 @@ class CenteredClippingRule(AggregationRule):
         ):
             centre = state
         value = centered_clipping(
-            updates, weights, tau=self.tau, iterations=self.iterations, centre=centre
+            updates,
+            weights,
+            tau=self.tau,
+            iterations=self.iterations,
+            centre=centre,
+            radius_quantile=self.radius_quantile,
         )
         result = AggregationResult(value, np.ones(updates.shape[0], dtype=bool))
         return result, value.copy()
 
     def _aggregate(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
         return centered_clipping(
-            updates, weights, tau=self.tau, iterations=self.iterations
+            updates,
+            weights,
+            tau=self.tau,
+            iterations=self.iterations,
+            radius_quantile=self.radius_quantile,
         )

@@ -243,6 +243,9 @@ class CenteredClipping(RobustAggregation):
         ``"previous"`` clips around the previous round's aggregate, which the
         strategy keeps across rounds (:meth:`export_state` /
         :meth:`import_state` save and restore it with the run).
+    radius_quantile : float in (0, 1] (default: 0.5)
+        With ``tau=None``, the radius is this quantile of the distances to the
+        centre (0.5: the median; smaller clips more rows).
     num_byzantine : int or None (default: None)
         Needed only with ``pre_aggregation="nnm"``.
     """
@@ -256,6 +259,7 @@ class CenteredClipping(RobustAggregation):
         tau: float | None = None,
         iterations: int = 3,
         centre: Literal["median", "previous"] = "median",
+        radius_quantile: float = 0.5,
         num_byzantine: int | None = None,
         pre_aggregation: PreAggregationArg = None,
         weighting: Weighting = "uniform",
@@ -264,7 +268,12 @@ class CenteredClipping(RobustAggregation):
     ) -> None:
         super().__init__(
             strategy if strategy is not None else FedAvg(),
-            CenteredClippingRule(tau=tau, iterations=iterations, centre=centre),
+            CenteredClippingRule(
+                tau=tau,
+                iterations=iterations,
+                centre=centre,
+                radius_quantile=radius_quantile,
+            ),
             pre_aggregation=pre_aggregation,
             num_byzantine=num_byzantine,
             weighting=weighting,
