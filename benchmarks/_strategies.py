@@ -188,16 +188,16 @@ _ADAPTIVE_DEFENCES: list[StrategyConfig] = [
         "ours-cc-previous-arc", "CC (previous) + ARC", True, _cc_previous(_arc)
     ),
     StrategyConfig(
-        "ours-cc-previous-arc-q30",
-        "CC (previous, radius q=0.3) + ARC",
+        "ours-cc-previous-arc-q40",
+        "CC (previous, radius q=0.4) + ARC",
         True,
-        _cc_previous(_arc, radius_quantile=0.3),
+        _cc_previous(_arc, radius_quantile=0.4),
     ),
     StrategyConfig(
-        "ours-cc-previous-arc-q30-momentum",
-        f"CC (previous, radius q=0.3) + ARC + client momentum {MOMENTUM}",
+        "ours-cc-previous-arc-q40-momentum",
+        f"CC (previous, radius q=0.4) + ARC + client momentum {MOMENTUM}",
         True,
-        _cc_previous(_arc, radius_quantile=0.3),
+        _cc_previous(_arc, radius_quantile=0.4),
         client_momentum=MOMENTUM,
     ),
     StrategyConfig(

@@ -125,10 +125,10 @@ PAIRS: tuple[Pair, ...] = (
     Pair("CenteredClipping", lambda n, f: CenteredClipping(), _fedavg, "FedAvg", False),
     # The configurations of issue 13 (stateful centre, ARC, bucketing, chains).
     Pair(
-        "CC (previous, q=0.3) + ARC",
+        "CC (previous, q=0.4) + ARC",
         lambda n, f: CenteredClipping(
             centre="previous",
-            radius_quantile=0.3,
+            radius_quantile=0.4,
             pre_aggregation=AdaptiveRobustClipping(f),
         ),
         _fedavg,

@@ -53,7 +53,7 @@ from benchmarks._strategies import STRATEGIES, strategy_config
 #: The configuration flwr-ext recommends: chosen on the validation split, before
 #: any test-set run, as the best worst case over every attack (adaptive ones
 #: included) at f = 30 % among the candidates; see docs/robustness.md.
-RECOMMENDED = "ours-cc-previous-arc-q30"
+RECOMMENDED = "ours-cc-previous-arc-q40"
 #: Reference for the "done when" targets: Flower's FedAvg without attack.
 REFERENCE = "flwr-fedavg"
 #: What the default (full) run compares: the reference (clean runs only, see
