@@ -33,7 +33,7 @@ The adaptive attacks of :mod:`flwr_ext.attacks.adaptive` read every honest updat
 of the round: ``alie``, ``minmax``, ``minsum``, ``mimic``, ``alie-opt`` and
 ``ipm-opt``. To run them in a Flower simulation, set ``attack-share-dir`` (an
 absolute path, in the run config or every node's config): every node that runs
-the mod, honest or not, then writes its own update of the round to
+the mod, honest or not, then writes its own trained update of the round to
 ``<dir>/run-<run_id>/round-<r>/node-<node_id>.npy`` after training, and a Byzantine
 node builds its attack from every update found there once it has waited up to
 ``attack-wait-s`` seconds (default 0) for ``num-partitions`` of them (nodes train
@@ -279,11 +279,12 @@ def _shared_updates(
     folder: Path, own: np.ndarray, context: Context, wait_s: float
 ) -> np.ndarray:
     """Every update of the round in ``folder`` with ``own``'s shape, ``(h, d)``."""
-    wanted = context.node_config.get("num-partitions", 0)
+    raw = context.node_config.get("num-partitions", 0)
+    wanted = raw if isinstance(raw, int) and not isinstance(raw, bool) else 0
     deadline = time.monotonic() + wait_s
     while True:
         files = sorted(folder.glob("node-*.npy"))
-        if len(files) >= int(wanted or 0) or time.monotonic() >= deadline:
+        if len(files) >= wanted or time.monotonic() >= deadline:
             break
         time.sleep(0.05)
     rows = [own]
@@ -354,8 +355,9 @@ def _attack_arrays(
     )
     own = model_vec - global_vec
     if share is not None:
-        if name not in _OMNISCIENT_ATTACKS:
-            _publish(share, own, context)
+        # Every node publishes its own trained update, attackers included (the
+        # colluders know each other's), so num-partitions files can appear.
+        _publish(share, own, context)
         if name in ("none", "label-flip"):
             return reply
     if name in _OMNISCIENT_ATTACKS:
