@@ -635,7 +635,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out",
         type=Path,
         default=None,
-        help="output folder (default docs/, or a temp folder with --quick)",
+        help="output folder (default docs/robustness-adaptive/, or a temp folder "
+        "with --quick)",
     )
     parser.add_argument(
         "--strategies",
@@ -693,7 +694,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or (
         Path(tempfile.gettempdir()) / "flwr-ext-robustness-quick"
         if args.quick
-        else Path("docs")
+        else Path("docs") / "robustness-adaptive"
     )
     for key in args.strategies:
         strategy_config(key)  # unknown keys fail here, with the valid ones listed
