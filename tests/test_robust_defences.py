@@ -266,3 +266,14 @@ def test_wrapper_accepts_a_chain_as_pre_aggregation():
     chain = PreAggregationChain([AdaptiveRobustClipping(1), Bucketing(2)])
     strategy = RobustAggregation(FedAvg(), TrimmedMeanRule(0.2), pre_aggregation=chain)
     assert strategy.pre_aggregation is chain
+
+
+def test_arc_of_float32_rows_near_the_float32_maximum_stays_finite():
+    x = np.full((5, 4), 3e38, np.float32)
+    x[0] = 1.0
+    x[4] *= -1
+    out = adaptive_robust_clipping(x, 2)  # k = floor(2 * 2/5 * 3) = 2 rows
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    np.testing.assert_allclose(
+        np.linalg.norm(out.astype(np.float64), axis=1)[1:], 6e38, rtol=1e-6
+    )

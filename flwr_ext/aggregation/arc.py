@@ -42,9 +42,9 @@ def adaptive_robust_clipping(updates: np.ndarray, num_byzantine: int) -> np.ndar
     -------
     np.ndarray
         The clipped rows, in the input's float dtype (float64 for integers).
-        Norms are computed in float64 one row at a time (a float32 row near the
-        float32 maximum would overflow its own squared norm, and a whole float64
-        copy of the matrix would double the memory).
+        Squared norms are accumulated in float64 by ``einsum`` (a float32 row
+        near the float32 maximum would overflow its own squared norm in
+        float32), without a float64 copy of the matrix.
     """
     updates = np.asarray(updates)
     dtype = updates.dtype if updates.dtype.kind == "f" else np.dtype(np.float64)
@@ -53,7 +53,7 @@ def adaptive_robust_clipping(updates: np.ndarray, num_byzantine: int) -> np.ndar
     k = arc_num_clipped(n, num_byzantine)
     if k == 0:
         return out
-    norms = np.array([np.linalg.norm(row.astype(np.float64)) for row in out])
+    norms = np.sqrt(np.einsum("ij,ij->i", out, out, dtype=np.float64))
     order = np.argsort(norms, kind="stable")
     threshold = norms[order[n - k - 1]]
     clipped = order[n - k :]
