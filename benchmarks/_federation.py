@@ -25,12 +25,17 @@ How each attack reaches the server
   error reply (:data:`MALFORMED_KINDS`); :class:`ByzantineGrid` builds them.
 - ``label-flip`` poisons the Byzantine nodes' training labels
   (:func:`~flwr_ext.attacks.flip_labels_if_attacking` in the ClientApp).
-- ``alie`` and ``ipm`` are *omniscient*: the attacker must know the honest updates
-  of the round. :class:`ByzantineGrid` plays the colluding adversary: it lets every
-  node train, and before the replies reach the strategy it replaces the Byzantine
-  nodes' replies with ``global + attack(honest updates)`` (new reply Messages to the
-  same instructions, with the nodes' own ``num-examples``). The strategy still sees
-  ordinary reply Messages in ``aggregate_train``.
+- ``alie``, ``ipm``, ``minmax``, ``minsum``, ``mimic``, ``alie-opt`` and
+  ``ipm-opt`` are *omniscient*: the attacker must know the honest updates of the
+  round. :class:`ByzantineGrid` plays the colluding adversary: it lets every node
+  train, and before the replies reach the strategy it replaces the Byzantine nodes'
+  replies with ``global + attack(honest updates)`` (new reply Messages to the same
+  instructions, with the nodes' own ``num-examples``). The strategy still sees
+  ordinary reply Messages in ``aggregate_train``. ``alie-opt`` and ``ipm-opt`` are
+  also given the server's rule (:func:`benchmarks._targets.target_aggregator`,
+  including the state of a stateful rule) and line-search their strength against
+  it every round; ``mimic`` picks the honest client to copy in round 1 (largest
+  projection on the top direction of variance) and keeps it.
 
 The grid also audits the strategy: it fingerprints every reply it hands over and,
 at the next round (or at :meth:`ByzantineGrid.finish`), counts replies whose
@@ -69,7 +74,12 @@ from flwr_ext.attacks import (
     flip_labels_if_attacking,
     inflate_weight,
     ipm,
+    minmax,
+    minsum,
+    optimal_alie,
+    optimal_ipm,
 )
+from flwr_ext.attacks.adaptive import Aggregator, mimic
 from flwr_ext.inprocess import InProcessGrid
 from flwr_ext.records import Manifest, unflatten
 
@@ -107,9 +117,16 @@ ATTACKS: tuple[str, ...] = (
     "weight-inflation",
     "nan-inf",
     "malformed",
+    "minmax",
+    "minsum",
+    "mimic",
+    "alie-opt",
+    "ipm-opt",
 )
 #: Attacks the adversary grid applies (they read the honest updates of the round).
-OMNISCIENT_ATTACKS = ("alie", "ipm")
+OMNISCIENT_ATTACKS = ("alie", "ipm", "minmax", "minsum", "mimic", "alie-opt", "ipm-opt")
+#: Omniscient attacks that are also given the server's rule.
+RULE_AWARE_ATTACKS = ("alie-opt", "ipm-opt")
 #: IPM's epsilon: the small value of Xie et al. that hides in the honest spread.
 IPM_EPSILON = 0.1
 #: Factor by which weight-inflation attackers multiply their ``num-examples``.
@@ -329,14 +346,29 @@ class TrainConfig:
     lr: float = 0.2
 
 
-def make_client_app(data: FederatedDigits, train: TrainConfig, seed: int) -> ClientApp:
+def make_client_app(
+    data: FederatedDigits,
+    train: TrainConfig,
+    seed: int,
+    *,
+    momentum: float | None = None,
+) -> ClientApp:
     """Return the ClientApp every node runs (``byzantine_mod`` included).
+
+    With ``momentum`` ``beta``, :func:`flwr_ext.mods.momentum_mod` runs inside
+    ``byzantine_mod`` (the node's momentum reply is what a mod attack transforms),
+    with ``beta`` in every node's config as a site would set it.
 
     The node's ``partition-id`` (from its ``node_config``) picks its data; a node
     whose config says ``attack='label-flip'`` trains on flipped labels, and the mod
     applies the update attacks. SGD shuffling is seeded by (seed, partition, round).
     """
-    app = ClientApp(mods=[byzantine_mod])
+    mods = [byzantine_mod]
+    if momentum is not None:
+        from flwr_ext.mods.momentum import momentum_mod
+
+        mods.append(momentum_mod)
+    app = ClientApp(mods=mods)
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
@@ -387,12 +419,27 @@ def byzantine_node_config(attack: str, index: int, seed: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- grid
-#: An omniscient attack: honest updates (h, d) and f -> the Byzantine update (d,).
-OmniscientAttack = Callable[[np.ndarray, int], np.ndarray]
+#: An omniscient attack: honest updates (h, d), f, the server's rule -> update (d,).
+OmniscientAttack = Callable[[np.ndarray, int, Aggregator | None], np.ndarray]
+
+
+def _needs_rule(attack: Callable[[np.ndarray, int, Aggregator], np.ndarray]):
+    def run(honest: np.ndarray, f: int, rule: Aggregator | None) -> np.ndarray:
+        if rule is None:
+            raise ValueError("this attack needs the server's rule (aggregator=...)")
+        return attack(honest, f, rule)
+
+    return run
+
 
 _OMNISCIENT: dict[str, OmniscientAttack] = {
-    "alie": lambda honest, f: alie(honest, num_byzantine=f),
-    "ipm": lambda honest, _f: ipm(honest, epsilon=IPM_EPSILON),
+    "alie": lambda honest, f, _r: alie(honest, num_byzantine=f),
+    "ipm": lambda honest, _f, _r: ipm(honest, epsilon=IPM_EPSILON),
+    "minmax": lambda honest, _f, _r: minmax(honest),
+    "minsum": lambda honest, _f, _r: minsum(honest),
+    "alie-opt": _needs_rule(optimal_alie),
+    "ipm-opt": _needs_rule(optimal_ipm),
+    "mimic": lambda honest, _f, _r: honest[mimic(honest)],  # see ByzantineGrid
 }
 
 
@@ -422,8 +469,11 @@ class ByzantineGrid(InProcessGrid):
     byzantine : Iterable[int]
         Node ids controlled by the adversary.
     omniscient : str or None
-        ``"alie"`` or ``"ipm"``: replace the Byzantine nodes' train replies with
-        that attack computed from the honest updates of the round.
+        One of :data:`OMNISCIENT_ATTACKS`: replace the Byzantine nodes' train
+        replies with that attack computed from the honest updates of the round.
+    aggregator : callable or None
+        The server's rule as the attacker sees it, ``(n, d) -> (d,)``; needed by
+        :data:`RULE_AWARE_ATTACKS`.
     weight_factor : float (default: 1.0)
         Multiply the ``num-examples`` the Byzantine nodes claim by this factor.
     malformed : bool (default: False)
@@ -439,14 +489,20 @@ class ByzantineGrid(InProcessGrid):
         run_config: dict | None = None,
         byzantine: Iterable[int] = (),
         omniscient: str | None = None,
+        aggregator: Aggregator | None = None,
         weight_factor: float = 1.0,
         malformed: bool = False,
     ) -> None:
         super().__init__(nodes, node_configs=node_configs, run_config=run_config)
         if omniscient is not None and omniscient not in _OMNISCIENT:
             raise ValueError(f"omniscient must be one of {sorted(_OMNISCIENT)}")
+        if omniscient in RULE_AWARE_ATTACKS and aggregator is None:
+            raise ValueError(f"omniscient={omniscient!r} needs the server's aggregator")
         self.byzantine = frozenset(byzantine)
         self.omniscient = omniscient
+        self.aggregator = aggregator
+        #: The honest node the ``mimic`` attackers copy (chosen in round 1).
+        self.mimic_target: int | None = None
         self.weight_factor = weight_factor
         self.malformed = malformed
         self._instructions: dict[str, Message] = {}
@@ -559,10 +615,11 @@ class ByzantineGrid(InProcessGrid):
         # Clients reply in their own dtypes (float32 here) even when a strategy
         # sends a float64 model (Flower's FedAdam): read each record by its own
         # manifest, and answer in the honest replies' format.
+        honest_train = [
+            r for r, _ in train if int(r.metadata.src_node_id) not in self.byzantine
+        ]
         honest_records = [
-            next(iter(r.content.array_records.values()))
-            for r, _ in train
-            if int(r.metadata.src_node_id) not in self.byzantine
+            next(iter(r.content.array_records.values())) for r in honest_train
         ]
         if not honest_records:
             return replies
@@ -572,7 +629,16 @@ class ByzantineGrid(InProcessGrid):
         honest = np.stack(
             [_vector(rec, reply_manifest.keys) - global_vec for rec in honest_records]
         )
-        update = _OMNISCIENT[self.omniscient](honest, len(self.byzantine))
+        assert self.omniscient is not None
+        if self.omniscient == "mimic":
+            nodes = [int(r.metadata.src_node_id) for r in honest_train]
+            if self.mimic_target not in nodes:
+                self.mimic_target = nodes[mimic(honest)]
+            update = honest[nodes.index(self.mimic_target)]
+        else:
+            update = _OMNISCIENT[self.omniscient](
+                honest, len(self.byzantine), self.aggregator
+            )
         poisoned = global_vec + update
         manifest = reply_manifest
         replaced = {
@@ -603,6 +669,8 @@ def _replace_arrays(
 
 # ---------------------------------------------------------------------------- runs
 StrategyFactory = Callable[[int, int, float], Strategy]
+#: What the rule-aware attacker is given: the strategy -> its rule ``(n, d) -> (d,)``.
+TargetFactory = Callable[[Strategy], Aggregator]
 
 
 @dataclass(frozen=True)
@@ -660,8 +728,19 @@ class RunResult:
         return {**spec, **{f"train_{k}": v for k, v in train.items()}, **out}
 
 
-def run_federation(spec: RunSpec, factory: StrategyFactory) -> RunResult:
+def run_federation(
+    spec: RunSpec,
+    factory: StrategyFactory,
+    target: TargetFactory | None = None,
+    *,
+    client_momentum: float | None = None,
+) -> RunResult:
     """Run ``spec`` with the strategy ``factory(n, f, fraction)`` builds.
+
+    ``target(strategy)`` gives the rule-aware attacks the server's rule (default:
+    :func:`benchmarks._targets.target_aggregator`). ``client_momentum`` ``beta``
+    puts :func:`flwr_ext.mods.momentum_mod` in every node's ClientApp (honest and
+    Byzantine; the adversary then reads the honest nodes' momentum replies).
 
     Exceptions raised by the strategy are caught and reported as ``crash`` (that
     is a finding about the strategy, not a harness failure).
@@ -670,7 +749,7 @@ def run_federation(spec: RunSpec, factory: StrategyFactory) -> RunResult:
     data = federated_digits(
         spec.num_clients, spec.alpha, spec.seed, holdout=spec.holdout
     )
-    app = make_client_app(data, spec.train, spec.seed)
+    app = make_client_app(data, spec.train, spec.seed, momentum=client_momentum)
     f = spec.num_byzantine if spec.attack != "none" else 0
     node_ids = list(range(1, spec.num_clients + 1))
     byzantine = node_ids[:f]
@@ -678,6 +757,7 @@ def run_federation(spec: RunSpec, factory: StrategyFactory) -> RunResult:
         node: {
             "partition-id": pid,
             "num-partitions": spec.num_clients,
+            **({} if client_momentum is None else {"momentum-beta": client_momentum}),
             **(
                 byzantine_node_config(spec.attack, pid, spec.seed)
                 if node in byzantine
@@ -686,11 +766,19 @@ def run_federation(spec: RunSpec, factory: StrategyFactory) -> RunResult:
         }
         for pid, node in enumerate(node_ids)
     }
+    random.seed(spec.seed)  # Flower samples (and orders) nodes with `random`
+    strategy = factory(spec.num_clients, spec.num_byzantine, spec.fraction)
+    aggregator = None
+    if spec.attack in RULE_AWARE_ATTACKS:
+        if target is None:
+            from benchmarks._targets import target_aggregator as target
+        aggregator = target(strategy)
     grid = ByzantineGrid(
         dict.fromkeys(node_ids, app),
         node_configs=node_configs,
         byzantine=byzantine,
         omniscient=spec.attack if spec.attack in OMNISCIENT_ATTACKS else None,
+        aggregator=aggregator,
         weight_factor=WEIGHT_INFLATION if spec.attack == "weight-inflation" else 1.0,
         malformed=spec.attack == "malformed",
     )
@@ -715,8 +803,6 @@ def run_federation(spec: RunSpec, factory: StrategyFactory) -> RunResult:
         curve.append(acc)
         return MetricRecord({"accuracy": acc})
 
-    random.seed(spec.seed)  # Flower samples (and orders) nodes with `random`
-    strategy = factory(spec.num_clients, spec.num_byzantine, spec.fraction)
     status, error, accuracy = "ok", "", None
     try:
         result = strategy.start(

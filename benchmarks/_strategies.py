@@ -23,6 +23,12 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy import Krum as FlowerKrum
 from flwr.serverapp.strategy import MultiKrum as FlowerMultiKrum
 
+from flwr_ext.aggregation import (
+    AdaptiveRobustClipping,
+    Bucketing,
+    NearestNeighborMixing,
+    PreAggregationChain,
+)
 from flwr_ext.strategy import (
     CenteredClipping,
     GeometricMedian,
@@ -49,12 +55,16 @@ class StrategyConfig:
         True for flwr-ext strategies.
     build : Callable[[int, int, float], Strategy]
         ``build(num_clients, num_byzantine, fraction)``; a fresh strategy per run.
+    client_momentum : float or None
+        ``beta`` of :func:`flwr_ext.mods.momentum_mod` on every client (the
+        defence has a client half); None: no momentum.
     """
 
     key: str
     label: str
     ours: bool
     build: Callable[[int, int, float], Strategy]
+    client_momentum: float | None = None
 
 
 def _common(n: int) -> dict:
@@ -142,8 +152,112 @@ _OURS: list[StrategyConfig] = [
     *_ours("centered-clipping", "CenteredClipping", CenteredClipping),
 ]
 
+#: Client momentum ``beta`` of the momentum rows (see docs/robustness.md).
+MOMENTUM = 0.5
+
+
+def _cc_previous(
+    pre: Callable[[int], object] | None = None, radius_quantile: float = 0.5
+) -> Callable:
+    def build(n: int, f: int, _b: float) -> Strategy:
+        return CenteredClipping(
+            _fedavg(n),
+            centre="previous",
+            radius_quantile=radius_quantile,
+            pre_aggregation=None if pre is None else pre(f),  # type: ignore[arg-type]
+        )
+
+    return build
+
+
+def _arc(f: int) -> AdaptiveRobustClipping:
+    return AdaptiveRobustClipping(f)
+
+
+def _arc_nnm(f: int) -> PreAggregationChain:
+    return PreAggregationChain([AdaptiveRobustClipping(f), NearestNeighborMixing(f)])
+
+
+def _tm_arc_nnm(n: int, f: int, b: float) -> Strategy:
+    return TrimmedMean(_fedavg(n), beta=b, pre_aggregation=_arc_nnm(f))
+
+
+_ADAPTIVE_DEFENCES: list[StrategyConfig] = [
+    StrategyConfig("ours-cc-previous", "CC (previous centre)", True, _cc_previous()),
+    StrategyConfig(
+        "ours-cc-previous-arc", "CC (previous) + ARC", True, _cc_previous(_arc)
+    ),
+    StrategyConfig(
+        "ours-cc-previous-arc-q40",
+        "CC (previous, radius q=0.4) + ARC",
+        True,
+        _cc_previous(_arc, radius_quantile=0.4),
+    ),
+    StrategyConfig(
+        "ours-cc-previous-arc-q40-momentum",
+        f"CC (previous, radius q=0.4) + ARC + client momentum {MOMENTUM}",
+        True,
+        _cc_previous(_arc, radius_quantile=0.4),
+        client_momentum=MOMENTUM,
+    ),
+    StrategyConfig(
+        "ours-cc-previous-arc-nnm",
+        "CC (previous) + ARC + NNM",
+        True,
+        _cc_previous(_arc_nnm),
+    ),
+    StrategyConfig(
+        "ours-cc-previous-bucketing",
+        "CC (previous) + bucketing s=2",
+        True,
+        _cc_previous(lambda f: Bucketing(2)),
+    ),
+    StrategyConfig(
+        "ours-cc-previous-momentum",
+        f"CC (previous) + client momentum {MOMENTUM}",
+        True,
+        _cc_previous(),
+        client_momentum=MOMENTUM,
+    ),
+    StrategyConfig(
+        "ours-cc-previous-arc-momentum",
+        f"CC (previous) + ARC + client momentum {MOMENTUM}",
+        True,
+        _cc_previous(_arc),
+        client_momentum=MOMENTUM,
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-nnm", "TrimmedMean + ARC + NNM", True, _tm_arc_nnm
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-nnm-momentum",
+        f"TrimmedMean + ARC + NNM + client momentum {MOMENTUM}",
+        True,
+        _tm_arc_nnm,
+        client_momentum=MOMENTUM,
+    ),
+]
+
+
+def _byzfl(n: int, f: int, _b: float) -> Strategy:
+    from benchmarks._byzfl import byzfl_arc_nnm_trmean
+
+    return byzfl_arc_nnm_trmean(_fedavg(n), f)
+
+
+_PEERS: list[StrategyConfig] = [
+    StrategyConfig(
+        "byzfl-arc-nnm-trmean", "ByzFL 0.0.11: ARC + NNM + TrMean", False, _byzfl
+    ),
+]
+
 #: Every configuration, Flower's first, in table order.
-STRATEGIES: tuple[StrategyConfig, ...] = (*_FLOWER, *_OURS)
+STRATEGIES: tuple[StrategyConfig, ...] = (
+    *_FLOWER,
+    *_OURS,
+    *_ADAPTIVE_DEFENCES,
+    *_PEERS,
+)
 
 
 def strategy_config(key: str) -> StrategyConfig:

@@ -40,7 +40,13 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy import Krum as FlowerKrum
 from flwr.serverapp.strategy import MultiKrum as FlowerMultiKrum
 
-from flwr_ext.aggregation import WeightedMean
+from flwr_ext.aggregation import (
+    AdaptiveRobustClipping,
+    Bucketing,
+    NearestNeighborMixing,
+    PreAggregationChain,
+    WeightedMean,
+)
 from flwr_ext.inprocess import InProcessGrid
 from flwr_ext.strategy import (
     CenteredClipping,
@@ -117,6 +123,37 @@ PAIRS: tuple[Pair, ...] = (
     ),
     Pair("GeometricMedian", lambda n, f: GeometricMedian(), _fedavg, "FedAvg", False),
     Pair("CenteredClipping", lambda n, f: CenteredClipping(), _fedavg, "FedAvg", False),
+    # The configurations of issue 13 (stateful centre, ARC, bucketing, chains).
+    Pair(
+        "CC (previous, q=0.4) + ARC",
+        lambda n, f: CenteredClipping(
+            centre="previous",
+            radius_quantile=0.4,
+            pre_aggregation=AdaptiveRobustClipping(f),
+        ),
+        _fedavg,
+        "FedAvg",
+        False,
+    ),
+    Pair(
+        "TrimmedMean + ARC + NNM",
+        lambda n, f: TrimmedMean(
+            beta=f / n,
+            pre_aggregation=PreAggregationChain(
+                [AdaptiveRobustClipping(f), NearestNeighborMixing(f)]
+            ),
+        ),
+        lambda n, f: FedTrimmedAvg(beta=f / n),
+        "FedTrimmedAvg",
+        False,
+    ),
+    Pair(
+        "Median + Bucketing",
+        lambda n, f: Median(pre_aggregation=Bucketing(2)),
+        lambda n, f: FedMedian(),
+        "FedMedian",
+        False,
+    ),
 )
 
 

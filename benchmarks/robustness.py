@@ -17,8 +17,8 @@ Writes to ``--out``:
 
 Run from the repository root::
 
-    python -m benchmarks.robustness                 # full grid (~1 h on 2 cores)
-    python -m benchmarks.robustness --quick         # ~1 minute smoke run
+    python -m benchmarks.robustness                 # default grid, see docs
+    python -m benchmarks.robustness --quick         # reduced grid (5 rounds, 1 seed)
 """
 
 from __future__ import annotations
@@ -51,14 +51,29 @@ from benchmarks._federation import (
 from benchmarks._strategies import STRATEGIES, strategy_config
 
 #: The configuration flwr-ext recommends: chosen on the validation split, before
-#: any test-set run, as the best worst case at f = 20 % (tie-break: f = 30 %);
-#: see docs/robustness.md.
-RECOMMENDED = "ours-centered-clipping"
+#: any test-set run, as the best worst case over every attack (adaptive ones
+#: included) at f = 30 % among the candidates; see docs/robustness.md.
+RECOMMENDED = "ours-cc-previous-arc-q40"
 #: Reference for the "done when" targets: Flower's FedAvg without attack.
 REFERENCE = "flwr-fedavg"
-#: Targets of issue 2 at f = 20 %, in accuracy points.
-WORST_CASE_MARGIN = 3.0
-CLEAN_MARGIN = 1.5
+#: What the default (full) run compares: the reference (clean runs only, see
+#: ``--reference-attacks``), the previous default, the recommended
+#: configuration and the ByzFL peer.
+DEFAULT_STRATEGIES = (
+    REFERENCE,
+    "ours-centered-clipping",
+    RECOMMENDED,
+    "byzfl-arc-nnm-trmean",
+)
+#: Strategies of the heterogeneity sweep (``--alphas``).
+SWEEP_STRATEGIES = (REFERENCE, RECOMMENDED)
+#: Targets of issue 13, in accuracy points / percent.
+WORST_CASE_MARGIN = 3.0  # f = 20 %: worst case >= clean FedAvg - 3
+CLEAN_MARGIN = 1.0  # f = 20 %: clean >= clean FedAvg - 1
+WORST_CASE_F30 = 88.0  # f = 30 %: worst case >= 88 %
+WORST_CASE_F30_ALPHA01 = 80.0  # stretch: f = 30 %, alpha = 0.1
+#: The attacks that adapt to the honest updates (and, -opt, to the rule).
+ADAPTIVE_ATTACKS = ("alie", "ipm", "minmax", "minsum", "mimic", "alie-opt", "ipm-opt")
 
 ATTACK_LABELS = {
     "none": "no attack",
@@ -71,6 +86,11 @@ ATTACK_LABELS = {
     "weight-inflation": "sign flip, weight x100",
     "nan-inf": "NaN/Inf",
     "malformed": "malformed replies",
+    "minmax": "MinMax",
+    "minsum": "MinSum",
+    "mimic": "Mimic",
+    "alie-opt": "ALIE line-searched",
+    "ipm-opt": "IPM line-searched",
 }
 
 
@@ -111,11 +131,18 @@ def _quiet() -> Iterator[None]:
 
 
 def _run_one(key: str, spec: RunSpec) -> dict:
-    return run_federation(spec, strategy_config(key).build).to_dict()
+    config = strategy_config(key)
+    return run_federation(
+        spec, config.build, client_momentum=config.client_momentum
+    ).to_dict()
 
 
 def _spec_id(row: dict) -> tuple:
-    return (row["strategy"], row["attack"], row["fraction"], row["seed"])
+    return (row["strategy"], row["attack"], row["fraction"], row["seed"], row["alpha"])
+
+
+def _id(spec: RunSpec) -> tuple:
+    return (spec.strategy, spec.attack, spec.fraction, spec.seed, spec.alpha)
 
 
 def plan(
@@ -124,14 +151,20 @@ def plan(
     fractions: Sequence[float],
     seeds: int,
     base: RunSpec,
+    reference_attacks: Sequence[str] | None = None,
 ) -> list[RunSpec]:
-    """Every run of the grid, slowest strategies first (better load balance)."""
+    """Every run of the grid, slowest strategies first (better load balance).
+
+    ``reference_attacks`` (if given) limits :data:`REFERENCE` to those attacks:
+    its role is the clean accuracy the targets are measured against.
+    """
     specs = [
         replace(base, strategy=s, attack=a, fraction=f, seed=seed)
         for s in strategies
         for f in fractions
         for a in attacks
         for seed in range(seeds)
+        if s != REFERENCE or reference_attacks is None or a in reference_attacks
     ]
     slow = ("flwr-bulyan", "ours-geometric-median")
     return sorted(specs, key=lambda s: not s.strategy.startswith(slow))
@@ -148,7 +181,7 @@ def run_grid(
             done[_spec_id(row)] = row
     elif runs_path.exists():
         runs_path.unlink()
-    todo = [s for s in specs if (s.strategy, s.attack, s.fraction, s.seed) not in done]
+    todo = [s for s in specs if _id(s) not in done]
     print(f"{len(done)} runs reused, {len(todo)} to run with {workers} worker(s)")
     started = time.perf_counter()
     rows = list(done.values())
@@ -223,10 +256,15 @@ class Cell:
         return f"{self.mean:.1f} ± {std:.1f}"
 
 
-def summarise(rows: list[dict]) -> dict:
-    """Group runs into cells: ``{fraction: {strategy: {attack: Cell}}}``."""
+def summarise(rows: list[dict], alpha: float | None = None) -> dict:
+    """Group runs into cells: ``{fraction: {strategy: {attack: Cell}}}``.
+
+    Only runs with Dirichlet ``alpha`` (all runs if None).
+    """
     grouped: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for row in rows:
+        if alpha is not None and row["alpha"] != alpha:
+            continue
         grouped[row["fraction"]][row["strategy"]][row["attack"]].append(row)
     return {
         fraction: {
@@ -382,7 +420,11 @@ def curves(
     summary: dict,
     fraction: float,
     path: Path,
-    keys: Sequence[str] = (REFERENCE, "flwr-trimmedavg", RECOMMENDED),
+    keys: Sequence[str] = (
+        "ours-centered-clipping",
+        "byzfl-arc-nnm-trmean",
+        RECOMMENDED,
+    ),
 ) -> None:
     """Save per-attack accuracy curves (mean over seeds) of a few strategies."""
     import matplotlib
@@ -431,24 +473,142 @@ def curves(
     plt.close(fig)
 
 
-def targets(summary: dict, fraction: float = 0.2) -> list[str]:
-    """Lines saying whether RECOMMENDED meets the issue's targets at ``fraction``."""
-    by_strategy = summary.get(fraction, {})
-    if RECOMMENDED not in by_strategy or REFERENCE not in by_strategy:
-        return [f"(targets need {RECOMMENDED} and {REFERENCE} at f={fraction:.0%})"]
-    ref = by_strategy[REFERENCE]["none"].mean
-    cells = by_strategy[RECOMMENDED]
-    worst, attack = worst_case(cells)
-    clean = cells["none"].mean if "none" in cells else math.nan
-    ok_worst = worst >= ref - WORST_CASE_MARGIN
-    ok_clean = clean >= ref - CLEAN_MARGIN
-    return [
-        f"clean FedAvg {ref:.1f} %; {RECOMMENDED} at f={fraction:.0%}: "
-        f"clean {clean:.1f} % ({clean - ref:+.1f}, target >= -{CLEAN_MARGIN}: "
-        f"{'met' if ok_clean else 'NOT met'}), worst case {worst:.1f} % under "
-        f"{attack} ({worst - ref:+.1f}, target >= -{WORST_CASE_MARGIN}: "
-        f"{'met' if ok_worst else 'NOT met'})"
+def worst_case_table(summary: dict, num_clients: int) -> str:
+    """Per strategy and fraction: clean accuracy and worst cases, in one table.
+
+    Three worst cases: over every attack run (adaptive ones included), over the
+    attacks of the previous benchmark only, and over the adaptive attacks only
+    (:data:`ADAPTIVE_ATTACKS`). Δ = worst case - clean FedAvg at that fraction.
+    """
+    labels = {s.key: s.label for s in STRATEGIES}
+    lines = [
+        "| Strategy | f | clean | worst case, every attack | Δ "
+        "| worst, non-adaptive attacks | worst, adaptive attacks | attacks run |",
+        "|---|---:|---:|---|---:|---|---|---:|",
     ]
+    for fraction in sorted(summary):
+        by_strategy = summary[fraction]
+        reference = by_strategy.get(REFERENCE, {}).get("none")
+        ref = reference.mean if reference else math.nan
+        f = round(fraction * num_clients)
+        for key in _ordered(by_strategy, [s.key for s in STRATEGIES]):
+            cells = by_strategy[key]
+            if set(cells) == {"none"}:
+                lines.append(
+                    f"| {labels[key]} | {f} ({fraction:.0%}) | "
+                    f"{cells['none'].text()} | (clean runs only) | | | | 1 |"
+                )
+                continue
+            worst, _ = worst_case(cells)
+            plain = {a: c for a, c in cells.items() if a not in ADAPTIVE_ATTACKS}
+            adaptive = {a: c for a, c in cells.items() if a in ADAPTIVE_ATTACKS}
+
+            def text(group: dict[str, Cell]) -> str:
+                if not group:
+                    return ""
+                value, which = worst_case(group)
+                failure = group[which].failure
+                shown = failure if failure is not None else f"{value:.1f}"
+                return f"{shown} ({ATTACK_LABELS[which]})"
+
+            label = f"**{labels[key]}**" if key == RECOMMENDED else labels[key]
+            clean = cells["none"].text() if "none" in cells else ""
+            lines.append(
+                f"| {label} | {f} ({fraction:.0%}) | {clean} | {text(cells)} | "
+                f"{worst - ref:+.1f} | {text(plain)} | {text(adaptive)} | "
+                f"{len(cells)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def sweep_table(rows: list[dict], num_clients: int) -> str:
+    """Heterogeneity sweep: per alpha and fraction, clean and worst case."""
+    labels = {s.key: s.label for s in STRATEGIES}
+    alphas = sorted({r["alpha"] for r in rows})
+    lines = [
+        "| alpha | Strategy | f | clean | worst case, every attack | Δ vs clean "
+        "FedAvg at that alpha | attacks run |",
+        "|---:|---|---:|---:|---|---:|---:|",
+    ]
+    for alpha in alphas:
+        summary = summarise(rows, alpha)
+        for fraction in sorted(summary):
+            by_strategy = summary[fraction]
+            reference = by_strategy.get(REFERENCE, {}).get("none")
+            ref = reference.mean if reference else math.nan
+            f = round(fraction * num_clients)
+            for key in _ordered(by_strategy, [s.key for s in STRATEGIES]):
+                cells = by_strategy[key]
+                clean = cells["none"].text() if "none" in cells else ""
+                if set(cells) == {"none"}:
+                    lines.append(
+                        f"| {alpha:g} | {labels[key]} | {f} ({fraction:.0%}) | "
+                        f"{clean} | (clean runs only) | | 1 |"
+                    )
+                    continue
+                worst, attack = worst_case(cells)
+                failure = cells[attack].failure
+                shown = failure if failure is not None else f"{worst:.1f}"
+                label = f"**{labels[key]}**" if key == RECOMMENDED else labels[key]
+                lines.append(
+                    f"| {alpha:g} | {label} | {f} ({fraction:.0%}) | {clean} | "
+                    f"{shown} ({ATTACK_LABELS[attack]}) | {worst - ref:+.1f} | "
+                    f"{len(cells)} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def targets(rows: list[dict], main_alpha: float, num_attacks: int) -> list[str]:
+    """Lines saying whether RECOMMENDED meets issue 13's targets.
+
+    A target is reported only when every attack of the run set was run for
+    RECOMMENDED in that setting (``num_attacks`` cells); otherwise the line
+    says what is missing.
+    """
+    out: list[str] = []
+
+    def setting(alpha: float, fraction: float) -> tuple[float, dict] | None:
+        by_strategy = summarise(rows, alpha).get(fraction, {})
+        if RECOMMENDED not in by_strategy or REFERENCE not in by_strategy:
+            return None
+        if "none" not in by_strategy[REFERENCE]:
+            return None
+        return by_strategy[REFERENCE]["none"].mean, by_strategy[RECOMMENDED]
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    found = setting(main_alpha, 0.2)
+    if found is None:
+        out.append(f"f=20 %: needs {RECOMMENDED} and clean {REFERENCE} runs")
+    else:
+        ref, cells = found
+        worst, attack = worst_case(cells)
+        clean = cells["none"].mean if "none" in cells else math.nan
+        out.append(
+            f"f=20 %, alpha={main_alpha:g}: clean FedAvg {ref:.1f} %; {RECOMMENDED} "
+            f"clean {clean:.1f} % ({clean - ref:+.1f}, target >= -{CLEAN_MARGIN}: "
+            f"{verdict(clean >= ref - CLEAN_MARGIN)}), worst case {worst:.1f} % "
+            f"under {attack} ({worst - ref:+.1f}, target >= -{WORST_CASE_MARGIN}: "
+            f"{verdict(worst >= ref - WORST_CASE_MARGIN)}) over {len(cells)} of "
+            f"{num_attacks} attacks"
+        )
+    for alpha, goal, name in (
+        (main_alpha, WORST_CASE_F30, "target"),
+        (0.1, WORST_CASE_F30_ALPHA01, "stretch"),
+    ):
+        found = setting(alpha, 0.3)
+        if found is None:
+            out.append(f"f=30 %, alpha={alpha:g}: not measured in this run")
+            continue
+        ref, cells = found
+        worst, attack = worst_case(cells)
+        out.append(
+            f"f=30 %, alpha={alpha:g}: {RECOMMENDED} worst case {worst:.1f} % under "
+            f"{attack} (clean FedAvg {ref:.1f} %; {name} >= {goal:g} %: "
+            f"{verdict(worst >= goal)}) over {len(cells)} of {num_attacks} attacks"
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- CLI
@@ -459,7 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="tiny run (5 rounds, 1 seed, f=20%%) to check the harness; ~1 minute",
+        help="reduced grid to check the harness and time it: 5 rounds, 1 seed, "
+        "f=20%% and 30%%, every attack, the default strategies, no sweep",
     )
     parser.add_argument("--seeds", type=int, default=None, help="seeds (default 3)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 30)")
@@ -474,20 +635,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out",
         type=Path,
         default=None,
-        help="output folder (default docs/, or a temp folder with --quick)",
+        help="output folder (default docs/robustness-adaptive/, or a temp folder "
+        "with --quick)",
     )
     parser.add_argument(
         "--strategies",
         nargs="+",
-        default=[s.key for s in STRATEGIES],
+        default=list(DEFAULT_STRATEGIES),
         metavar="KEY",
         help="subset of: " + ", ".join(s.key for s in STRATEGIES),
     )
     parser.add_argument(
         "--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS, metavar="NAME"
     )
+    parser.add_argument(
+        "--reference-attacks",
+        nargs="+",
+        default=["none"],
+        choices=ATTACKS,
+        metavar="NAME",
+        help=f"attacks run for {REFERENCE} (default: none, its clean accuracy "
+        "is the reference of the targets; FedAvg under attack is in the tables "
+        "of the previous benchmark)",
+    )
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument(
+        "--alphas",
+        type=float,
+        nargs="*",
+        default=None,
+        help="heterogeneity sweep: extra Dirichlet alphas run for "
+        f"{', '.join(SWEEP_STRATEGIES)} at --sweep-fractions (default 0.1 1.0; "
+        "none with --quick)",
+    )
+    parser.add_argument(
+        "--sweep-fractions", type=float, nargs="+", default=[0.3], metavar="F"
+    )
     parser.add_argument(
         "--holdout",
         choices=("test", "validation"),
@@ -503,17 +687,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     seeds = args.seeds or (1 if args.quick else 3)
     rounds = args.rounds or (5 if args.quick else 30)
-    fractions = args.fractions or ([0.2] if args.quick else [0.2, 0.3])
+    fractions = args.fractions or [0.2, 0.3]
+    alphas = (
+        args.alphas if args.alphas is not None else ([] if args.quick else [0.1, 1.0])
+    )
     out = args.out or (
         Path(tempfile.gettempdir()) / "flwr-ext-robustness-quick"
         if args.quick
-        else Path("docs")
+        else Path("docs") / "robustness-adaptive"
     )
     for key in args.strategies:
         strategy_config(key)  # unknown keys fail here, with the valid ones listed
     if not 1 <= args.workers <= 2:
         parser.error("--workers must be 1 or 2 (the machine is shared)")
-    if any(not 0 <= f < 0.5 for f in fractions):
+    if any(not 0 <= f < 0.5 for f in [*fractions, *args.sweep_fractions]):
         parser.error("--fractions must be in [0, 0.5)")
 
     base = RunSpec(
@@ -527,22 +714,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         holdout=args.holdout,
         train=TrainConfig(),
     )
-    specs = plan(args.strategies, args.attacks, fractions, seeds, base)
+    specs = plan(
+        args.strategies, args.attacks, fractions, seeds, base, args.reference_attacks
+    )
+    for alpha in alphas:
+        specs += plan(
+            [s for s in SWEEP_STRATEGIES if s in args.strategies],
+            args.attacks,
+            args.sweep_fractions,
+            seeds,
+            replace(base, alpha=alpha),
+            args.reference_attacks,
+        )
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows = run_grid(specs, out / "robustness-runs.jsonl", args.workers, args.resume)
-    wanted = {(s.strategy, s.attack, s.fraction, s.seed) for s in specs}
+    wanted = {_id(s) for s in specs}
     rows = [r for r in rows if _spec_id(r) in wanted]
     wall = time.perf_counter() - started
 
-    summary = summarise(rows)
+    summary = summarise(rows, args.alpha)
     command = "python -m benchmarks.robustness " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
     text = (
-        f"<!-- generated by `{command.strip()}` in {wall:.0f} s wall time -->\n\n"
+        f"<!-- generated by `{command.strip()}` in {wall:.0f} s wall time; "
+        f"{len(rows)} runs, seeds 0-{seeds - 1}, {rounds} rounds -->\n\n"
+        f"## Worst case per strategy (Dirichlet alpha = {args.alpha:g})\n\n"
+        + worst_case_table(summary, args.clients)
+        + "\n## Every attack\n\n"
         + tables(summary, rounds, seeds, args.clients)
     )
+    if alphas:
+        text += "\n## Heterogeneity sweep\n\n" + sweep_table(rows, args.clients)
     (out / "robustness-tables.md").write_text(text)
     for fraction in sorted(summary):
         percent = round(100 * fraction)
@@ -551,7 +755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         curves(summary, fraction, out / "img" / f"robustness-curves-f{percent}.png")
     print(text)
-    for line in targets(summary):
+    for line in targets(rows, args.alpha, len(args.attacks)):
         print(line)
     print(f"wrote {out}/robustness-tables.md, {out}/img/; wall time {wall:.0f} s")
     return 0

@@ -22,6 +22,7 @@ ROBUST_RULES = [
     TrimmedMeanRule(beta=0.25),
     GeometricMedianRule(),
     CenteredClippingRule(),
+    CenteredClippingRule(centre="previous"),
     KrumRule(num_byzantine=2),
     KrumRule(num_byzantine=2, num_selected=None),
 ]

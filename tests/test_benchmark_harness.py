@@ -8,6 +8,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
+from benchmarks import _byzfl as byzfl
 from benchmarks import robustness
 from benchmarks._federation import (
     ByzantineGrid,
@@ -166,8 +167,10 @@ def test_weight_inflation_multiplies_the_attackers_claim():
 
 def test_every_configuration_builds_for_both_fractions():
     keys = [s.key for s in STRATEGIES]
-    assert len(keys) == len(set(keys)) == 19
+    assert len(keys) == len(set(keys)) == 30
     for config in STRATEGIES:
+        if config.key.startswith("byzfl-") and not byzfl.available():
+            continue  # the benchmark-only extra `bench` is not installed
         for fraction in (0.2, 0.3):
             assert config.build(20, round(20 * fraction), fraction) is not None
     with pytest.raises(KeyError, match="unknown strategy 'nope'; choose from"):
@@ -178,7 +181,8 @@ def test_cli_writes_tables_heatmap_and_runs(tmp_path):
     argv = [
         "--rounds", "1", "--seeds", "1", "--fractions", "0.2", "--clients", "5",
         "--strategies", "flwr-fedavg", "ours-median", "--attacks", "none",
-        "nan-inf", "--workers", "1", "--out", str(tmp_path),
+        "nan-inf", "--reference-attacks", "none", "nan-inf", "--alphas",
+        "--workers", "1", "--out", str(tmp_path),
     ]  # fmt: skip
     assert robustness.main(argv) == 0
     runs = [json.loads(line) for line in (tmp_path / "robustness-runs.jsonl").open()]
@@ -190,3 +194,48 @@ def test_cli_writes_tables_heatmap_and_runs(tmp_path):
     # --resume reuses every run.
     assert robustness.main([*argv, "--resume"]) == 0
     assert len((tmp_path / "robustness-runs.jsonl").read_text().splitlines()) == 4
+
+
+def test_cli_sweep_and_reference_limited_to_clean_runs(tmp_path):
+    argv = [
+        "--rounds", "1", "--seeds", "1", "--fractions", "0.2", "--clients", "5",
+        "--strategies", "flwr-fedavg", robustness.RECOMMENDED, "--attacks", "none",
+        "ipm-opt", "--alphas", "1.0", "--sweep-fractions", "0.2", "--workers", "1",
+        "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert robustness.main(argv) == 0
+    runs = [json.loads(line) for line in (tmp_path / "robustness-runs.jsonl").open()]
+    # FedAvg: clean only (2 alphas); the recommended rule: 2 attacks x 2 alphas.
+    assert len(runs) == 6
+    assert {
+        (r["strategy"], r["attack"]) for r in runs if r["strategy"] == "flwr-fedavg"
+    } == {("flwr-fedavg", "none")}
+    text = (tmp_path / "robustness-tables.md").read_text()
+    assert "## Heterogeneity sweep" in text and "| 1 |" in text
+    assert "IPM line-searched" in text
+
+
+@pytest.mark.parametrize("attack", ["alie-opt", "ipm-opt", "minmax", "minsum", "mimic"])
+def test_adaptive_attacks_run_through_real_strategies(attack):
+    key = robustness.RECOMMENDED
+    result = run_federation(
+        spec(key, attack, fraction=0.34), strategy_config(key).build
+    )
+    assert result.status == "ok", result.error
+
+
+def test_rule_aware_attacks_need_the_rule():
+    with pytest.raises(ValueError, match="needs the server's aggregator"):
+        ByzantineGrid({1: node, 2: node}, byzantine=[1], omniscient="ipm-opt")
+
+
+def test_mimic_keeps_copying_the_same_honest_node():
+    grid = ByzantineGrid(
+        {1: node, 2: node, 3: node, 4: node}, byzantine=[1], omniscient="mimic"
+    )
+    FedAvg(fraction_evaluate=0.0).start(
+        grid=grid,
+        initial_arrays=ArrayRecord({"w": Array(np.zeros(3, np.float32))}),
+        num_rounds=3,
+    )
+    assert grid.mimic_target in (2, 4)  # an extreme honest node, never the middle

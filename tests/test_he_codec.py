@@ -6,6 +6,7 @@ Real TenSEAL/SEAL ciphertexts throughout; keys are created once per module.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -449,7 +450,8 @@ def test_raw_seal_wires_leave_no_scratch_file_behind(keysets, wire):
     scratch.close()
     assert not Path(scratch.path).exists()
 
-    before = set(directory.glob("flwr-ext-ckks-*"))
+    mine = f"flwr-ext-ckks-{os.getpid()}-*"  # other processes may run beside us
+    before = set(directory.glob(mine))
     secret, server, _ = keysets["default"]
     rng = np.random.default_rng(11)
     good = encrypt_record(model(rng), secret, 1.0, num_clients=2, wire=wire)
@@ -462,7 +464,7 @@ def test_raw_seal_wires_leave_no_scratch_file_behind(keysets, wire):
         total.add(bad, "node 2")
     decrypt_record(total.result(), secret)
     assert header.num_chunks > 1
-    assert set(directory.glob("flwr-ext-ckks-*")) == before
+    assert set(directory.glob(mine)) == before
 
 
 @pytest.mark.parametrize("profile", ["default", "compact"])

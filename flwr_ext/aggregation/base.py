@@ -110,6 +110,31 @@ class AggregationRule(ABC):
     def _aggregate(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Compute the aggregate from validated inputs (weights sum to 1)."""
 
+    def aggregate_stateful(
+        self,
+        updates: np.ndarray,
+        weights: np.ndarray,
+        state: np.ndarray | None,
+        *,
+        overwrite_updates: bool = False,
+        check_finite: bool = True,
+    ) -> tuple[AggregationResult, np.ndarray | None]:
+        """Aggregate given the state the previous round left; return the new state.
+
+        Most rules are stateless: they ignore ``state`` and return ``None``. A
+        stateful rule (centered clipping with ``centre="previous"``) starts from
+        ``state``, a float64 ``(d,)`` vector, and returns the one for the next
+        round. The rule never stores it: the caller (the strategy wrapper) keeps
+        it across rounds, and saves and restores it with the run.
+        """
+        result = self.aggregate_detailed(
+            updates,
+            weights,
+            overwrite_updates=overwrite_updates,
+            check_finite=check_finite,
+        )
+        return result, None
+
     def _aggregate_overwriting(
         self, updates: np.ndarray, weights: np.ndarray
     ) -> np.ndarray:

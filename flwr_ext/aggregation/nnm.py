@@ -85,3 +85,6 @@ class NearestNeighborMixing(PreAggregation):
         """Mix rows with their nearest neighbours (weights are not used)."""
         updates, _ = check_updates(updates, weights, self.min_clients())
         return nearest_neighbor_mixing(updates, self.num_byzantine)
+
+    def __repr__(self) -> str:
+        return f"NearestNeighborMixing(num_byzantine={self.num_byzantine})"

@@ -1,6 +1,22 @@
 """Byzantine attacks, to test a defence: update functions and a client mod."""
 
-from .mod import MOD_ATTACKS, byzantine_mod, configured_attack, flip_labels_if_attacking
+from .adaptive import (
+    line_search,
+    mimic,
+    mimic_direction,
+    minmax,
+    minsum,
+    optimal_alie,
+    optimal_ipm,
+)
+from .mod import (
+    MOD_ATTACKS,
+    OMNISCIENT_MOD_ATTACKS,
+    TARGET_RULES,
+    byzantine_mod,
+    configured_attack,
+    flip_labels_if_attacking,
+)
 from .updates import (
     alie,
     alie_z,
@@ -15,6 +31,8 @@ from .updates import (
 
 __all__ = [
     "MOD_ATTACKS",
+    "OMNISCIENT_MOD_ATTACKS",
+    "TARGET_RULES",
     "alie",
     "alie_z",
     "byzantine_mod",
@@ -24,7 +42,14 @@ __all__ = [
     "inflate_weight",
     "ipm",
     "label_flip",
+    "line_search",
+    "mimic",
+    "mimic_direction",
+    "minmax",
+    "minsum",
     "non_finite",
+    "optimal_alie",
+    "optimal_ipm",
     "scaling",
     "sign_flip",
 ]

@@ -40,9 +40,28 @@ Flower refuses a run-config key the app does not declare (``flwr run`` answers
 The mod names a key that is missing (``attack`` without ``attack-partition-ids``
 attacks nobody, and would otherwise do so silently).
 
-The mod sees only its own node's update, so ``ipm`` here uses that update as its
-estimate of the honest mean (a non-omniscient variant); the omniscient ALIE and IPM
-are in :mod:`flwr_ext.attacks.updates` and the robustness benchmark.
+Without help the mod sees only its own node's update, so ``ipm`` here uses that
+update as its estimate of the honest mean (a non-omniscient variant).
+
+Omniscient mode (simulations only)
+----------------------------------
+The adaptive attacks of :mod:`flwr_ext.attacks.adaptive` read every honest update
+of the round: ``alie``, ``minmax``, ``minsum``, ``mimic``, ``alie-opt`` and
+``ipm-opt``. To run them in a Flower simulation, set ``attack-share-dir`` (an
+absolute path, in the run config or every node's config): every node that runs
+the mod, honest or not, then writes its own trained update of the round to
+``<dir>/run-<run_id>/round-<r>/node-<node_id>.npy`` after training, and a Byzantine
+node builds its attack from every update found there once it has waited up to
+``attack-wait-s`` seconds (default 0) for ``num-partitions`` of them (nodes train
+in some order: an attacker that trains early sees fewer updates; the robustness
+benchmark instead gives its adversary every update, see
+``benchmarks/_federation.py``). Without ``attack-share-dir`` these attacks make the
+node reply with an error that says so. Never set it in a real deployment: it
+publishes every update.
+
+``alie-opt`` and ``ipm-opt`` line-search their strength against the server's rule,
+named by ``attack-target-rule`` (one of :data:`TARGET_RULES`, default ``"mean"``)
+with ``attack-target-f`` Byzantine clients (default: ``num-partitions // 5``).
 ``label-flip`` poisons the data, which a mod cannot reach: the ClientApp applies it
 through :func:`flip_labels_if_attacking`.
 """
@@ -50,8 +69,10 @@ through :func:`flip_labels_if_attacking`.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping
 from logging import WARNING
+from pathlib import Path
 
 import numpy as np
 from flwr.app import (
@@ -67,13 +88,25 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 from flwr.supercore import log
 
+from ..aggregation import (
+    AggregationRule,
+    CenteredClippingRule,
+    CoordinateMedian,
+    GeometricMedianRule,
+    KrumRule,
+    TrimmedMeanRule,
+    WeightedMean,
+)
 from ..records import flatten, unflatten
+from . import adaptive
 from . import updates as attack_fns
 
 __all__ = [
     "MOD_ATTACKS",
+    "OMNISCIENT_MOD_ATTACKS",
     "RUN_CONFIG_KEYS",
     "RUN_CONFIG_TOML",
+    "TARGET_RULES",
     "byzantine_mod",
     "configured_attack",
     "flip_labels_if_attacking",
@@ -91,8 +124,41 @@ _UPDATE_ATTACKS: dict[str, tuple[float, _UpdateAttack]] = {
 }
 _OTHER_ATTACKS = {"weight-inflation": 100.0, "label-flip": math.nan, "none": math.nan}
 
+#: The attack-target-rule names ``alie-opt`` and ``ipm-opt`` line-search against:
+#: ``(n, f) -> rule``.
+TARGET_RULES: dict[str, Callable[[int, int], AggregationRule]] = {
+    "mean": lambda n, f: WeightedMean(),
+    "median": lambda n, f: CoordinateMedian(),
+    "trimmed-mean": lambda n, f: TrimmedMeanRule(min(f / n, 0.49)),
+    "krum": lambda n, f: KrumRule(f, num_selected=1),
+    "multi-krum": lambda n, f: KrumRule(f),
+    "geometric-median": lambda n, f: GeometricMedianRule(),
+    "centered-clipping": lambda n, f: CenteredClippingRule(),
+}
+
+_Omniscient = Callable[[np.ndarray, np.ndarray, int, AggregationRule], np.ndarray]
+#: Omniscient attacks: (honest (h, d), own update (d,), f, target rule) -> update.
+_OMNISCIENT_ATTACKS: dict[str, _Omniscient] = {
+    "alie": lambda h, _u, f, _r: attack_fns.alie(h, f),
+    "minmax": lambda h, _u, _f, _r: adaptive.minmax(h),
+    "minsum": lambda h, _u, _f, _r: adaptive.minsum(h),
+    "mimic": lambda h, _u, _f, _r: h[adaptive.mimic(h)].copy(),
+    "alie-opt": lambda h, _u, f, r: adaptive.optimal_alie(h, f, _uniform(r)),
+    "ipm-opt": lambda h, _u, f, r: adaptive.optimal_ipm(h, f, _uniform(r)),
+}
+
+#: Attacks that need ``attack-share-dir`` (see "Omniscient mode").
+OMNISCIENT_MOD_ATTACKS: tuple[str, ...] = tuple(_OMNISCIENT_ATTACKS)
+
 #: Attack names the mod accepts in ``node_config["attack"]``.
-MOD_ATTACKS: tuple[str, ...] = tuple(_UPDATE_ATTACKS) + tuple(_OTHER_ATTACKS)
+MOD_ATTACKS: tuple[str, ...] = (
+    tuple(_UPDATE_ATTACKS) + OMNISCIENT_MOD_ATTACKS + tuple(_OTHER_ATTACKS)
+)
+
+
+def _uniform(rule: AggregationRule) -> adaptive.Aggregator:
+    return lambda rows: rule.aggregate(rows, np.ones(rows.shape[0]))
+
 
 #: Run-config keys the mod reads in simulation; an app declares them all.
 RUN_CONFIG_KEYS: tuple[str, ...] = ("attack", "attack-strength", "attack-partition-ids")
@@ -121,9 +187,10 @@ def configured_attack(context: Context) -> tuple[str, float]:
             f"{where} attack={name!r} is not an attack; choose one of "
             f"{', '.join(MOD_ATTACKS)}"
         )
-    default = (
-        _UPDATE_ATTACKS[name][0] if name in _UPDATE_ATTACKS else _OTHER_ATTACKS[name]
-    )
+    if name in _UPDATE_ATTACKS:
+        default = _UPDATE_ATTACKS[name][0]
+    else:
+        default = _OTHER_ATTACKS.get(name, math.nan)
     raw = source.get("attack-strength", default)
     if isinstance(raw, bool) or not isinstance(raw, (int, float)):
         raise ValueError(f"{where} attack-strength must be a number, got {raw!r}")
@@ -191,15 +258,32 @@ def byzantine_mod(
             reply_to=msg,
         )
     reply = call_next(msg, context)
-    if (
-        name in ("none", "label-flip")
-        or msg.metadata.message_type != MessageType.TRAIN
-        or reply.has_error()
-    ):
+    if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
+        return reply
+    try:
+        share = _share_dir(context, msg)
+    except ValueError as err:
+        return Message(
+            Error(
+                code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                reason=f"byzantine_mod: {err}",
+            ),
+            reply_to=msg,
+        )
+    if share is None and name in _OMNISCIENT_ATTACKS:
+        return Message(
+            Error(
+                code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                reason=f"byzantine_mod: attack={name!r} reads every honest update "
+                "of the round: set attack-share-dir (simulations only)",
+            ),
+            reply_to=msg,
+        )
+    if share is None and name in ("none", "label-flip"):
         return reply
     if name == "weight-inflation":
         return _inflate(reply, strength)
-    return _attack_arrays(msg, reply, name, strength, context)
+    return _attack_arrays(msg, reply, name, strength, context, share)
 
 
 def _inflate(reply: Message, factor: float) -> Message:
@@ -215,8 +299,83 @@ def _inflate(reply: Message, factor: float) -> Message:
     return reply
 
 
+def _share_dir(context: Context, msg: Message) -> Path | None:
+    """Return the round's folder of shared updates (None: no share dir)."""
+    raw = context.node_config.get(
+        "attack-share-dir", context.run_config.get("attack-share-dir")
+    )
+    if raw is None or raw == "":
+        return None
+    path = Path(str(raw))
+    if not path.is_absolute():
+        raise ValueError(f"attack-share-dir must be an absolute path, got {raw!r}")
+    round_ = _server_round(msg)
+    return path / f"run-{int(context.run_id)}" / f"round-{round_}"
+
+
+def _server_round(msg: Message) -> int:
+    raw = msg.content.config_records.get("config", {}).get("server-round", 0)
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        return 0
+    return int(raw)
+
+
+def _shared_updates(
+    folder: Path, own: np.ndarray, context: Context, wait_s: float
+) -> np.ndarray:
+    """Every update of the round in ``folder`` with ``own``'s shape, ``(h, d)``."""
+    raw = context.node_config.get("num-partitions", 0)
+    wanted = raw if isinstance(raw, int) and not isinstance(raw, bool) else 0
+    deadline = time.monotonic() + wait_s
+    while True:
+        files = sorted(folder.glob("node-*.npy"))
+        if len(files) >= wanted or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    rows = [own]
+    for file in files:
+        if file.name == f"node-{int(context.node_id)}.npy":
+            continue
+        try:
+            row = np.load(file, allow_pickle=False)
+        except (OSError, ValueError):
+            continue  # a node still writing it: the attack uses the others
+        if row.shape == own.shape and row.dtype == np.float64:
+            rows.append(row)
+    return np.stack(rows)
+
+
+def _publish(folder: Path, update: np.ndarray, context: Context) -> None:
+    """Write this node's update for the Byzantine nodes of a simulation to read."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"node-{int(context.node_id)}.npy"
+    partial = folder / f".node-{int(context.node_id)}.tmp.npy"
+    np.save(partial, update, allow_pickle=False)
+    partial.replace(final)  # readers never see a half-written file
+
+
+def _target_rule(context: Context, num_honest: int) -> tuple[AggregationRule, int]:
+    source, where = _attack_source(context)
+    name = str(source.get("attack-target-rule", "mean")).strip().lower()
+    if name not in TARGET_RULES:
+        raise ValueError(
+            f"{where} attack-target-rule={name!r}; choose one of "
+            f"{', '.join(TARGET_RULES)}"
+        )
+    n = int(context.node_config.get("num-partitions", num_honest) or num_honest)
+    raw_f = source.get("attack-target-f", max(1, n // 5))
+    if isinstance(raw_f, bool) or not isinstance(raw_f, int) or raw_f < 1:
+        raise ValueError(f"{where} attack-target-f must be an integer >= 1")
+    return TARGET_RULES[name](max(n, num_honest + raw_f), raw_f), int(raw_f)
+
+
 def _attack_arrays(
-    msg: Message, reply: Message, name: str, strength: float, context: Context
+    msg: Message,
+    reply: Message,
+    name: str,
+    strength: float,
+    context: Context,
+    share: Path | None = None,
 ) -> Message:
     if len(msg.content.array_records) != 1 or len(reply.content.array_records) != 1:
         log(WARNING, "byzantine_mod: expected one ArrayRecord each way; not attacking")
@@ -239,7 +398,33 @@ def _attack_arrays(
     rng = np.random.default_rng(
         None if seed is None else [int(seed), int(round_)]  # type: ignore[arg-type]
     )
-    attacked = _UPDATE_ATTACKS[name][1](model_vec - global_vec, strength, rng)
+    own = model_vec - global_vec
+    if share is not None:
+        # Every node publishes its own trained update, attackers included (the
+        # colluders know each other's), so num-partitions files can appear.
+        _publish(share, own, context)
+        if name in ("none", "label-flip"):
+            return reply
+    if name in _OMNISCIENT_ATTACKS:
+        assert share is not None
+        source = _attack_source(context)[0]
+        wait = source.get("attack-wait-s", 0.0)
+        honest = _shared_updates(
+            share, own, context, float(wait) if isinstance(wait, (int, float)) else 0
+        )
+        try:
+            rule, f = _target_rule(context, honest.shape[0])
+        except ValueError as err:
+            return Message(
+                Error(
+                    code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                    reason=f"byzantine_mod: {err}",
+                ),
+                reply_to=msg,
+            )
+        attacked = _OMNISCIENT_ATTACKS[name](honest, own, f, rule)
+    else:
+        attacked = _UPDATE_ATTACKS[name][1](own, strength, rng)
     with np.errstate(invalid="ignore", over="ignore"):
         poisoned: ArrayRecord = unflatten(global_vec + attacked, manifest)
     content = RecordDict(dict(reply.content.items()))

@@ -432,7 +432,11 @@ class _ScratchFile:
 
     def __init__(self) -> None:
         directory = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-        self.fd, self.path = tempfile.mkstemp(prefix="flwr-ext-ckks-", dir=directory)
+        # The pid in the name lets a process find its own scratch files (tests
+        # check that none is left behind while other processes run beside them).
+        self.fd, self.path = tempfile.mkstemp(
+            prefix=f"flwr-ext-ckks-{os.getpid()}-", dir=directory
+        )
 
     def write(self, blob: bytes) -> None:
         """Make the file hold exactly ``blob``."""

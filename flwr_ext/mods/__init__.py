@@ -9,10 +9,19 @@
 - :func:`site_policy_mod` - enforces the site's own privacy policy (node config
   ``policy-*`` floors: minimum noise, minimum contributions, CKKS required...)
   against any server instruction. Put it first (outermost).
+- :func:`momentum_mod` - sends the client's momentum instead of its raw update
+  (variance reduction for any robust rule); state in ``context.state``.
 """
 
 from .ckks import ckks_mod
 from .distributed_dp import distributed_dp_mod
+from .momentum import momentum_mod
 from .site_policy import SitePolicy, site_policy_mod
 
-__all__ = ["SitePolicy", "ckks_mod", "distributed_dp_mod", "site_policy_mod"]
+__all__ = [
+    "SitePolicy",
+    "ckks_mod",
+    "distributed_dp_mod",
+    "momentum_mod",
+    "site_policy_mod",
+]

@@ -44,6 +44,7 @@ from typing import Literal
 
 import numpy as np
 from flwr.app import (
+    Array,
     ArrayRecord,
     ConfigRecord,
     Message,
@@ -80,6 +81,8 @@ METRIC_RECEIVED = "robust-received"
 METRIC_DROPPED = "robust-dropped"
 METRIC_SELECTED = "robust-selected"
 METRIC_SECONDS = "robust-aggregation-s"
+#: Key of the stateful rule's vector in :meth:`RobustAggregation.export_state`.
+_STATE_KEY = "rule-state"
 
 
 class RobustAggregation(RoundReporting):
@@ -178,6 +181,54 @@ class RobustAggregation(RoundReporting):
         self._global: ArrayRecord | None = None
         self._manifest: Manifest | None = None
         self._sampled: set[int] = set()
+        #: State a stateful rule carries between rounds (centered clipping's
+        #: previous aggregate); see :meth:`export_state`.
+        self._rule_state: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def rule_state(self) -> np.ndarray | None:
+        """The stateful rule's state for the next round (read-only view), or None."""
+        if self._rule_state is None:
+            return None
+        view = self._rule_state.view()
+        view.flags.writeable = False
+        return view
+
+    def export_state(self) -> ArrayRecord:
+        """Return the state to save with the run (an empty ArrayRecord if none).
+
+        Put it in the ServerApp's ``context.state`` or a checkpoint next to the
+        model; :meth:`import_state` on a fresh strategy resumes the run with the
+        same centre as this one.
+        """
+        if self._rule_state is None:
+            return ArrayRecord()
+        return ArrayRecord({_STATE_KEY: Array(self._rule_state.copy())})
+
+    def import_state(self, record: ArrayRecord) -> None:
+        """Restore what :meth:`export_state` saved.
+
+        Raises
+        ------
+        ValueError
+            If ``record`` holds anything other than one finite float64 vector.
+        """
+        if len(record) == 0:
+            self._rule_state = None
+            return
+        if set(record.keys()) != {_STATE_KEY}:
+            raise ValueError(
+                f"a robust-aggregation state holds one array {_STATE_KEY!r}, "
+                f"got {sorted(record.keys())}"
+            )
+        array = record[_STATE_KEY]
+        if array.dtype != "float64" or len(array.shape) != 1:
+            raise ValueError("the robust-aggregation state must be a float64 vector")
+        value = array.numpy()
+        if not np.isfinite(value).all():
+            raise ValueError("the robust-aggregation state is not finite")
+        self._rule_state = value.copy()
 
     def __repr__(self) -> str:
         parts = [type(self.strategy).__name__, f"rule={self.rule!r}"]
@@ -329,9 +380,10 @@ class RobustAggregation(RoundReporting):
             updates = pre_aggregation.transform(updates, weights)
         # Every row was checked finite above: skip the rule's O(n d) re-check,
         # unless a pre-aggregation step produced the rows the rule sees.
-        result = rule.aggregate_detailed(
+        result, rule_state = rule.aggregate_stateful(
             updates,
             weights,
+            self._rule_state,
             overwrite_updates=True,
             check_finite=pre_aggregation is not None,
         )
@@ -351,6 +403,7 @@ class RobustAggregation(RoundReporting):
                 "the robust aggregate is not finite",
             )
 
+        self._rule_state = rule_state
         arrays = self._inner_step(server_round, unflatten(candidate, manifest), valid)
         metrics = self._round_metrics(server_round, valid, counts, started)
         return report.finish(arrays, metrics, "the inner strategy returned no model")

@@ -239,6 +239,13 @@ class CenteredClipping(RobustAggregation):
         to the median distance to the centre.
     iterations : int (default: 3)
         Clipping iterations per round.
+    centre : {"median", "previous"} (default: "median")
+        ``"previous"`` clips around the previous round's aggregate, which the
+        strategy keeps across rounds (:meth:`export_state` /
+        :meth:`import_state` save and restore it with the run).
+    radius_quantile : float in (0, 1] (default: 0.5)
+        With ``tau=None``, the radius is this quantile of the distances to the
+        centre (0.5: the median; smaller clips more rows).
     num_byzantine : int or None (default: None)
         Needed only with ``pre_aggregation="nnm"``.
     """
@@ -251,6 +258,8 @@ class CenteredClipping(RobustAggregation):
         *,
         tau: float | None = None,
         iterations: int = 3,
+        centre: Literal["median", "previous"] = "median",
+        radius_quantile: float = 0.5,
         num_byzantine: int | None = None,
         pre_aggregation: PreAggregationArg = None,
         weighting: Weighting = "uniform",
@@ -259,7 +268,12 @@ class CenteredClipping(RobustAggregation):
     ) -> None:
         super().__init__(
             strategy if strategy is not None else FedAvg(),
-            CenteredClippingRule(tau=tau, iterations=iterations),
+            CenteredClippingRule(
+                tau=tau,
+                iterations=iterations,
+                centre=centre,
+                radius_quantile=radius_quantile,
+            ),
             pre_aggregation=pre_aggregation,
             num_byzantine=num_byzantine,
             weighting=weighting,

@@ -1,0 +1,285 @@
+"""The adaptive attacks: by hand, against plain FedAvg, and through byzantine_mod."""
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAvg
+
+from flwr_ext.aggregation import CoordinateMedian, TrimmedMeanRule, WeightedMean
+from flwr_ext.attacks import (
+    OMNISCIENT_MOD_ATTACKS,
+    alie,
+    byzantine_mod,
+    line_search,
+    mimic,
+    minmax,
+    minsum,
+    optimal_alie,
+    optimal_ipm,
+)
+from flwr_ext.inprocess import InProcessGrid
+
+N_HONEST, F, D = 16, 4, 50
+
+
+def honest_updates(seed=0):
+    """Heterogeneous honest updates around a common direction ``g`` (all ones)."""
+    rng = np.random.default_rng(seed)
+    return 1.0 + rng.normal(0.0, 1.0, (N_HONEST, D))
+
+
+def fedavg(rows):
+    return WeightedMean().aggregate(rows, np.ones(len(rows)))
+
+
+def with_attack(honest, byz):
+    return np.vstack([honest, np.tile(byz, (F, 1))])
+
+
+ATTACKS = {
+    "minmax": lambda h: minmax(h),
+    "minsum": lambda h: minsum(h),
+    "mimic": lambda h: h[mimic(h)],
+    "alie-opt": lambda h: optimal_alie(h, F, fedavg),
+    "ipm-opt": lambda h: optimal_ipm(h, F, fedavg),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_each_attack_drags_plain_fedavg_further_than_honest_clients_would(name, seed):
+    # The reference: the f Byzantine clients send honest updates of their own.
+    rng = np.random.default_rng(100 + seed)
+    honest = honest_updates(seed)
+    own = 1.0 + rng.normal(0.0, 1.0, (F, D))
+    mean = honest.mean(axis=0)
+    baseline = np.linalg.norm(fedavg(np.vstack([honest, own])) - mean)
+    attacked = np.linalg.norm(fedavg(with_attack(honest, ATTACKS[name](honest))) - mean)
+    assert attacked > 1.5 * baseline
+
+
+@pytest.mark.parametrize("name", ["minmax", "minsum", "alie-opt", "ipm-opt"])
+def test_the_attacks_that_aim_against_the_gradient_slow_fedavg(name):
+    honest = honest_updates()
+    g = np.ones(D)
+    progress = fedavg(with_attack(honest, ATTACKS[name](honest))) @ g
+    assert progress < 0.9 * (honest.mean(axis=0) @ g)
+
+
+def test_minmax_and_minsum_meet_their_constraints_exactly():
+    honest = honest_updates()
+    diffs = honest[:, None, :] - honest[None, :, :]
+    max_pair = np.sqrt((diffs**2).sum(-1)).max()
+    b = minmax(honest)
+    dist = np.linalg.norm(honest - b, axis=1)
+    assert dist.max() == pytest.approx(max_pair, rel=1e-9)
+    b = minsum(honest)
+    sq_to_b = ((honest - b) ** 2).sum()
+    most_isolated = (diffs**2).sum(-1).sum(1).max()
+    assert sq_to_b == pytest.approx(most_isolated, rel=1e-9)
+    # Both go against the honest mean along -std: inside the spread, below the mean.
+    assert (b < honest.mean(axis=0)).all()
+
+
+def test_mimic_copies_the_client_furthest_along_the_top_direction():
+    honest = honest_updates()
+    honest[5] += 10.0 * np.eye(D)[3]  # the odd one out, along coordinate 3
+    assert mimic(honest) == 5 or mimic(-honest) == 5
+
+
+def test_line_search_picks_the_strength_the_rule_lets_through():
+    honest = honest_updates()
+    # FedAvg lets everything through: the largest IPM epsilon wins.
+    s, _ = line_search(honest, F, lambda e: -e * honest.mean(0), fedavg, [0.1, 1, 10])
+    assert s == 10
+    # Against a trimmed mean the search returns the factor whose aggregate is
+    # farthest from the honest mean (checked by brute force).
+    tm = TrimmedMeanRule(0.2)
+
+    def trimmed(x):
+        return tm.aggregate(x, np.ones(len(x)))
+
+    factors = [0.0, 0.3, 1.0, 3.0, 1e3]
+
+    def candidate(z):
+        return honest.mean(0) - z * honest.std(0)
+
+    gaps = [
+        np.linalg.norm(trimmed(with_attack(honest, candidate(z))) - honest.mean(0))
+        for z in factors
+    ]
+    s, byz = line_search(honest, F, candidate, trimmed, factors)
+    assert s == factors[int(np.argmax(gaps))] and s != 0.0
+    np.testing.assert_array_equal(byz, candidate(s))
+
+
+def test_optimal_attacks_beat_their_fixed_versions_against_the_median():
+    honest = honest_updates()
+    med = CoordinateMedian()
+
+    def rule(x):
+        return med.aggregate(x, np.ones(len(x)))
+
+    mean = honest.mean(0)
+
+    def gap(byz):
+        return np.linalg.norm(rule(with_attack(honest, byz)) - mean)
+
+    assert gap(optimal_ipm(honest, F, rule)) >= gap(-0.1 * mean)
+    assert gap(optimal_alie(honest, F, rule)) >= gap(mean - 1.0 * honest.std(0))
+
+
+# ----------------------------------------------------------------- through the mod
+TARGET = 3.0
+
+
+def make_app():
+    app = ClientApp(mods=[byzantine_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        w = msg.content["arrays"]["w"].numpy()
+        node = int(context.node_config["partition-id"])
+        target = TARGET + 0.2 * node  # heterogeneous honest optima
+        new = w + 0.5 * (target - w)
+        return Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({"w": Array(new.astype(np.float32))}),
+                    "metrics": MetricRecord({"num-examples": 10}),
+                }
+            ),
+            reply_to=msg,
+        )
+
+    return app
+
+
+class AttackersLastGrid(InProcessGrid):
+    """Delivers the attackers' (nodes 9, 10) instructions last in every round.
+
+    Flower shuffles the sampled nodes; in a real simulation the attackers wait
+    (``attack-wait-s``) for the others, which a sequential grid cannot do.
+    """
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        order = sorted(messages, key=lambda m: int(m.metadata.dst_node_id) >= 9)
+        ids = dict(zip(map(id, order), super().push_messages(order), strict=True))
+        return [ids[id(m)] for m in messages]
+
+
+def federation(attack: str | None, share_dir: str | None, extra=None):
+    app = make_app()
+    configs = {}
+    for node in range(1, 11):
+        config = {"partition-id": node, "num-partitions": 10}
+        if share_dir is not None:
+            config["attack-share-dir"] = share_dir
+        # Nodes run in id order: the attackers (9, 10) train last and see all.
+        if attack is not None and node >= 9:
+            config["attack"] = attack
+            config.update(extra or {})
+        configs[node] = config
+    return AttackersLastGrid({n: app for n in range(1, 11)}, node_configs=configs)
+
+
+def final(grid, rounds=6):
+    initial = ArrayRecord({"w": Array(np.zeros(4, dtype=np.float32))})
+    result = FedAvg().start(grid=grid, initial_arrays=initial, num_rounds=rounds)
+    return result.arrays["w"].numpy()
+
+
+def train_instruction(node, round_=1):
+    return Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord({"w": Array(np.zeros(4, np.float32))}),
+                "config": ConfigRecord({"server-round": round_}),
+            }
+        ),
+        dst_node_id=node,
+        message_type="train",
+    )
+
+
+EXPECTED = {
+    "alie": lambda h: alie(h, 2),
+    "minmax": minmax,
+    "minsum": minsum,
+    "mimic": lambda h: h[mimic(h)],
+    "alie-opt": lambda h: optimal_alie(h, 2, fedavg),
+    "ipm-opt": lambda h: optimal_ipm(h, 2, fedavg),
+}
+
+
+@pytest.mark.parametrize("attack", OMNISCIENT_MOD_ATTACKS)
+def test_mod_sends_the_attack_computed_from_every_shared_update(attack, tmp_path):
+    app = make_app()
+    extra = {"attack-target-rule": "mean", "attack-target-f": 2}
+    grid = federation(attack, str(tmp_path), extra)
+    honest = [
+        app(train_instruction(n), grid.context(n)).content["arrays"]["w"].numpy()
+        for n in range(1, 9)
+    ]
+    reply = app(train_instruction(10), grid.context(10))
+    assert not reply.has_error()
+    sent = reply.content["arrays"]["w"].numpy()
+    own = np.full(4, 0.5 * (TARGET + 0.2 * 10))
+    rows = np.vstack([own, *[h.astype(np.float64) for h in honest]])
+    np.testing.assert_allclose(sent, EXPECTED[attack](rows), rtol=1e-6, atol=1e-6)
+    assert attack == "mimic" or not np.allclose(sent, own, atol=1e-3)
+
+
+@pytest.mark.parametrize("attack", ["minmax", "minsum", "alie-opt", "ipm-opt"])
+def test_mod_omniscient_attacks_move_fedavg_away_from_the_clean_run(attack, tmp_path):
+    clean = final(federation(None, str(tmp_path / "clean")))
+    extra = {"attack-target-rule": "mean", "attack-target-f": 2}
+    attacked = final(federation(attack, str(tmp_path / "attack"), extra))
+    assert np.isfinite(attacked).all() and attacked.dtype == np.float32
+    # Honest nodes' own optima differ by 0.2 each: the attack moves FedAvg by more
+    # than one node's worth of heterogeneity.
+    assert np.abs(attacked - clean).max() > 0.2
+
+
+def test_omniscient_mod_attack_without_share_dir_is_an_error_reply():
+    grid = federation("minmax", None)
+    reply = make_app()(train_instruction(10), grid.context(10))
+    assert reply.has_error() and "attack-share-dir" in reply.error.reason
+
+
+def test_mod_rejects_an_unknown_target_rule(tmp_path):
+    app = make_app()
+    grid = federation("alie-opt", str(tmp_path), {"attack-target-rule": "kurm"})
+    instruction = Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord({"w": Array(np.zeros(4, np.float32))}),
+            }
+        ),
+        dst_node_id=10,
+        message_type="train",
+    )
+    reply = app(instruction, grid.context(10))
+    assert reply.has_error() and "kurm" in reply.error.reason
+
+
+def test_share_dir_must_be_absolute():
+    app = make_app()
+    grid = federation("minmax", "relative/dir")
+    instruction = Message(
+        RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(4, np.float32))})}),
+        dst_node_id=1,
+        message_type="train",
+    )
+    reply = app(instruction, grid.context(1))
+    assert reply.has_error() and "absolute" in reply.error.reason
