@@ -6,9 +6,22 @@
 - :func:`distributed_dp_mod` - clips the client's update and adds its share of the
   Gaussian noise (pairs with :class:`flwr_ext.strategy.DistributedDP`). List it
   after any encrypting mod: ``ClientApp(mods=[ckks_mod, distributed_dp_mod])``.
+
+Names are resolved on first use (PEP 562): a ClientApp that uses one mod does not
+import the other's dependencies.
 """
 
-from .ckks import ckks_mod
-from .distributed_dp import distributed_dp_mod
+from typing import TYPE_CHECKING
 
-__all__ = ["ckks_mod", "distributed_dp_mod"]
+from .._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from .ckks import ckks_mod
+    from .distributed_dp import distributed_dp_mod
+
+_EXPORTS = {"ckks_mod": "ckks", "distributed_dp_mod": "distributed_dp"}
+__all__ = [
+    "ckks_mod",
+    "distributed_dp_mod",
+]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)
