@@ -33,7 +33,7 @@ def _loaded_after(code: str) -> list[str]:
         "from flwr_ext.strategy import HomomorphicAggregation, check_composition",
         "from flwr_ext.mods import ckks_mod",
         "from flwr_ext.privacy import keys",
-        "import flwr_ext.appkit.strategies, flwr_ext.appkit.config",
+        "import flwr_ext.appkit.strategy_options, flwr_ext.appkit.config",
     ],
 )
 def test_importing_a_strategy_or_config_loads_no_heavy_dependency(code):

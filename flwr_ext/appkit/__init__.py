@@ -7,9 +7,13 @@ lands in both. One concept per module:
 - :mod:`~flwr_ext.appkit.config` - typed run/node-config schemas
   (:class:`ConfigSchema`, :class:`Option`); validation at start-up lists every
   problem and the valid choices.
-- :mod:`~flwr_ext.appkit.strategies` - the server strategy from run config
+- :mod:`~flwr_ext.appkit.strategy_options` - the strategy's run-config options
   (``fedavg``/``fedprox``/``fedadam``, the robust rules, ``dp-fedavg``,
-  ``secure-aggregation``), refusing unsound or no-op combinations.
+  ``secure-aggregation``) and the checks of the run config itself (light: every
+  ClientApp validates them).
+- :mod:`~flwr_ext.appkit.strategies` - the ServerApp's strategy chain from run
+  config, one builder per name; unsound chains are refused by
+  :mod:`flwr_ext.strategy.composition`, whose reason the run's error carries.
 - :mod:`~flwr_ext.appkit.site` - a site's identity and data source from its
   node config (``partition-id`` in simulation, ``data-path`` in deployment).
 - :mod:`~flwr_ext.appkit.tabular` - CSV loading against a schema with clear

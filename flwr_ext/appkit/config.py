@@ -23,7 +23,7 @@ An app declares its keys once, as :class:`Option` objects, and groups them in a
 
 :meth:`ConfigSchema.validate` reports *every* problem at once, one line each.
 Schemas are combined with ``+`` (shared groups such as
-:data:`flwr_ext.appkit.strategies.STRATEGY_OPTIONS` plus an app's own keys), and
+:data:`flwr_ext.appkit.strategy_options.STRATEGY_OPTIONS` plus an app's own keys), and
 :meth:`ConfigSchema.markdown_table` renders the documentation table for a README,
 so the documented defaults are the validated ones.
 """

@@ -27,7 +27,6 @@ import numpy as np
 
 __all__ = [
     "SchemaError",
-    "check_feature_count",
     "summarise",
     "TabularData",
     "TabularSchema",
@@ -386,15 +385,6 @@ def dirichlet_partition(
         f"site {min_per_class} rows of each class in {max_tries} draws; use a "
         "larger alpha or fewer partitions"
     )
-
-
-def check_feature_count(data: TabularData, expected: int, where: str = "data") -> None:
-    """Raise ``SchemaError`` if ``data`` does not have ``expected`` features."""
-    if data.x.shape[1] != expected:
-        raise SchemaError(
-            f"{where} has {data.x.shape[1]} feature columns but the model expects "
-            f"{expected}; every site must use the consortium's schema"
-        )
 
 
 def summarise(

@@ -32,7 +32,6 @@ __all__ = [
     "TRAINING_OPTIONS",
     "TrainResult",
     "arrays_to_model",
-    "dp_sgd_available",
     "loss_of",
     "model_to_arrays",
     "predict_proba",
@@ -203,15 +202,6 @@ def train_binary(
             rows += len(batch)
         last_epoch_loss = total / max(rows, 1)
     return TrainResult(last_epoch_loss, steps, {})
-
-
-def dp_sgd_available() -> bool:
-    """Return True if :func:`flwr_ext.privacy.make_private` can be imported."""
-    try:
-        from ..privacy import make_private  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def train_binary_dp(
