@@ -30,6 +30,7 @@ so the documented defaults are the validated ones.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -339,7 +340,5 @@ def _toml(value: object) -> str:
 
 
 def _did_you_mean(name: str, known: Mapping[str, Option]) -> str:
-    import difflib
-
     close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
     return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""

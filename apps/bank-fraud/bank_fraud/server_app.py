@@ -52,6 +52,8 @@ from flwr_ext.appkit.thresholds import (
 )
 from flwr_ext.appkit.torch_train import model_to_arrays
 from flwr_ext.he import is_encrypted, save_encrypted_model
+from flwr_ext.privacy.keys import CLIENT_EPSILON, RECORD_EPSILON
+from flwr_ext.privacy.silo_metrics import aggregate_silo_metrics
 
 from .decrypt import NOTE as DECRYPTED_NOTE
 from .settings import APP_NAME, EVALUATION_METRICS, load_settings
@@ -123,9 +125,6 @@ def main(grid: Grid, context: Context) -> None:
     if settings["threshold-selection"] == "site":
         fields["threshold"] = "per-bank"
     train = final["aggregated"].get("train", {})
-    # Imported here: plaintext runs never load Opacus (flwr_ext.privacy).
-    if settings["dp-sgd"] or settings["strategy"] == "dp-fedavg":
-        from flwr_ext.privacy.keys import CLIENT_EPSILON, RECORD_EPSILON
     if settings["dp-sgd"]:
         # Record level: the largest cumulative epsilon over the banks.
         fields["epsilon"] = float(train.get(RECORD_EPSILON, math.nan))
@@ -141,8 +140,6 @@ def main(grid: Grid, context: Context) -> None:
 def _train_metrics_aggregator(settings: Mapping[str, Any]) -> Any:
     """Train metrics: the worst bank's epsilon under DP-SGD, else averages."""
     if settings["dp-sgd"]:
-        from flwr_ext.privacy import aggregate_silo_metrics
-
         return aggregate_silo_metrics
     return make_metrics_aggregator(())
 
@@ -235,8 +232,6 @@ def _write(
     if curve is not None:
         files.append(curve)
     if settings["dp-sgd"]:
-        from flwr_ext.privacy.keys import RECORD_EPSILON
-
         epsilon = plot_rounds(
             history,
             RECORD_EPSILON,
