@@ -30,24 +30,21 @@ lands in both. One concept per module:
   term, DP-SGD) and scoring for a binary PyTorch model.
 - :mod:`~flwr_ext.appkit.metrics` - binary metrics per site and pooled from
   summable statistics (AUROC, sensitivity, specificity, accuracy, precision, F1,
-  AUPRC, recall at 1 % FPR), as Flower metric aggregators.
+  AUPRC, recall at 1 % FPR), as Flower metric aggregators; confusion counts and
+  rates at a threshold (:class:`~flwr_ext.appkit.metrics.OperatingPoint`) and
+  along all bin edges (:func:`~flwr_ext.appkit.metrics.operating_curve`).
 - :mod:`~flwr_ext.appkit.recorder` - :class:`RecordingGrid`, a Grid wrapper that
-  keeps per-site metrics per round and names sites that drop out.
+  keeps per-site metrics per round (and, on request, chosen list metrics such
+  as score histograms) and names sites that drop out.
 - :mod:`~flwr_ext.appkit.results` - the results folder (absolute ``output-dir``
   with a documented default), metrics JSON/CSV, final model, summary line.
 - :mod:`~flwr_ext.appkit.plots` - PNG plots on matplotlib's Agg canvas.
 
-Brought by the bank-fraud template, for rare positive classes:
-
-- :mod:`~flwr_ext.appkit.losses` - weighted cross-entropy and focal loss.
-- :mod:`~flwr_ext.appkit.splits` - train/validation/test by time or per class.
-- :mod:`~flwr_ext.appkit.thresholds` - the decision threshold chosen on pooled
-  (or per-site) validation histograms; exact precision/recall/F1 at it.
-- :mod:`~flwr_ext.appkit.histogram_recorder` - a RecordingGrid that also keeps
-  sites' score histograms (per-site curves and thresholds after the run).
-- :mod:`~flwr_ext.appkit.pr_curves` - precision-recall curves as a PNG.
 - :mod:`~flwr_ext.appkit.ckks_results` - a data owner decrypts a CKKS run's
   model and scaler.
+
+What only one template uses lives in that template (the bank app's losses,
+time splits, thresholds and PR curves are in ``apps/bank-fraud/bank_fraud/``).
 
 Nothing here reads files or environment variables at import time.
 """

@@ -168,7 +168,7 @@ def train_binary(
         weights the round started from.
     loss_fn : callable, optional
         ``(logits (n,), float targets (n,)) -> mean loss``, e.g. a weighted or
-        focal loss from :mod:`flwr_ext.appkit.losses` for rare positives.
+        focal loss for rare positives (the bank app's ``bank_fraud.losses``).
         Default: unweighted binary cross-entropy.
     """
     torch.set_num_threads(1)

@@ -9,7 +9,7 @@
    for ``num-server-rounds`` through a grid that records every bank's metrics
    and score histograms per round and names any bank that drops out. Each round
    the decision threshold is chosen on the banks' validation histograms
-   (:mod:`flwr_ext.appkit.thresholds`) and precision, recall and F1 at it are
+   (:mod:`bank_fraud.thresholds`) and precision, recall and F1 at it are
    computed on their test histograms - pooled and per bank.
 4. Write ``metrics.json``, ``metrics.csv``, the final model, its preprocessing
    and threshold (``preprocessing.json``), the plots (``auprc.png``,
@@ -30,10 +30,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from flwr_ext.appkit.histogram_recorder import HistogramRecordingGrid
-from flwr_ext.appkit.metrics import BinaryStats, make_metrics_aggregator
+from flwr_ext.appkit.metrics import BinaryStats, OperatingPoint, make_metrics_aggregator
 from flwr_ext.appkit.plots import plot_rounds
-from flwr_ext.appkit.pr_curves import plot_pr_curves
+from flwr_ext.appkit.recorder import RecordingGrid
 from flwr_ext.appkit.results import (
     ResultsWriter,
     resolve_output_dir,
@@ -42,22 +41,18 @@ from flwr_ext.appkit.results import (
 )
 from flwr_ext.appkit.scaling import prepare_feature_scaling
 from flwr_ext.appkit.strategies import build_strategy
-from flwr_ext.appkit.thresholds import (
-    HISTOGRAM_KEYS,
-    OperatingPoint,
-    SiteEvaluation,
-    add_site_threshold_metrics,
-    make_threshold_metrics_aggregator,
-    threshold_rule_from_settings,
-)
 from flwr_ext.appkit.torch_train import model_to_arrays
 from flwr_ext.he import is_encrypted, save_encrypted_model
 from flwr_ext.privacy.keys import CLIENT_EPSILON, RECORD_EPSILON
 from flwr_ext.privacy.silo_metrics import aggregate_silo_metrics
 
 from .decrypt import NOTE as DECRYPTED_NOTE
+from .pr_curves import plot_pr_curves
 from .settings import APP_NAME, EVALUATION_METRICS, load_settings
+from .site_thresholds import HISTOGRAM_KEYS, SiteEvaluation, add_site_threshold_metrics
 from .task import data_spec, make_model
+from .threshold_metrics import make_threshold_metrics_aggregator
+from .thresholds import threshold_rule_from_settings
 
 app = ServerApp()
 
@@ -90,7 +85,7 @@ def main(grid: Grid, context: Context) -> None:
     spec = data_spec(settings)
     num_features = len(spec.schema.features)
     model = make_model(num_features, settings["hidden-layers"], settings["seed"])
-    grid = HistogramRecordingGrid(grid, HISTOGRAM_KEYS)
+    grid = RecordingGrid(grid, keep_lists=HISTOGRAM_KEYS)
 
     config = ConfigRecord()
     prepare_feature_scaling(

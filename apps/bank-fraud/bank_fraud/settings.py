@@ -18,15 +18,16 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from flwr_ext.appkit.config import ConfigError, ConfigSchema, Option, Settings
-from flwr_ext.appkit.losses import LOSS_OPTIONS
 from flwr_ext.appkit.results import OUTPUT_OPTIONS
 from flwr_ext.appkit.strategy_options import (
     ATTACK_OPTIONS,
     STRATEGY_OPTIONS,
     check_strategy_settings,
 )
-from flwr_ext.appkit.thresholds import THRESHOLD_OPTIONS
 from flwr_ext.appkit.torch_train import DPSGD_OPTIONS, TRAINING_OPTIONS
+
+from .losses import LOSS_OPTIONS
+from .thresholds import THRESHOLD_OPTIONS
 
 __all__ = [
     "APP_NAME",
@@ -41,7 +42,7 @@ APP_NAME = "bank-fraud"
 
 #: Threshold-free metrics every bank reports and the server pools (see
 #: flwr_ext.appkit.metrics); precision, recall, F1 and alert rate at the chosen
-#: threshold come from flwr_ext.appkit.thresholds.
+#: threshold come from bank_fraud.thresholds.
 EVALUATION_METRICS = ("auprc", "recall-at-1pct-fpr", "auroc")
 
 #: Column layouts the app knows (see bank_fraud.task.DATA_FORMATS for columns).

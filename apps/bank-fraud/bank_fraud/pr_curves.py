@@ -17,9 +17,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-from .metrics import METRICS, BinaryStats
-from .thresholds import OperatingPoint, operating_curve
+from flwr_ext.appkit.metrics import (
+    METRICS,
+    BinaryStats,
+    OperatingPoint,
+    operating_curve,
+)
 
 __all__ = ["plot_pr_curves", "pr_points"]
 
@@ -76,9 +82,6 @@ def plot_pr_curves(
     Path or None
         The PNG, or None if no curve could be drawn.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     drawable = {k: v for k, v in curves.items() if v.positives and v.negatives}
     if not drawable:
         return None
