@@ -238,7 +238,9 @@ class ConfigSchema:
         extra = other.options.values() if isinstance(other, ConfigSchema) else other
         return ConfigSchema([*self.options.values(), *extra], where=self.where)
 
-    def with_defaults(self, defaults: Mapping[str, object]) -> ConfigSchema:
+    def with_defaults(
+        self, defaults: Mapping[str, bool | int | float | str | None]
+    ) -> ConfigSchema:
         """Return a copy whose options named in ``defaults`` get new defaults.
 
         Lets an app reuse a shared option group with its own defaults, e.g.

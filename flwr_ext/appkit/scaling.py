@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from logging import INFO
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
@@ -82,6 +82,8 @@ def prepare_feature_scaling(
         min_nodes=settings["min-nodes"],
         timeout=settings["round-timeout"],
     )
-    method = "median" if settings["strategy"] in ROBUST_STRATEGIES else "pooled"
+    method: Literal["median", "pooled"] = (
+        "median" if settings["strategy"] in ROBUST_STRATEGIES else "pooled"
+    )
     combine([s for _, s in stats], method).to_config(config)
     log(INFO, "feature scaling: %s of %d %s' statistics", method, len(stats), sites)
