@@ -5,7 +5,8 @@ TenSEAL is imported here and nowhere else in flwr-ext (lazily, on first use).
 - :mod:`~flwr_ext.he.profiles` - CKKS parameter profiles and their magnitude bounds.
 - :mod:`~flwr_ext.he.keys` - create, load (once, ``n_threads=1``) and fingerprint
   the data owners' secret context and the server's keyless context.
-- :mod:`~flwr_ext.he.wire` - two wire formats: TenSEAL vectors, seeded SEAL.
+- :mod:`~flwr_ext.he.wire` - three wire formats: packed raw SEAL (default), TenSEAL
+  vectors, seeded SEAL.
 - :mod:`~flwr_ext.he.codec` - ArrayRecord <-> encrypted ArrayRecord (weight slot,
   manifest, fingerprint).
 - :mod:`~flwr_ext.he.accumulate` - streaming in-place sum at the server.
