@@ -251,8 +251,8 @@ def loss_specs(seed: int) -> list[Spec]:
 def unavailable(overrides: Mapping[str, Any]) -> str | None:
     """Return why the app cannot run ``overrides`` here (None if it can).
 
-    DP-FedAvg and DP-SGD are wired into the app through flwr_ext.appkit as they
-    land; until then their runs are listed as unavailable, with the reason.
+    A setting the app refuses (e.g. Krum with too few banks) is listed in the
+    table with the app's own reason instead of being run.
     """
     from bank_fraud.settings import SCHEMA, load_settings
 

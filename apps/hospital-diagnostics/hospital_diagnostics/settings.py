@@ -9,6 +9,7 @@ rendered from it (``python -m hospital_diagnostics.settings --write-readme``).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -160,8 +161,6 @@ def write_readme_table(readme: Path) -> None:
 
 if __name__ == "__main__":  # pragma: no cover - documentation helper
     # python -m hospital_diagnostics.settings [--write-readme]
-    import sys
-
     if "--write-readme" in sys.argv:
         write_readme_table(Path(__file__).resolve().parents[1] / "README.md")
     else:
