@@ -14,10 +14,12 @@ DP over ciphertexts - is decided by the library alone
 refusal as the run's :class:`~flwr_ext.appkit.config.ConfigError`.
 
 The apps do not offer :class:`~flwr_ext.strategy.DistributedDP` (user-level DP
-under CKKS): with the handful of sites a consortium has, user-level noise swamps
-the model, and record-level DP-SGD (``dp-sgd = true``, each site's own ε) is the
-notion that protects a patient or a card holder; it combines with ``ckks``. A
-custom ServerApp can still wrap ``HomomorphicAggregation`` in ``DistributedDP``.
+under CKKS): a consortium has a handful of sites, and user-level DP must hide a
+whole site (``docs/privacy.md``: at ε = 4 over 10 silos, 0.40 test accuracy for
+user-level DP against 0.89 for record-level DP-SGD). Record-level DP-SGD
+(``dp-sgd = true``, each site's own ε) protects a patient or a card holder and
+combines with ``ckks``. A custom ServerApp can still wrap
+``HomomorphicAggregation`` in ``DistributedDP``.
 """
 
 from __future__ import annotations
