@@ -50,6 +50,7 @@ from flwr_ext.he.codec import EncryptedHeader, chunks, pack
 from flwr_ext.inprocess import InProcessGrid
 from flwr_ext.mods import ckks_mod
 from flwr_ext.strategy import HomomorphicAggregation, TrimmedMean
+from flwr_ext.strategy.round_report import NoModelError
 
 NODES = (1, 2, 3)
 
@@ -235,11 +236,13 @@ def test_decrypt_aggregate_without_an_opted_in_node_keeps_the_model(keys_dir, ca
     strategy = HomomorphicAggregation(
         FedAvg(), keys_dir / SERVER_FILE, mode="decrypt-aggregate"
     )
-    with caplog.at_level(logging.WARNING, logger="flwr"):
-        result = run(strategy, {n: make_app([ckks_mod]) for n in NODES}, rounds=1,
-                     node_config=secret_config(keys_dir))  # fmt: skip
+    with (
+        caplog.at_level(logging.WARNING, logger="flwr"),
+        pytest.raises(NoModelError, match="none of the 1 rounds produced a model"),
+    ):
+        run(strategy, {n: make_app([ckks_mod]) for n in NODES}, rounds=1,
+            node_config=secret_config(keys_dir))  # fmt: skip
     assert "no replying node has opted in" in caplog.text
-    assert len(result.arrays) == 0  # no round produced a model: Flower keeps the old
 
 
 # ------------------------------------------------------- the server's keys
@@ -402,10 +405,14 @@ def test_plaintext_reply_is_dropped_unread(keys_dir, caplog):
 def test_too_few_valid_replies_keep_the_previous_model(keys_dir, caplog):
     apps = {1: make_app([ckks_mod]), 2: make_app([])}
     strategy = HomomorphicAggregation(FedAvg(), keys_dir / SERVER_FILE)
-    with caplog.at_level(logging.WARNING, logger="flwr"):
-        result = run(strategy, apps, rounds=1, node_config=secret_config(keys_dir))
+    with (
+        caplog.at_level(logging.WARNING, logger="flwr"),
+        pytest.raises(NoModelError) as err,
+    ):
+        run(strategy, apps, rounds=1, node_config=secret_config(keys_dir))
     assert "fewer than min_replies=2" in caplog.text
-    assert len(result.arrays) == 0  # no round produced a model: Flower keeps the old
+    result = err.value.result  # the run failed: no round produced a model
+    assert len(result.arrays) == 0
     assert result.train_metrics_clientapp[1]["ckks-summed"] == 1
 
 

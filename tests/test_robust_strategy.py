@@ -203,9 +203,11 @@ def test_duplicate_and_unsampled_replies_are_dropped(caplog):
 
 
 def test_too_few_valid_replies_keeps_previous_model(caplog):
-    strategy = Krum(num_byzantine=2)  # needs 7
+    strategy = Krum(num_byzantine=2)  # needs 7: 7 sampled, 6 reply
+    msgs = instructions(strategy, model(), NODES[:7])
+    replies = [reply_to(m, model(1.0)) for m in msgs[:6]]
     with caplog.at_level(logging.WARNING, logger="flwr"):
-        (arrays, metrics), _ = run_round(strategy, [1.0] * 6)
+        arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is None
     assert metrics["robust-received"] == 6 and metrics["robust-selected"] == 0
     assert "needs at least 7: keeping the previous global model" in caplog.text
@@ -266,7 +268,7 @@ def test_fedadam_applies_its_step_to_the_robust_aggregate_and_keeps_float32():
 
 def test_fedprox_config_reaches_clients():
     strategy = TrimmedMean(FedProx(proximal_mu=0.3), beta=0.1)
-    msgs = instructions(strategy, model(), NODES[:3])
+    msgs = instructions(strategy, model(), NODES)
     assert all(m.content["config"]["proximal-mu"] == 0.3 for m in msgs)
     replies = [reply_to(m, model(2.0)) for m in msgs]
     arrays, _ = strategy.aggregate_train(1, replies)

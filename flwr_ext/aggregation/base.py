@@ -140,6 +140,13 @@ class PreAggregation(ABC):
         """See :meth:`AggregationRule.excluding_faulty` (``self`` unless f-based)."""
         return self
 
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self._params().items())
+        return f"{type(self).__name__}({params})"
+
+    def _params(self) -> dict[str, object]:
+        return {}
+
     @abstractmethod
     def transform(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """Return a new ``(n, d)`` float matrix; never modifies ``updates``.

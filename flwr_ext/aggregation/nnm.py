@@ -68,6 +68,9 @@ class NearestNeighborMixing(PreAggregation):
     def __init__(self, num_byzantine: int) -> None:
         self.num_byzantine = check_int("num_byzantine", num_byzantine, 0)
 
+    def _params(self) -> dict[str, object]:
+        return {"num_byzantine": self.num_byzantine}
+
     def excluding_faulty(self, num_excluded: int) -> NearestNeighborMixing:
         """NNM tolerating ``f - num_excluded`` (never below 0) Byzantine rows."""
         if num_excluded <= 0 or self.num_byzantine == 0:

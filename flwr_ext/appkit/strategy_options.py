@@ -208,8 +208,9 @@ ATTACK_OPTIONS: tuple[Option, ...] = (
     Option(
         "attack-strength",
         float,
-        1.0,
-        "simulation only: the attack's parameter (e.g. scaling factor)",
+        0.0,
+        "simulation only: the attack's parameter (e.g. scaling factor); 0: the "
+        "attack's default",
     ),
     Option(
         "attack-partition-ids",

@@ -16,6 +16,9 @@ attack : str
 attack-strength : float, optional
     The attack's parameter: sign-flip scale (default 1), scaling factor (10),
     gaussian-noise std (1), ipm epsilon (2), weight-inflation factor (100).
+    ``0`` (what an app declares as its default) means the attack's default: no
+    attack is meaningful at strength 0, and a declared default of, say, 1.0 would
+    silently turn ``scaling`` into no attack at all.
 attack-seed : int, optional
     Seed for gaussian-noise (default: fresh OS entropy every round).
 
@@ -23,6 +26,19 @@ In Flower's Simulation Engine every node's ``node_config`` holds only
 ``partition-id`` and ``num-partitions``, so the same keys may come from the *run*
 config instead, together with ``attack-partition-ids`` (e.g. ``"0,3"``): the
 partitions listed there attack, the others stay honest. A node's own config wins.
+
+Flower refuses a run-config key the app does not declare (``flwr run`` answers
+"[code: 15] Invalid run configuration." without naming it), so an app that wants
+``-c 'attack="nan"'`` must declare the three keys in its ``pyproject.toml``
+(:data:`RUN_CONFIG_TOML`)::
+
+    [tool.flwr.app.config]
+    attack = "none"
+    attack-strength = 0.0
+    attack-partition-ids = ""
+
+The mod names a key that is missing (``attack`` without ``attack-partition-ids``
+attacks nobody, and would otherwise do so silently).
 
 The mod sees only its own node's update, so ``ipm`` here uses that update as its
 estimate of the honest mean (a non-omniscient variant); the omniscient ALIE and IPM
@@ -56,6 +72,8 @@ from . import updates as attack_fns
 
 __all__ = [
     "MOD_ATTACKS",
+    "RUN_CONFIG_KEYS",
+    "RUN_CONFIG_TOML",
     "byzantine_mod",
     "configured_attack",
     "flip_labels_if_attacking",
@@ -75,6 +93,16 @@ _OTHER_ATTACKS = {"weight-inflation": 100.0, "label-flip": math.nan, "none": mat
 
 #: Attack names the mod accepts in ``node_config["attack"]``.
 MOD_ATTACKS: tuple[str, ...] = tuple(_UPDATE_ATTACKS) + tuple(_OTHER_ATTACKS)
+
+#: Run-config keys the mod reads in simulation; an app declares them all.
+RUN_CONFIG_KEYS: tuple[str, ...] = ("attack", "attack-strength", "attack-partition-ids")
+
+#: The lines an app adds to its ``pyproject.toml`` to accept them.
+RUN_CONFIG_TOML = """[tool.flwr.app.config]
+attack = "none"
+attack-strength = 0.0
+attack-partition-ids = \"\"
+"""
 
 
 def configured_attack(context: Context) -> tuple[str, float]:
@@ -99,7 +127,7 @@ def configured_attack(context: Context) -> tuple[str, float]:
     raw = source.get("attack-strength", default)
     if isinstance(raw, bool) or not isinstance(raw, (int, float)):
         raise ValueError(f"{where} attack-strength must be a number, got {raw!r}")
-    return name, float(raw)
+    return name, default if raw == 0 else float(raw)
 
 
 def _attack_source(context: Context) -> tuple[Mapping[str, object], str]:
@@ -108,7 +136,23 @@ def _attack_source(context: Context) -> tuple[Mapping[str, object], str]:
         return context.node_config, "node_config"
     run_config = context.run_config
     if "attack" not in run_config:
+        others = [k for k in RUN_CONFIG_KEYS[1:] if k in run_config]
+        if others:
+            raise ValueError(
+                f"run_config has {', '.join(others)} but no 'attack': declare "
+                "all of attack, attack-strength and attack-partition-ids in the "
+                "app's [tool.flwr.app.config]"
+            )
         return {}, "node_config"
+    if "attack-partition-ids" not in run_config:
+        if str(run_config["attack"]).strip().lower() in ("", "none"):
+            return {}, "run_config"
+        raise ValueError(
+            f"run_config attack={run_config['attack']!r} but no "
+            "'attack-partition-ids', so no partition would attack: declare "
+            'attack-partition-ids = "" in the app\'s [tool.flwr.app.config] and '
+            "set it, e.g. -c 'attack-partition-ids=\"0,3\"'"
+        )
     raw_ids = str(run_config.get("attack-partition-ids", "")).replace(" ", "")
     try:
         ids = {int(part) for part in raw_ids.split(",") if part}

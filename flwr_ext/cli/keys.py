@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "keys",
         help="create and inspect CKKS key sets; decrypt an encrypted final model",
-        description=__doc__,
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     actions = parser.add_subparsers(dest="keys_command", required=True)
@@ -68,11 +68,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     decrypt.set_defaults(handler=_decrypt)
 
 
+#: ``flwr-ext keys --help``: plain text (the module docstring is reST for Sphinx).
+DESCRIPTION = """\
+Create, inspect and use CKKS key sets for secure aggregation.
+
+  flwr-ext keys create --out DIR [--profile default|compact] [--force]
+      Writes DIR/secret-context.ckks (mode 0600: the data owners' context with
+      the secret key; copy it to every SuperNode over a channel the server does
+      not control), DIR/server-context.ckks (the server's context: parameters
+      only, no key of any kind) and DIR/fingerprint.txt.
+
+  flwr-ext keys inspect FILE
+      Prints the profile, the fingerprint and whether FILE holds a secret key
+      (read from the context itself, not only from the header).
+
+  flwr-ext keys decrypt MODEL --context SECRET --out OUT.npz
+      Decrypts an encrypted final model saved by the ServerApp into a plain
+      .npz (original array names, shapes and dtypes).
+"""
+
+
 def _create(args: argparse.Namespace) -> int:
     try:
         files = create_keys(args.out, args.profile, overwrite=args.force)
-    except FileExistsError as err:  # main() reports ValueErrors as clean errors
-        raise ValueError(str(err)) from err
+    except FileExistsError as err:  # main() reports ValueErrors as input errors
+        raise ValueError(
+            f"{args.out} already holds a key set; refusing to overwrite it. Add "
+            "--force to create a new key set (every party then needs the new files)"
+        ) from err
     profile = PROFILES[args.profile]
     print(f"Created CKKS key set, profile {profile.describe()}")
     print(f"  fingerprint:    {files.fingerprint}")

@@ -201,8 +201,8 @@ def _write_new(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
         fd = os.open(path, flags, mode)
     except FileExistsError:
         raise FileExistsError(
-            f"{path} exists; refusing to overwrite a key file (pass overwrite=True / "
-            "--force if you really want a new key set: every party needs new files)"
+            f"{path} exists; refusing to overwrite a key file (pass overwrite=True "
+            "if you really want a new key set: every party needs new files)"
         ) from None
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
@@ -271,8 +271,8 @@ def create_keys(
     if existing and not overwrite:
         raise FileExistsError(
             f"{existing[0]} exists; refusing to overwrite a key file (pass "
-            "overwrite=True / --force if you really want a new key set: every party "
-            "needs new files)"
+            "overwrite=True if you really want a new key set: every party needs "
+            "new files)"
         )
     _write_new(secret_path, _pack({**header, "secret": True}, secret_body), 0o600,
                overwrite)  # fmt: skip

@@ -11,6 +11,8 @@ FedAvg, FedProx, FedAdam and friends; unsound compositions fail at construction
 - :mod:`.distributed_dp` - :class:`DistributedDP`, clients add the noise (with CKKS).
 - :mod:`.homomorphic` - :class:`HomomorphicAggregation`, the server adds ciphertexts.
 - :mod:`.composition` - :class:`Role` and :func:`check_composition`.
+- :mod:`.round_report` - a round or run that trains nothing fails loudly
+  (:class:`ConfigurationError`, :class:`NoModelError`).
 
 Names are resolved on first use (PEP 562), so ``from flwr_ext.strategy import
 TrimmedMean`` imports neither torch, Opacus nor TenSEAL; ``DPFedAvg`` and
@@ -36,10 +38,12 @@ if TYPE_CHECKING:
         MultiKrum,
         TrimmedMean,
     )
+    from .round_report import ConfigurationError, NoModelError, RoundFailedError
 
 _EXPORTS = {
     "ROBUST_STRATEGIES": "robust_strategies",
     "CenteredClipping": "robust_strategies",
+    "ConfigurationError": "round_report",
     "DPFedAvg": "dp_fedavg",
     "DistributedDP": "distributed_dp",
     "GeometricMedian": "robust_strategies",
@@ -47,13 +51,17 @@ _EXPORTS = {
     "Krum": "robust_strategies",
     "Median": "robust_strategies",
     "MultiKrum": "robust_strategies",
+    "NoModelError": "round_report",
     "RobustAggregation": "robust",
     "Role": "composition",
+    "RoundFailedError": "round_report",
     "TrimmedMean": "robust_strategies",
     "check_composition": "composition",
 }
 __all__ = [
+    "ROBUST_STRATEGIES",
     "CenteredClipping",
+    "ConfigurationError",
     "DPFedAvg",
     "DistributedDP",
     "GeometricMedian",
@@ -61,9 +69,10 @@ __all__ = [
     "Krum",
     "Median",
     "MultiKrum",
-    "ROBUST_STRATEGIES",
+    "NoModelError",
     "RobustAggregation",
     "Role",
+    "RoundFailedError",
     "TrimmedMean",
     "check_composition",
 ]

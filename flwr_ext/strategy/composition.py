@@ -48,6 +48,20 @@ _FLOWER_ROLES: tuple[tuple[tuple[type, ...], Role], ...] = (
     ),
 )
 
+_DP_OVER_ROBUST = (
+    "user-level DP needs every client's influence bounded by C/m; a robust rule "
+    "inside selects or reweights updates depending on the other clients, which "
+    "breaks that sensitivity bound"
+)
+# No user-level DP wrapper composes with a robust rule, in either order; what
+# does is DP inside each client, which no server-side aggregation can undo.
+_ROBUST_AND_PRIVATE = (
+    "For robustness and privacy together, keep the robust rule on the server and "
+    "make each site's training record-level private with DP-SGD "
+    "(flwr_ext.privacy.make_private in the ClientApp; dp-sgd=true in the apps): "
+    "each site's epsilon then holds whatever the server does with its update"
+)
+
 # (outer, inner) -> why the pair is refused.
 _UNSOUND: dict[tuple[Role, Role], str] = {
     (Role.ROBUST, Role.ROBUST): (
@@ -58,16 +72,15 @@ _UNSOUND: dict[tuple[Role, Role], str] = {
     (Role.ROBUST, Role.DIFFERENTIAL_PRIVACY): (
         "a DP wrapper inside a robust rule would clip and noise one synthetic "
         "aggregate instead of the clients' updates, so its sensitivity bound and "
-        "its privacy accounting would be wrong. Put the DP wrapper outside"
+        "its privacy accounting would be wrong (and the other order is refused "
+        f"too: {_DP_OVER_ROBUST}). {_ROBUST_AND_PRIVATE}"
     ),
     (Role.ROBUST, Role.HOMOMORPHIC): (
         "a robust rule must compare individual updates, but under homomorphic "
         "encryption the server holds only ciphertexts"
     ),
     (Role.DIFFERENTIAL_PRIVACY, Role.ROBUST): (
-        "user-level DP needs every client's influence bounded by C/m; a robust rule "
-        "inside selects or reweights updates depending on the other clients, which "
-        "breaks that sensitivity bound"
+        f"{_DP_OVER_ROBUST}. {_ROBUST_AND_PRIVATE}"
     ),
     (Role.HOMOMORPHIC, Role.ROBUST): (
         "a robust rule must compare individual updates, but under homomorphic "

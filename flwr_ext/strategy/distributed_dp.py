@@ -63,6 +63,7 @@ from ..privacy.validation import (
 from ..records import InvalidReplyError
 from .composition import Role, check_composition
 from .dp_fedavg import _DPWrapper
+from .round_report import ConfigurationError
 
 __all__ = ["DistributedDP"]
 
@@ -257,15 +258,16 @@ class DistributedDP(_DPWrapper):
             self.strategy.configure_train(server_round, arrays, instructed, grid)
         )
         if len(messages) < self.min_clients:
-            log(
-                WARNING,
-                "[DistributedDP] round %d: the inner strategy sampled %d nodes, "
-                "fewer than min_clients=%d, so the noise shares could not add up "
-                "to the calibrated noise: skipping the round",
-                server_round,
-                len(messages),
-                self.min_clients,
+            problem = (
+                f"[DistributedDP] round {server_round}: the inner strategy sampled "
+                f"{len(messages)} nodes, fewer than min_clients={self.min_clients}, "
+                "so the noise shares could not add up to the calibrated noise"
             )
+            if messages and not self.models_produced():  # never could: misconfigured
+                raise ConfigurationError(
+                    problem, server_round=server_round, cause="cohort too small"
+                )
+            log(WARNING, "%s: skipping the round", problem)
             return []
         self._sampled = {int(m.metadata.dst_node_id) for m in messages}
         self._round = server_round
@@ -285,6 +287,7 @@ class DistributedDP(_DPWrapper):
                 f"DistributedDP.aggregate_train(round {server_round}) called "
                 "without configure_train for that round"
             )
+        report = self._round_report(server_round, len(replies))
         valid: list[Message] = []
         dropped = 0
         seen: set[int] = set()
@@ -293,6 +296,7 @@ class DistributedDP(_DPWrapper):
                 self._check_reply(reply, sampled, seen)
             except InvalidReplyError as err:
                 dropped += 1
+                report.drop(err.reason)
                 log(
                     WARNING,
                     "[DistributedDP] round %d: dropped reply from node %d: %s",
@@ -331,7 +335,12 @@ class DistributedDP(_DPWrapper):
                     keys.DISCARDED: 1,
                 }
             )
-            return None, metrics
+            return report.finish(
+                None,
+                metrics,
+                f"{len(valid)} valid replies, fewer than "
+                f"min_clients={self.min_clients}",
+            )
 
         arrays, metrics = self.strategy.aggregate_train(server_round, valid)
         if arrays is None:
@@ -372,7 +381,7 @@ class DistributedDP(_DPWrapper):
             self.min_clients,
             dropped,
         )
-        return arrays, metrics
+        return report.finish(arrays, metrics, "the inner strategy returned no model")
 
     def _check_reply(self, reply: Message, sampled: set[int], seen: set[int]) -> None:
         """Validate a reply without looking at its arrays."""

@@ -105,6 +105,7 @@ from ..records import (
     validate_train_reply,
 )
 from .composition import Role, check_composition
+from .round_report import RoundReporting
 
 __all__ = ["DPFedAvg"]
 
@@ -120,7 +121,7 @@ _NOT_MEAN_BASED: dict[type, str] = {
 }
 
 
-class _DPWrapper(Strategy):
+class _DPWrapper(RoundReporting):
     """Privacy budget, accounting and reporting shared by the DP wrappers."""
 
     flwr_ext_role = Role.DIFFERENTIAL_PRIVACY
@@ -620,6 +621,7 @@ class DPFedAvg(_DPWrapper):
                 "global model and sample"
             )
         replies = list(replies)
+        report = self._round_report(server_round, len(replies))
         manifest = current.manifest
         global_vector, _ = flatten(current.arrays, manifest, dtype=np.float64)
         clip_norm = self.current_clipping_norm
@@ -642,6 +644,7 @@ class DPFedAvg(_DPWrapper):
                 )
             except InvalidReplyError as err:
                 dropped += 1
+                report.drop(err.reason)
                 log(
                     WARNING,
                     "[DPFedAvg] round %d: dropped reply from node %d: %s",
@@ -656,6 +659,8 @@ class DPFedAvg(_DPWrapper):
             total += buffer
             valid.append(checked)
 
+        if not valid:  # a misconfigured federation stops before any release
+            report.check_configuration()
         # The release: sum / m + N(0, (z_update * C / m)^2), with C the norm that
         # clipped this round's updates.
         rng = secure_generator()
@@ -704,7 +709,7 @@ class DPFedAvg(_DPWrapper):
             dropped,
             self.expected_clients,
         )
-        return arrays, metrics
+        return report.finish(arrays, metrics, "the inner strategy returned no model")
 
     # --------------------------------------------------------------- helpers
     def _check_population(self, server_round: int, available: int) -> None:

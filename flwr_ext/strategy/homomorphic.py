@@ -98,6 +98,7 @@ from ..records import (
     validate_metrics,
 )
 from .composition import Role, check_composition
+from .round_report import RoundReporting
 
 __all__ = ["HomomorphicAggregation", "Mode"]
 
@@ -119,7 +120,7 @@ FIRST_ROUND_WEIGHT_UNIT = 1024.0
 _NEEDS_PLAINTEXT: tuple[type, ...] = (FedOpt, FedAvgM, QFedAvg)
 
 
-class HomomorphicAggregation(Strategy):
+class HomomorphicAggregation(RoundReporting):
     """Add-only CKKS secure aggregation around a Flower strategy.
 
     Parameters
@@ -214,6 +215,13 @@ class HomomorphicAggregation(Strategy):
         self._sampled: set[int] = set()
         self._grid: Grid | None = None
         self._decryptors: list[int] = []
+
+    def __repr__(self) -> str:
+        return (
+            f"HomomorphicAggregation({type(self.strategy).__name__}, mode="
+            f"{self.mode!r}, wire={self.wire!r}, key={self.keys.fingerprint}, "
+            f"min_replies={self.min_replies})"
+        )
 
     # ------------------------------------------------------------------ set-up
     def summary(self) -> None:
@@ -318,6 +326,7 @@ class HomomorphicAggregation(Strategy):
         """Sum the valid encrypted replies; decrypt via a node if so configured."""
         started = time.perf_counter()
         replies = list(replies)
+        report = self._round_report(server_round, len(replies))
         total = CiphertextSum(self.keys, self._manifest, self.wire)
         valid: list[tuple[Message, MetricRecord, float]] = []
         decryptors: list[int] = []
@@ -328,9 +337,11 @@ class HomomorphicAggregation(Strategy):
                 metrics, weight, header = self._check_reply(reply, seen, total)
             except InvalidReplyError as err:
                 self._log_drop(server_round, err.node_id, err.reason)
+                report.drop(err.reason)
                 continue
             except (InvalidCiphertextError, KeyMismatchError) as err:
                 self._log_drop(server_round, node_id, str(err))
+                report.drop(str(err))
                 continue
             valid.append((reply, metrics, weight))
             if header.decryptor:
@@ -351,7 +362,12 @@ class HomomorphicAggregation(Strategy):
                 len(replies),
                 self.min_replies,
             )
-            return None, self._round_metrics(server_round, valid, counts, started)
+            return report.finish(
+                None,
+                self._round_metrics(server_round, valid, counts, started),
+                f"{total.count} valid replies, fewer than min_replies="
+                f"{self.min_replies}",
+            )
         encrypted_sum = total.result()
         assert encrypted_sum is not None
         if self.weight_unit is None:  # auto: weights of about 1 next round
@@ -362,7 +378,11 @@ class HomomorphicAggregation(Strategy):
             arrays = self._decrypt_and_step(
                 server_round, encrypted_sum, total.count, decryptors, valid
             )
-        return arrays, self._round_metrics(server_round, valid, counts, started)
+        return report.finish(
+            arrays,
+            self._round_metrics(server_round, valid, counts, started),
+            "the aggregate was not decrypted, or the inner strategy returned no model",
+        )
 
     def _check_reply(
         self, reply: Message, seen: set[int], total: CiphertextSum

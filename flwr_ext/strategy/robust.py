@@ -68,6 +68,7 @@ from ..records import (
     validate_train_reply,
 )
 from .composition import Role, check_composition
+from .round_report import ConfigurationError, RoundReporting, cohort_problem
 
 __all__ = ["RobustAggregation", "Weighting"]
 
@@ -81,7 +82,7 @@ METRIC_SELECTED = "robust-selected"
 METRIC_SECONDS = "robust-aggregation-s"
 
 
-class RobustAggregation(Strategy):
+class RobustAggregation(RoundReporting):
     """Byzantine-robust aggregation in front of any Flower strategy.
 
     Parameters
@@ -178,6 +179,15 @@ class RobustAggregation(Strategy):
         self._manifest: Manifest | None = None
         self._sampled: set[int] = set()
 
+    def __repr__(self) -> str:
+        parts = [type(self.strategy).__name__, f"rule={self.rule!r}"]
+        if self.pre_aggregation is not None:
+            parts.append(f"pre_aggregation={self.pre_aggregation!r}")
+        parts.append(f"weighting={self.weighting!r}")
+        if self.weighting == "capped":
+            parts.append(f"weight_cap={self.weight_cap:g}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
     # ------------------------------------------------------------------ set-up
     def min_valid_replies(self) -> int:
         """Fewest valid replies a round needs before the rule is applied.
@@ -213,6 +223,17 @@ class RobustAggregation(Strategy):
             self.strategy.configure_train(server_round, arrays, config, grid)
         )
         self._sampled = {int(m.metadata.dst_node_id) for m in messages}
+        problem = cohort_problem(self.rule, self.pre_aggregation, len(messages))
+        if problem is not None and messages:
+            message = f"[{type(self).__name__}] round {server_round}: {problem}"
+            if not self.models_produced():  # nothing trained yet: misconfigured
+                raise ConfigurationError(
+                    message, server_round=server_round, cause="cohort too small"
+                )
+            # Later (nodes dropped out): skip the round rather than lose the model.
+            log(WARNING, "%s: skipping the round", message)
+            self._sampled = set()
+            return []
         return messages
 
     def aggregate_train(
@@ -226,6 +247,7 @@ class RobustAggregation(Strategy):
             )
         started = time.perf_counter()
         replies = list(replies)
+        report = self._round_report(server_round, len(replies))
         manifest = self._manifest
         matrix = np.empty((len(replies), manifest.size), dtype=_work_dtype(manifest))
         global_vector = _flatten_global(self._global, manifest, matrix.dtype)
@@ -254,6 +276,7 @@ class RobustAggregation(Strategy):
                 valid.append(checked)
             except InvalidReplyError as err:
                 dropped.append(err)
+                report.drop(err.reason)
                 log(
                     WARNING,
                     "[%s] round %d: dropped reply from node %d: %s",
@@ -298,7 +321,11 @@ class RobustAggregation(Strategy):
                 rule,
                 needed,
             )
-            return None, self._round_metrics(server_round, valid, counts, started)
+            return report.finish(
+                None,
+                self._round_metrics(server_round, valid, counts, started),
+                f"{len(valid)} valid replies, {rule!r} needs at least {needed}",
+            )
 
         updates = matrix[: len(valid)]
         weights = self._weights([r.weight for r in valid])
@@ -325,11 +352,15 @@ class RobustAggregation(Strategy):
                 type(self).__name__,
                 server_round,
             )
-            return None, self._round_metrics(server_round, valid, counts, started)
+            return report.finish(
+                None,
+                self._round_metrics(server_round, valid, counts, started),
+                "the robust aggregate is not finite",
+            )
 
         arrays = self._inner_step(server_round, unflatten(candidate, manifest), valid)
         metrics = self._round_metrics(server_round, valid, counts, started)
-        return arrays, metrics
+        return report.finish(arrays, metrics, "the inner strategy returned no model")
 
     def _check_sender(self, reply: Message, seen: set[int]) -> None:
         node_id = int(reply.metadata.src_node_id)
@@ -389,13 +420,15 @@ class RobustAggregation(Strategy):
         metrics[METRIC_SECONDS] = seconds
         log(
             INFO,
-            "[%s] round %d: received %d, dropped %d, selected %d, aggregated in %.3f s",
+            "[%s] round %d: received %d, dropped %d, selected %d, aggregated in "
+            "%.3f s (%s then receives the robust aggregate as 1 result)",
             type(self).__name__,
             server_round,
             counts[METRIC_RECEIVED],
             counts[METRIC_DROPPED],
             counts[METRIC_SELECTED],
             seconds,
+            type(self.strategy).__name__,
         )
         return metrics
 
