@@ -37,12 +37,19 @@ different:
   ``*_metrics_aggr_fn``; a client's metrics never crash the server.
 - **Evaluate delegation**: evaluation replies are screened (error replies,
   malformed metrics) and the valid ones handed to the inner strategy.
+- **Fail loudly** (:mod:`.round_report`): every rejection is recorded in the
+  round's :class:`~.round_report.RoundReport` by the screening itself, so a
+  round that aggregates nothing says why, a configuration error stops the run
+  and a run that trained nothing fails (:class:`~.round_report.RoundReporting`).
+- **Round counters**: ``<prefix>-received``, ``-dropped`` and the seconds the
+  wrapper spent, in the round's MetricRecord and one INFO line.
 - **The summary header**: the wrapper's title and lines, then the inner
   strategy's summary.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from copy import copy
 from logging import INFO, WARNING
@@ -58,6 +65,7 @@ from flwr.supercore import log
 from .._flower import message_with_metadata
 from ..records import InvalidReplyError, Manifest, conform_to_manifest, validate_metrics
 from .composition import Role, check_composition
+from .round_report import RoundReport, RoundReporting
 
 __all__ = ["StrategyWrapper", "inner_keys"]
 
@@ -81,7 +89,7 @@ def inner_keys(strategy: Strategy) -> tuple[str, str]:
     return str(weight_key), str(arrayrecord_key)
 
 
-class StrategyWrapper(Strategy):
+class StrategyWrapper(RoundReporting):
     """Base of flwr-ext's strategy wrappers (see the module docstring).
 
     Parameters
@@ -101,8 +109,6 @@ class StrategyWrapper(Strategy):
     flwr_ext_role: ClassVar[Role]
     #: Title of the wrapper's block in :meth:`summary`.
     summary_title: ClassVar[str] = "flwr-ext wrapper"
-    #: Appended to the WARNING when the inner strategy returns no model.
-    no_model_note: ClassVar[str] = ""
 
     def __init__(self, strategy: Strategy) -> None:
         check_composition(type(self).__name__, self.flwr_ext_role, strategy)
@@ -165,7 +171,7 @@ class StrategyWrapper(Strategy):
 
     def _screen_replies(
         self,
-        server_round: int,
+        report: RoundReport,
         replies: Iterable[Message],
         sampled: set[int] | None,
         accept: Accept[T],
@@ -174,8 +180,9 @@ class StrategyWrapper(Strategy):
 
         Parameters
         ----------
-        server_round : int
-            For the log lines.
+        report : RoundReport
+            The round's report (:meth:`_round_report`): every rejection is
+            recorded in it, with the reason logged.
         replies : iterable of Message
             The round's replies.
         sampled : set of int or None
@@ -200,7 +207,8 @@ class StrategyWrapper(Strategy):
                 valid.append(accept(reply, node_id, len(valid)))
             except InvalidReplyError as err:
                 dropped.append(err)
-                self._log_drop(server_round, err.node_id, err.reason)
+                report.drop(err.reason)
+                self._log_drop(report.server_round, err.node_id, err.reason)
         return valid, dropped
 
     # ------------------------------------------------------------ inner step
@@ -216,8 +224,8 @@ class StrategyWrapper(Strategy):
         The synthetic reply copies ``template``'s metadata (a real reply or
         instruction of the round; a bare train message when there is none), so
         Flower's reply checks pass. The inner strategy's result is conformed to
-        ``manifest`` (its keys, shapes and dtypes; finite); None keeps the
-        previous global model, with a WARNING saying why.
+        ``manifest`` (its keys, shapes and dtypes; finite). None keeps the
+        previous global model; the caller's :meth:`RoundReport.finish` says so.
         """
         content = RecordDict(
             {
@@ -233,16 +241,44 @@ class StrategyWrapper(Strategy):
             )
         arrays, _ = self.strategy.aggregate_train(server_round, [synthetic])
         if arrays is None:
-            log(
-                WARNING,
-                "[%s] round %d: the inner strategy returned no model: keeping the "
-                "previous global model%s",
-                self.name,
-                server_round,
-                self.no_model_note,
-            )
             return None
         return conform_to_manifest(arrays, manifest, self.name, server_round)
+
+    # -------------------------------------------------------------- counters
+    def _add_counters(
+        self,
+        server_round: int,
+        metrics: MetricRecord,
+        counts: dict[str, int],
+        seconds_key: str,
+        started: float,
+        outcome: str,
+        *,
+        note: str = "",
+    ) -> MetricRecord:
+        """Add the round's counters and seconds to ``metrics``; log one line.
+
+        ``counts`` holds ``<prefix>-received`` and ``<prefix>-dropped`` first,
+        then the wrapper's own counters; ``outcome`` says what was aggregated
+        (e.g. "selected 4"); ``note`` ends the line.
+        """
+        for key, value in counts.items():
+            metrics[key] = value
+        seconds = time.perf_counter() - started
+        metrics[seconds_key] = seconds
+        received, dropped = list(counts.values())[:2]
+        log(
+            INFO,
+            "[%s] round %d: received %d, dropped %d, %s in %.3f s%s",
+            self.name,
+            server_round,
+            received,
+            dropped,
+            outcome,
+            seconds,
+            note,
+        )
+        return metrics
 
     # --------------------------------------------------------------- metrics
     def _aggregate_client_metrics(

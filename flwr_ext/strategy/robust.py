@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from copy import copy
 from logging import INFO, WARNING
 from typing import Literal
 
@@ -48,11 +47,9 @@ from flwr.app import (
     ConfigRecord,
     Message,
     MetricRecord,
-    RecordDict,
 )
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
 from ..aggregation import AggregationRule, NearestNeighborMixing, PreAggregation
@@ -61,14 +58,13 @@ from ..records import (
     InvalidReplyError,
     Manifest,
     ValidReply,
-    conform_to_manifest,
     flatten,
     unflatten,
-    validate_metrics,
     validate_train_reply,
 )
-from .composition import Role, check_composition
-from .round_report import ConfigurationError, RoundReporting, cohort_problem
+from .base import StrategyWrapper
+from .composition import Role
+from .round_report import ConfigurationError, cohort_problem
 
 __all__ = ["RobustAggregation", "Weighting"]
 
@@ -82,7 +78,7 @@ METRIC_SELECTED = "robust-selected"
 METRIC_SECONDS = "robust-aggregation-s"
 
 
-class RobustAggregation(RoundReporting):
+class RobustAggregation(StrategyWrapper):
     """Byzantine-robust aggregation in front of any Flower strategy.
 
     Parameters
@@ -122,6 +118,7 @@ class RobustAggregation(RoundReporting):
     """
 
     flwr_ext_role = Role.ROBUST
+    summary_title = "Robust aggregation (flwr-ext)"
 
     def __init__(
         self,
@@ -134,7 +131,7 @@ class RobustAggregation(RoundReporting):
         weight_cap: float = 2.0,
         discount_rejected: bool = True,
     ) -> None:
-        check_composition(type(self).__name__, Role.ROBUST, strategy)
+        super().__init__(strategy)
         if not isinstance(rule, AggregationRule):
             raise TypeError(
                 "rule must be an flwr_ext.aggregation.AggregationRule, "
@@ -160,7 +157,6 @@ class RobustAggregation(RoundReporting):
             raise ValueError(
                 f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}"
             )
-        self.strategy = strategy
         self.rule = rule
         self.pre_aggregation: PreAggregation | None = pre_aggregation
         self.num_byzantine = num_byzantine
@@ -173,8 +169,6 @@ class RobustAggregation(RoundReporting):
                 f"discount_rejected must be True or False, got {discount_rejected!r}"
             )
         self.discount_rejected = discount_rejected
-        self.weight_key: str = getattr(strategy, "weighted_by_key", "num-examples")
-        self.arrayrecord_key: str = getattr(strategy, "arrayrecord_key", "arrays")
         self._global: ArrayRecord | None = None
         self._manifest: Manifest | None = None
         self._sampled: set[int] = set()
@@ -197,20 +191,17 @@ class RobustAggregation(RoundReporting):
         """
         return _min_valid(self.rule, self.pre_aggregation)
 
-    def summary(self) -> None:
-        """Log the robust configuration, then the inner strategy's."""
-        log(INFO, "\t├──> Robust aggregation (flwr-ext):")
-        log(INFO, "\t│\t├── Rule: %r", self.rule)
-        log(INFO, "\t│\t├── Pre-aggregation: %r", self.pre_aggregation)
-        log(
-            INFO,
-            "\t│\t├── Weighting: %s%s",
-            self.weighting,
-            f" (cap {self.weight_cap:g}x median)" if self.weighting == "capped" else "",
+    def summary_lines(self) -> list[str]:
+        """Return the rule, pre-aggregation, weighting and replies needed per round."""
+        cap = (
+            f" (cap {self.weight_cap:g}x median)" if self.weighting == "capped" else ""
         )
-        log(INFO, "\t│\t└── Min valid replies per round: %d", self.min_valid_replies())
-        log(INFO, "\t├──> Inner strategy: %s", type(self.strategy).__name__)
-        self.strategy.summary()
+        return [
+            f"Rule: {self.rule!r}",
+            f"Pre-aggregation: {self.pre_aggregation!r}",
+            f"Weighting: {self.weighting}{cap}",
+            f"Min valid replies per round: {self.min_valid_replies()}",
+        ]
 
     # ------------------------------------------------------------------ train
     def configure_train(
@@ -249,42 +240,30 @@ class RobustAggregation(RoundReporting):
         replies = list(replies)
         report = self._round_report(server_round, len(replies))
         manifest = self._manifest
-        matrix = np.empty((len(replies), manifest.size), dtype=_work_dtype(manifest))
+        matrix: np.ndarray = np.empty(
+            (len(replies), manifest.size), dtype=_work_dtype(manifest)
+        )
         global_vector = _flatten_global(self._global, manifest, matrix.dtype)
-        valid: list[ValidReply] = []
-        dropped: list[InvalidReplyError] = []
-        seen: set[int] = set()
-        for reply in replies:
+
+        def accept(reply: Message, node_id: int, index: int) -> ValidReply:
+            row = matrix[index]
+            checked = validate_train_reply(reply, manifest, self.weight_key, out=row)
+            # Each row becomes an update while it is still in cache. Our own
+            # buffer: the replies stay untouched. Both terms are finite, so only
+            # an overflow can make the difference non-finite, and the
+            # floating-point status flag catches that without another pass.
             try:
-                self._check_sender(reply, seen)
-                row = matrix[len(valid)]
-                checked = validate_train_reply(
-                    reply, manifest, self.weight_key, out=row
-                )
-                # Each row becomes an update while it is still in cache. Our own
-                # buffer: the replies stay untouched. Both terms are finite, so
-                # only an overflow can make the difference non-finite, and the
-                # floating-point status flag catches that without another pass.
-                try:
-                    with np.errstate(over="raise"):
-                        row -= global_vector
-                except FloatingPointError:
-                    raise InvalidReplyError(
-                        checked.node_id,
-                        f"update (model - global model) overflows {matrix.dtype}",
-                    ) from None
-                valid.append(checked)
-            except InvalidReplyError as err:
-                dropped.append(err)
-                report.drop(err.reason)
-                log(
-                    WARNING,
-                    "[%s] round %d: dropped reply from node %d: %s",
-                    type(self).__name__,
-                    server_round,
-                    err.node_id,
-                    err.reason,
-                )
+                with np.errstate(over="raise"):
+                    row -= global_vector
+            except FloatingPointError:
+                raise InvalidReplyError(
+                    node_id, f"update (model - global model) overflows {matrix.dtype}"
+                ) from None
+            return checked
+
+        valid, dropped = self._screen_replies(
+            report, replies, self._sampled or None, accept
+        )
 
         counts = {
             METRIC_RECEIVED: len(replies),
@@ -358,22 +337,11 @@ class RobustAggregation(RoundReporting):
                 "the robust aggregate is not finite",
             )
 
-        arrays = self._inner_step(server_round, unflatten(candidate, manifest), valid)
+        arrays = self._inner_step(
+            server_round, unflatten(candidate, manifest), manifest, valid[0].message
+        )
         metrics = self._round_metrics(server_round, valid, counts, started)
         return report.finish(arrays, metrics, "the inner strategy returned no model")
-
-    def _check_sender(self, reply: Message, seen: set[int]) -> None:
-        node_id = int(reply.metadata.src_node_id)
-        if self._sampled and node_id not in self._sampled:
-            raise InvalidReplyError(
-                node_id, "node was not sampled in this round", proves_faulty=False
-            )
-        if node_id in seen:
-            # The node's first reply is among the valid ones: no row is removed.
-            raise InvalidReplyError(
-                node_id, "second reply from the same node", proves_faulty=False
-            )
-        seen.add(node_id)
 
     def _weights(self, claimed: list[float]) -> np.ndarray:
         """Weights the rule uses (see the module docstring)."""
@@ -383,27 +351,6 @@ class RobustAggregation(RoundReporting):
         cap = self.weight_cap * float(np.median(claimed_arr))
         return np.minimum(claimed_arr, cap) if cap > 0 else np.ones(len(claimed_arr))
 
-    def _inner_step(
-        self, server_round: int, aggregate: ArrayRecord, valid: list[ValidReply]
-    ) -> ArrayRecord | None:
-        """Give the inner strategy one reply with the robust aggregate."""
-        synthetic = Message(
-            content=RecordDict(
-                {
-                    self.arrayrecord_key: aggregate,
-                    "metrics": MetricRecord({self.weight_key: 1}),
-                }
-            ),
-            metadata=copy(valid[0].message.metadata),
-        )
-        arrays, _ = self.strategy.aggregate_train(server_round, [synthetic])
-        if arrays is None:
-            return None
-        assert self._manifest is not None
-        return conform_to_manifest(
-            arrays, self._manifest, type(self).__name__, server_round
-        )
-
     def _round_metrics(
         self,
         server_round: int,
@@ -411,91 +358,43 @@ class RobustAggregation(RoundReporting):
         counts: dict[str, int],
         started: float,
     ) -> MetricRecord:
-        metrics = self._aggregate_client_metrics(
-            valid, getattr(self.strategy, "train_metrics_aggr_fn", None)
-        )
-        for key, value in counts.items():
-            metrics[key] = value
-        seconds = time.perf_counter() - started
-        metrics[METRIC_SECONDS] = seconds
-        log(
-            INFO,
-            "[%s] round %d: received %d, dropped %d, selected %d, aggregated in "
-            "%.3f s (%s then receives the robust aggregate as 1 result)",
-            type(self).__name__,
+        metrics = self._aggregate_client_metrics(self._weighted(valid))
+        return self._add_counters(
             server_round,
-            counts[METRIC_RECEIVED],
-            counts[METRIC_DROPPED],
-            counts[METRIC_SELECTED],
-            seconds,
-            type(self.strategy).__name__,
+            metrics,
+            counts,
+            METRIC_SECONDS,
+            started,
+            f"selected {counts[METRIC_SELECTED]}, aggregated",
+            note=f" ({type(self.strategy).__name__} then receives the robust "
+            "aggregate as 1 result)",
         )
-        return metrics
 
-    def _aggregate_client_metrics(
-        self, valid: list[ValidReply], aggr_fn: object
-    ) -> MetricRecord:
-        """Aggregate clients' MetricRecords with the policy's weights."""
-        if not valid:
-            return MetricRecord()
-        weights = self._weights([r.weight for r in valid])
-        records = [
-            RecordDict(
-                {"metrics": MetricRecord({**r.metrics, self.weight_key: float(w)})}
-            )
-            for r, w in zip(valid, weights, strict=True)
+    def _weighted(
+        self, valid: list[ValidReply] | list[tuple[Message, MetricRecord, float]]
+    ) -> list[tuple[MetricRecord, float]]:
+        """Each valid reply's metrics with the weight this policy gives it."""
+        pairs = [
+            (r.metrics, r.weight) if isinstance(r, ValidReply) else (r[1], r[2])
+            for r in valid
         ]
-        fn = aggr_fn if callable(aggr_fn) else aggregate_metricrecords
-        try:
-            return fn(records, self.weight_key)
-        except Exception as err:  # a client's metrics never crash the server
-            log(
-                WARNING,
-                "[%s] client metrics could not be aggregated (%s: %s); reporting "
-                "the robust counters only",
-                type(self).__name__,
-                type(err).__name__,
-                err,
-            )
-            return MetricRecord()
+        weights = self._weights([w for _, w in pairs])
+        return [(m, float(w)) for (m, _), w in zip(pairs, weights, strict=True)]
 
     # ------------------------------------------------------------- evaluate
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate to the inner strategy."""
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Drop malformed evaluation replies, then aggregate like train metrics."""
-        valid: list[ValidReply] = []
-        for reply in replies:
-            node_id = int(reply.metadata.src_node_id)
-            try:
-                if reply.has_error():
-                    raise InvalidReplyError(
-                        node_id,
-                        f"client error {reply.error.code}: {reply.error.reason}",
-                    )
-                metrics, weight = validate_metrics(reply, self.weight_key, node_id)
-            except InvalidReplyError as err:
-                log(
-                    WARNING,
-                    "[%s] round %d: dropped evaluate reply from node %d: %s",
-                    type(self).__name__,
-                    server_round,
-                    node_id,
-                    err.reason,
-                )
-                continue
-            valid.append(ValidReply(node_id, np.empty(0), weight, metrics, reply))
+        """Drop malformed evaluation replies, then aggregate like train metrics.
+
+        The inner strategy's ``evaluate_metrics_aggr_fn`` sees each reply with
+        the weight this wrapper's policy gives it (claimed weights are not
+        trusted), not the claimed one.
+        """
+        valid = self._valid_evaluate_replies(server_round, replies)
         if not valid:
             return None
-        return self._aggregate_client_metrics(
-            valid, getattr(self.strategy, "evaluate_metrics_aggr_fn", None)
-        )
+        return self._aggregate_client_metrics(self._weighted(valid), "evaluate")
 
 
 def _min_valid(rule: AggregationRule, pre_aggregation: PreAggregation | None) -> int:
@@ -514,6 +413,8 @@ def _work_dtype(manifest: Manifest) -> type:
     return np.float64
 
 
-def _flatten_global(record: ArrayRecord, manifest: Manifest, dtype: type) -> np.ndarray:
+def _flatten_global(
+    record: ArrayRecord, manifest: Manifest, dtype: np.dtype | type
+) -> np.ndarray:
     vector, _ = flatten(record, manifest, dtype=dtype)
     return vector
