@@ -85,7 +85,7 @@ def test_flatten_detects_payload_that_lies_about_its_shape():
 def setup():
     strategy = TrimmedMean(beta=0.2)
     global_model = model(0.0)
-    msgs = instructions(strategy, global_model, [11, 12])
+    msgs = instructions(strategy, global_model, [11, 12, 13, 14, 15])
     return Manifest.from_arrayrecord(global_model), msgs[0]
 
 

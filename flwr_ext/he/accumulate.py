@@ -21,7 +21,13 @@ from typing import Any
 from flwr.app import ArrayRecord
 
 from ..records import Manifest
-from .codec import EncryptedHeader, InvalidCiphertextError, iter_chunks, pack
+from .codec import (
+    EncryptedHeader,
+    InvalidCiphertextError,
+    check_chunk_bytes,
+    iter_chunks,
+    pack,
+)
 from .keys import CkksKeys
 from .wire import CiphertextError, get_wire
 
@@ -66,6 +72,7 @@ class CiphertextSum:
                 f"{self.wire.name!r}"
             )
         header.check_keys(self.keys, what)
+        check_chunk_bytes(record, header, self.keys, what)
         if self.manifest is not None and header.manifest != self.manifest:
             raise InvalidCiphertextError(
                 f"{what} encrypts a model with a different structure than the "
@@ -108,7 +115,12 @@ class CiphertextSum:
         except (CiphertextError, InvalidCiphertextError) as err:
             self._roll_back(record, header, sizes, done)
             raise InvalidCiphertextError(f"{what}: {err}") from err
-        except (ValueError, RuntimeError, TypeError) as err:  # SEAL refused the add
+        except (
+            ValueError,
+            RuntimeError,
+            TypeError,
+            MemoryError,
+        ) as err:  # SEAL refused
             self._roll_back(record, header, sizes, done)
             raise InvalidCiphertextError(
                 f"{what}: ciphertext {done} cannot be added to the sum ({err})"

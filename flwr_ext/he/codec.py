@@ -39,6 +39,7 @@ from flwr.app import Array, ArrayRecord
 
 from ..records import Manifest, flatten, unflatten
 from .keys import CkksKeys
+from .meta import parse_meta
 from .profiles import check_bound
 from .wire import CiphertextError, get_wire
 
@@ -144,39 +145,28 @@ class EncryptedHeader:
         if meta.stype != STYPE_META:
             raise InvalidCiphertextError(f"'{META_KEY}' has stype {meta.stype!r}")
         try:
-            data = json.loads(meta.data)
-            if data.get("format") != FORMAT_VERSION:
-                raise InvalidCiphertextError(
-                    f"encrypted record format {data.get('format')!r}, this flwr-ext "
-                    f"reads format {FORMAT_VERSION}"
-                )
-            header = cls(
-                kind=data["kind"],
-                profile=str(data["profile"]),
-                fingerprint=str(data["fingerprint"]),
-                wire=str(data["wire"]),
-                manifest=Manifest.from_dict(data["manifest"]),
-                num_chunks=int(data["num_chunks"]),
-                decryptor=data.get("decryptor", False) is True,
-                checksums=tuple(int(c) for c in data["crc32"]),
-            )
-        except InvalidCiphertextError:
-            raise
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
-            raise InvalidCiphertextError(f"'{META_KEY}' is corrupted: {err!r}") from err
-        if len(header.checksums) != header.num_chunks:
-            raise InvalidCiphertextError(
-                f"'{META_KEY}' lists {len(header.checksums)} checksums for "
-                f"{header.num_chunks} chunks"
-            )
-        if header.kind not in ("update", "model"):
-            raise InvalidCiphertextError(f"unknown kind {header.kind!r}")
+            parsed = parse_meta(meta.data, FORMAT_VERSION)
+            manifest = Manifest.from_dict(parsed.manifest)
+        except ValueError as err:  # MetaError, or the manifest's own check
+            raise InvalidCiphertextError(f"'{META_KEY}' is corrupted: {err}") from None
+        header = cls(
+            kind=parsed.kind,  # type: ignore[arg-type]  # checked by parse_meta
+            profile=parsed.profile,
+            fingerprint=parsed.fingerprint,
+            wire=parsed.wire,
+            manifest=manifest,
+            num_chunks=parsed.num_chunks,
+            decryptor=parsed.decryptor,
+            checksums=parsed.checksums,
+        )
         try:
             get_wire(header.wire)
         except ValueError as err:
-            raise InvalidCiphertextError(str(err)) from err
-        expected = sorted([META_KEY, *chunk_keys(header.num_chunks)])
-        if sorted(record.keys()) != expected:
+            raise InvalidCiphertextError(str(err)[:200]) from None
+        # Compare counts before building any list sized by the header.
+        if len(record) != header.num_chunks + 1 or sorted(record.keys()) != sorted(
+            [META_KEY, *chunk_keys(header.num_chunks)]
+        ):
             raise InvalidCiphertextError(
                 f"expected arrays {META_KEY} and {header.num_chunks} chunks "
                 f"({CHUNK_PREFIX}00000...), got {len(record)} arrays"
@@ -192,7 +182,7 @@ class EncryptedHeader:
     def check_keys(self, keys: CkksKeys, what: str) -> None:
         """Check fingerprint, profile and chunk count against ``keys``."""
         keys.check_matches(self.profile, self.fingerprint, what)
-        expected = len(get_wire(self.wire).chunk_sizes(keys, self.num_values))
+        expected = get_wire(self.wire).num_chunks(keys, self.num_values)
         if self.num_chunks != expected:
             raise InvalidCiphertextError(
                 f"{what} declares {self.num_chunks} ciphertexts, but "
@@ -220,6 +210,30 @@ def pack(header: EncryptedHeader, blobs: list[bytes]) -> ArrayRecord:
     for key, blob in zip(chunk_keys(header.num_chunks), blobs, strict=True):
         arrays[key] = Array("uint8", (len(blob),), STYPE_CIPHERTEXT, bytes(blob))
     return ArrayRecord(arrays)
+
+
+def check_chunk_bytes(
+    record: ArrayRecord, header: EncryptedHeader, keys: CkksKeys, what: str
+) -> None:
+    """Refuse chunks too short or too long to be ciphertexts of ``keys``' profile.
+
+    Runs before anything is loaded or allocated for the chunks: a decryption
+    allocates ``N`` float64 values per ciphertext, so a record of many one-byte
+    "ciphertexts" (a hostile server's global model, say) must not get that far.
+    A ciphertext has two polynomials of ``N`` coefficients in one data prime; the
+    seeded form ships one, and SEAL's zstd compresses 60-bit words little, so
+    ``2 N`` bytes is far below the smallest and ``16 N`` + 64 KiB far above the
+    largest in every wire format.
+    """
+    degree = keys.profile.poly_modulus_degree
+    low, high = 2 * degree, 16 * degree + 65536
+    for index, key in enumerate(chunk_keys(header.num_chunks)):
+        size = len(record[key].data)
+        if not low <= size <= high:
+            raise InvalidCiphertextError(
+                f"{what}: ciphertext {index} has {size} bytes, outside the "
+                f"[{low}, {high}] a ciphertext of profile {keys.profile.name!r} takes"
+            )
 
 
 def iter_chunks(

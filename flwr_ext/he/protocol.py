@@ -13,6 +13,23 @@ Server -> client, in the train instruction's ConfigRecord (an :class:`Announceme
                        ``1 / num-clients`` of the profile's magnitude bound)
 =====================  ==========================================================
 
+With an encrypted global model (train and evaluate instructions, and decryption
+requests), the server also says what it summed into it (a :class:`ModelClaims`),
+so that every key holder can check the decrypted weight and count slots:
+
+================================  ================================================
+``ckks-model-contributions``      updates the server added into this model
+``ckks-model-weight``             sum of their weights (``num-examples`` claims
+                                  divided by the weight unit), i.e. the expected
+                                  weight slot
+================================  ================================================
+
+A key holder that finds a different weight or count (a client that encrypted
+another weight than it claimed, or under another key set while claiming the
+right fingerprint, corrupts the sum) refuses the model with an error reply whose
+reason contains :data:`AGGREGATE_REJECTED`; the server then rolls back to the last
+good global model (:class:`flwr_ext.strategy.HomomorphicAggregation`).
+
 Client settings (node config on a SuperNode; environment variables in Flower's
 Simulation Engine, whose simulated nodes only get ``partition-id`` and
 ``num-partitions``):
@@ -29,6 +46,10 @@ node config                     environment variable                   meaning
                                                                        of fewer
                                                                        updates
 ==============================  =====================================  ============
+
+The site's minimum number of contributions for *any* decryption (the global model
+as well as decryption requests), node config ``policy-min-contributions`` (an int
+>= 2, default 2), is read by :func:`flwr_ext.mods.ckks.site_min_contributions`.
 """
 
 from __future__ import annotations
@@ -41,11 +62,13 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord
 
 __all__ = [
+    "AGGREGATE_REJECTED",
     "KEY_DECRYPT_REQUEST",
     "METRIC_CONTRIBUTIONS",
     "METRIC_TOTAL_WEIGHT",
     "Announcement",
     "ClientSettings",
+    "ModelClaims",
 ]
 
 KEY_PROFILE = "ckks-profile"
@@ -56,6 +79,14 @@ KEY_WEIGHT_KEY = "ckks-weight-key"
 KEY_NUM_CLIENTS = "ckks-num-clients"
 #: Set (True) in the ConfigRecord of a request to decrypt an aggregate.
 KEY_DECRYPT_REQUEST = "ckks-decrypt-request"
+KEY_MODEL_CONTRIBUTIONS = "ckks-model-contributions"
+KEY_MODEL_WEIGHT = "ckks-model-weight"
+
+#: In the reason of an error reply from a key holder whose decrypted aggregate
+#: failed the weight/count check; the server rolls back when it sees it.
+AGGREGATE_REJECTED = "the aggregate failed the check"
+#: Most replies one round can sum (bounds a hostile ``ckks-num-clients``).
+MAX_NUM_CLIENTS = 1_000_000
 
 #: MetricRecord keys of a decryption reply.
 METRIC_TOTAL_WEIGHT = "ckks-total-weight"
@@ -98,30 +129,90 @@ class Announcement:
         """
         if KEY_PROFILE not in config:
             return None
-        try:
-            announcement = cls(
-                profile=str(config[KEY_PROFILE]),
-                fingerprint=str(config[KEY_FINGERPRINT]),
-                wire=str(config[KEY_WIRE]),
-                weight_unit=float(config[KEY_WEIGHT_UNIT]),  # type: ignore[arg-type]
-                weight_key=str(config[KEY_WEIGHT_KEY]),
-                num_clients=int(config[KEY_NUM_CLIENTS]),  # type: ignore[call-overload]
-            )
-        except (KeyError, TypeError, ValueError) as err:
+        missing = [
+            key
+            for key in (KEY_FINGERPRINT, KEY_WIRE, KEY_WEIGHT_UNIT, KEY_WEIGHT_KEY,
+                        KEY_NUM_CLIENTS)
+            if key not in config
+        ]  # fmt: skip
+        if missing:
             raise ValueError(
-                f"the server's CKKS settings in the train config are incomplete or "
-                f"malformed ({err!r})"
-            ) from err
-        if not math.isfinite(announcement.weight_unit) or announcement.weight_unit <= 0:
-            raise ValueError(
-                f"{KEY_WEIGHT_UNIT} must be finite and > 0, got "
-                f"{announcement.weight_unit}"
+                f"the server's CKKS settings in the train config are incomplete "
+                f"(no {missing})"
             )
-        if announcement.num_clients < 1:
+        return cls(
+            profile=_text(config[KEY_PROFILE], KEY_PROFILE),
+            fingerprint=_text(config[KEY_FINGERPRINT], KEY_FINGERPRINT),
+            wire=_text(config[KEY_WIRE], KEY_WIRE),
+            weight_unit=_positive(config[KEY_WEIGHT_UNIT], KEY_WEIGHT_UNIT),
+            weight_key=_text(config[KEY_WEIGHT_KEY], KEY_WEIGHT_KEY),
+            num_clients=_count(config[KEY_NUM_CLIENTS], KEY_NUM_CLIENTS, 1),
+        )
+
+
+@dataclass(frozen=True)
+class ModelClaims:
+    """What the server summed into the encrypted global model it sends.
+
+    Attributes
+    ----------
+    contributions : int
+        Updates added (the expected count slot).
+    weight : float
+        Sum of their weights in weight units (the expected weight slot).
+    """
+
+    contributions: int
+    weight: float
+
+    def write(self, config: ConfigRecord) -> None:
+        """Add the ``ckks-model-*`` keys to a ConfigRecord."""
+        config[KEY_MODEL_CONTRIBUTIONS] = int(self.contributions)
+        config[KEY_MODEL_WEIGHT] = float(self.weight)
+
+    @classmethod
+    def read(cls, config: Mapping[str, object]) -> ModelClaims | None:
+        """Parse the ``ckks-model-*`` keys (None if absent); ``ValueError`` if bad."""
+        if KEY_MODEL_CONTRIBUTIONS not in config and KEY_MODEL_WEIGHT not in config:
+            return None
+        if KEY_MODEL_CONTRIBUTIONS not in config or KEY_MODEL_WEIGHT not in config:
             raise ValueError(
-                f"{KEY_NUM_CLIENTS} must be >= 1, got {announcement.num_clients}"
+                f"the server sent only one of {KEY_MODEL_CONTRIBUTIONS} and "
+                f"{KEY_MODEL_WEIGHT}"
             )
-        return announcement
+        return cls(
+            contributions=_count(
+                config[KEY_MODEL_CONTRIBUTIONS], KEY_MODEL_CONTRIBUTIONS, 1
+            ),
+            weight=_positive(config[KEY_MODEL_WEIGHT], KEY_MODEL_WEIGHT),
+        )
+
+
+def _text(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > 1024:
+        raise ValueError(f"the server's {key} must be a non-empty string")
+    return value
+
+
+def _positive(value: object, key: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"the server's {key} must be a finite number > 0")
+    return float(value)
+
+
+def _count(value: object, key: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"the server's {key} must be an integer")
+    if not low <= value <= MAX_NUM_CLIENTS:
+        raise ValueError(
+            f"the server's {key} must be in [{low}, {MAX_NUM_CLIENTS}], got {value}"
+        )
+    return value
 
 
 def _truthy(value: object) -> bool:
@@ -165,8 +256,8 @@ class ClientSettings:
             env.get(ENV_DECRYPT_MIN_CLIENTS, DEFAULT_DECRYPT_MIN_CLIENTS),
         )
         try:
-            min_clients = int(minimum)  # type: ignore[call-overload]
-        except (TypeError, ValueError):
+            min_clients = int(str(minimum).strip())
+        except ValueError:
             raise ValueError(
                 f"{NODE_DECRYPT_MIN_CLIENTS} must be an integer, got {minimum!r}"
             ) from None

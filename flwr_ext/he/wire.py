@@ -135,6 +135,14 @@ class Wire:
         """Decrypt ``blobs`` into the first ``num_values`` float64 values."""
         raise NotImplementedError
 
+    def num_chunks(self, keys: CkksKeys, num_values: int) -> int:
+        """Return the number of ciphertexts ``num_values`` need.
+
+        Arithmetic only: the count may come from a hostile header, so no list
+        sized by it is built.
+        """
+        return -(-num_values // self.values_per_ciphertext(keys))
+
     def chunk_sizes(self, keys: CkksKeys, num_values: int) -> list[int]:
         """Return the number of values in each ciphertext of ``num_values``."""
         per = self.values_per_ciphertext(keys)
@@ -181,7 +189,8 @@ class TensealWire(Wire):
         try:
             with quiet_native_stdout() if quiet else contextlib.nullcontext():
                 vector = ts.ckks_vector_from(keys.context, blob)
-        except (ValueError, RuntimeError, TypeError) as err:
+        except (ValueError, RuntimeError, TypeError, MemoryError) as err:
+            # MemoryError: a crafted size field in SEAL's own header
             raise CiphertextError(f"ciphertext does not load ({err})") from err
         if vector.size() != num_values:
             raise CiphertextError(
@@ -286,7 +295,8 @@ class PackedWire(Wire):
         try:
             with quiet_native_stdout() if quiet else contextlib.nullcontext():
                 ciphertext.load(seal.context, scratch.path)
-        except (ValueError, RuntimeError, TypeError) as err:
+        except (ValueError, RuntimeError, TypeError, MemoryError) as err:
+            # MemoryError: a crafted size field in SEAL's own header
             raise CiphertextError(f"ciphertext does not load ({err})") from err
         _check_seal_ciphertext(ciphertext, keys)
         return ciphertext

@@ -17,7 +17,13 @@ What it does, per message:
 
 - **Incoming** train/evaluate instruction carrying the encrypted global model:
   checks the key fingerprint, decrypts it with the secret key and divides by the
-  weight slot, so the ClientApp receives an ordinary plaintext ArrayRecord.
+  weight slot, so the ClientApp receives an ordinary plaintext ArrayRecord. Only
+  aggregates are decrypted: a ciphertext marked as one client's update is refused,
+  and so is an aggregate whose count slot is below the site's minimum (node config
+  ``policy-min-contributions``, an int >= 2, default 2) or whose weight and count
+  slots differ from what the server says it summed (``ckks-model-weight``,
+  ``ckks-model-contributions``): the error reply says ``the aggregate failed the
+  check`` and the server rolls back to its last good model.
 - **Outgoing** train reply: pre-scales the model by the client's weight
   (``num-examples / ckks-weight-unit``), checks the profile's magnitude bound, and
   replaces the ArrayRecord with ciphertexts. Nothing is sent in plaintext: if the
@@ -26,6 +32,9 @@ What it does, per message:
   reply is an error that says why, and the update never leaves the node.
 - **Outgoing** evaluate reply to an encrypted instruction: any ArrayRecord is
   removed (it would reveal the decrypted global model to the server).
+- **Threshold CKKS** (:class:`flwr_ext.strategy.ThresholdHomomorphicAggregation`):
+  key generation, encryption under the collective public key and partial
+  decryptions are answered by :mod:`flwr_ext.mods.threshold_ckks`.
 - A **decryption request** from ``HomomorphicAggregation(mode="decrypt-aggregate")``
   is answered by the mod itself, only on nodes that opted in
   (``ckks-decrypt-for-server=true``) and only for sums of at least
@@ -42,9 +51,12 @@ The secret context is loaded once per process with ``n_threads=1``
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from logging import ERROR, INFO, WARNING
+from typing import NoReturn
 
 from flwr.app import (
+    ArrayRecord,
     ConfigRecord,
     Context,
     Error,
@@ -68,25 +80,147 @@ from ..he import (
     is_encrypted,
     load_keys,
 )
-from ..he.codec import EncryptedHeader
+from ..he.codec import EncryptedHeader, check_chunk_bytes
 from ..he.protocol import (
+    AGGREGATE_REJECTED,
     ENV_CONTEXT,
     KEY_DECRYPT_REQUEST,
     METRIC_CONTRIBUTIONS,
     METRIC_TOTAL_WEIGHT,
     NODE_CONTEXT,
     NODE_DECRYPT_FOR_SERVER,
+    NODE_DECRYPT_MIN_CLIENTS,
     Announcement,
     ClientSettings,
+    ModelClaims,
 )
+from ..he.threshold_protocol import read_op
+from .threshold_ckks import handle_threshold
 
-__all__ = ["CkksModError", "ckks_mod"]
+__all__ = [
+    "AggregateRejectedError",
+    "CkksModError",
+    "ckks_mod",
+    "site_min_contributions",
+]
 
 _NAME = "ckks_mod"
 
 
+#: Node-config key: the fewest contributions an aggregate must hold before this
+#: site decrypts it (an int >= 2; default 2). The same key as the site policy.
+NODE_MIN_CONTRIBUTIONS = "policy-min-contributions"
+DEFAULT_MIN_CONTRIBUTIONS = 2
+#: Tolerance of the weight-slot check: ``|slot - claimed| <= WEIGHT_RTOL * claimed
+#: + WEIGHT_ATOL * contributions``. CKKS errs by ~1e-9 (``default``) to ~3e-8
+#: (``compact``) per contribution; a sum made with another key set decrypts to
+#: values spread over +-2^19, so it passes with probability ~1e-11.
+WEIGHT_RTOL = 1e-5
+WEIGHT_ATOL = 1e-6
+
+
 class CkksModError(Exception):
     """A precondition of ckks_mod failed; the message becomes the error reply."""
+
+
+class AggregateRejectedError(CkksModError):
+    """A decrypted aggregate failed the weight/count check (server rolls back)."""
+
+
+def site_min_contributions(node_config: Mapping[str, object]) -> int:
+    """Return the site's minimum number of contributions per decrypted aggregate.
+
+    Read from node config ``policy-min-contributions`` (int >= 2, default 2): the
+    site decrypts only ciphertexts marked as aggregates (kind ``"model"``) whose
+    count slot says they sum at least this many updates, so a server cannot have
+    it decrypt one client's update. The one place that reads the key (the site
+    policy module may take it over).
+
+    Raises
+    ------
+    CkksModError
+        If the value is not an integer >= 2 (bool and floats are refused).
+    """
+    value = node_config.get(NODE_MIN_CONTRIBUTIONS, DEFAULT_MIN_CONTRIBUTIONS)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise CkksModError(
+            f"node config {NODE_MIN_CONTRIBUTIONS} must be an integer >= 2, got "
+            f"{value!r}"
+        )
+    return value
+
+
+def _decrypt_aggregate(
+    record: ArrayRecord,
+    keys: CkksKeys,
+    what: str,
+    minimum: int,
+    claims: ModelClaims | None,
+    minimum_from: str = NODE_MIN_CONTRIBUTIONS,
+) -> DecryptedModel:
+    """Decrypt an aggregate and check its kind, count and weight slots.
+
+    Refuses (:class:`CkksModError`) one client's update (kind ``"update"``) before
+    decrypting it, and (:class:`AggregateRejectedError`) an aggregate whose count
+    slot is below ``minimum`` or whose weight or count slot differs from what the
+    server says it summed (``claims``) - the signature of a reply encrypted under
+    another key set, or with another weight than its sender claimed.
+
+    The error that goes back to the server carries no decrypted value: exact
+    decryptions of crafted ciphertexts leak the secret key (Li-Micciancio), so the
+    slots' values are logged on this node only.
+    """
+    header = EncryptedHeader.from_record(record)
+    if header.kind != "model":
+        raise CkksModError(
+            f"refusing to decrypt {what}: it is marked as one client's "
+            f"{header.kind!r}, not an aggregate"
+        )
+    header.check_keys(keys, what)
+    check_chunk_bytes(record, header, keys, what)
+    try:
+        decrypted = decrypt_record(record, keys, what=what)
+    except KeyMismatchError:
+        raise
+    except InvalidCiphertextError as err:
+        _reject(
+            f"{what} does not decrypt to a valid aggregate (its weight slot is "
+            "not a positive number, or a ciphertext is damaged)",
+            str(err),
+        )
+    count, weight = decrypted.contributions, decrypted.total_weight
+    detail = f"{what}: weight slot {weight:.9g}, count slot {count}"
+    if weight > keys.profile.bound:
+        _reject(
+            f"{what} has a weight slot beyond the profile's bound: the sum wrapped "
+            "around or was made with another key",
+            detail,
+        )
+    if count < minimum:
+        _reject(
+            f"refusing {what}: this site decrypts aggregates of at least {minimum} "
+            f"updates (node config {minimum_from}), and it sums fewer",
+            detail,
+        )
+    if claims is not None and (
+        count != claims.contributions
+        or abs(weight - claims.weight)
+        > WEIGHT_RTOL * claims.weight + WEIGHT_ATOL * claims.contributions
+    ):
+        _reject(
+            f"the weight or count slot of {what} differs from what the server "
+            f"summed ({claims.contributions} updates of total weight "
+            f"{claims.weight:.9g}): a contribution was encrypted with another "
+            "weight than claimed, or under another key set",
+            detail,
+        )
+    return decrypted
+
+
+def _reject(reason: str, detail: str) -> NoReturn:
+    """Log ``detail`` (decrypted values) here; raise with ``reason`` only."""
+    log(ERROR, "%s: %s (%s)", _NAME, AGGREGATE_REJECTED, detail)
+    raise AggregateRejectedError(f"{AGGREGATE_REJECTED}: {reason}")
 
 
 def ckks_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -97,6 +231,14 @@ def ckks_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
     category = msg.metadata.message_type.split(".", 1)[0]
     try:
         config = _single_config(msg)
+        threshold_op = (
+            read_op(config)
+            if category in (MessageType.TRAIN, MessageType.QUERY)
+            else None
+        )
+        if threshold_op is not None:
+            assert config is not None
+            return handle_threshold(msg, context, call_next, config, threshold_op)
         if config is not None and config.get(KEY_DECRYPT_REQUEST) is True:
             return _answer_decrypt_request(msg, context)
         announcement = Announcement.read(config or {})
@@ -118,12 +260,16 @@ def ckks_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
             keys.check_matches(
                 announcement.profile, announcement.fingerprint, "the server's key"
             )
+        if encrypted_in:
+            claims = ModelClaims.read(config or {})
+            minimum = site_min_contributions(context.node_config)
         for key in encrypted_in:
-            decrypted = decrypt_record(
-                msg.content.array_records[key], keys, what="the global model"
-            )
+            decrypted = _decrypt_aggregate(
+                msg.content.array_records[key], keys, "the global model", minimum,
+                claims,
+            )  # fmt: skip
             msg.content.array_records[key] = decrypted.arrays
-    except (CkksModError, ValueError) as err:
+    except (CkksModError, ValueError) as err:  # ThresholdError is a ValueError
         return _error_reply(msg, str(err))
 
     reply = call_next(msg, context)
@@ -245,16 +391,22 @@ def _answer_decrypt_request(msg: Message, context: Context) -> Message:
             "for the server"
         )
     keys = _secret_keys(context)
+    config: Mapping[str, object] = _single_config(msg) or {}
+    site_minimum = site_min_contributions(context.node_config)
+    minimum = max(settings.decrypt_min_clients, site_minimum)
     try:
-        decrypted = decrypt_record(record, keys, what="the aggregate to decrypt")
+        decrypted = _decrypt_aggregate(
+            record,
+            keys,
+            "the aggregate to decrypt",
+            minimum,
+            ModelClaims.read(config),
+            NODE_MIN_CONTRIBUTIONS
+            if site_minimum >= settings.decrypt_min_clients
+            else NODE_DECRYPT_MIN_CLIENTS,
+        )
     except (InvalidCiphertextError, KeyMismatchError) as err:
         raise CkksModError(str(err)) from err
-    if decrypted.contributions < settings.decrypt_min_clients:
-        raise CkksModError(
-            f"refusing to decrypt an aggregate of {decrypted.contributions} "
-            f"update(s): this node decrypts sums of at least "
-            f"{settings.decrypt_min_clients} (node config ckks-decrypt-min-clients)"
-        )
     log(
         INFO,
         "%s: decrypted an aggregate of %d updates for the server",

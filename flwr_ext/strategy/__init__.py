@@ -10,6 +10,8 @@ FedAvg, FedProx, FedAdam and friends; unsound compositions fail at construction
 - :mod:`.dp_fedavg` - :class:`DPFedAvg`, central user-level DP.
 - :mod:`.distributed_dp` - :class:`DistributedDP`, clients add the noise (with CKKS).
 - :mod:`.homomorphic` - :class:`HomomorphicAggregation`, the server adds ciphertexts.
+- :mod:`.threshold_homomorphic` - :class:`ThresholdHomomorphicAggregation`, the
+  same under a multiparty key (every site holds a share).
 - :mod:`.composition` - :class:`Role` and :func:`check_composition`.
 - :mod:`.round_report` - a round or run that trains nothing fails loudly
   (:class:`ConfigurationError`, :class:`NoModelError`).
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
         TrimmedMean,
     )
     from .round_report import ConfigurationError, NoModelError, RoundFailedError
+    from .threshold_homomorphic import ThresholdHomomorphicAggregation
 
 _EXPORTS = {
     "ROBUST_STRATEGIES": "robust_strategies",
@@ -55,6 +58,7 @@ _EXPORTS = {
     "RobustAggregation": "robust",
     "Role": "composition",
     "RoundFailedError": "round_report",
+    "ThresholdHomomorphicAggregation": "threshold_homomorphic",
     "TrimmedMean": "robust_strategies",
     "check_composition": "composition",
 }
@@ -73,6 +77,7 @@ __all__ = [
     "RobustAggregation",
     "Role",
     "RoundFailedError",
+    "ThresholdHomomorphicAggregation",
     "TrimmedMean",
     "check_composition",
 ]

@@ -21,6 +21,18 @@ This wrapper is the server half:
   **discarded** (the previous model kept, a WARNING says why) and not accounted,
   since nothing was released. Otherwise the inner strategy aggregates and the
   release is accounted.
+- The markers are the clients' word; what counts is what was summed. An inner
+  strategy that may sum fewer replies than it is given - ``HomomorphicAggregation``
+  drops a damaged ciphertext without being able to look inside it - is told t at
+  construction (``require_contributions(t)``: it then never returns, nor in
+  ``decrypt-aggregate`` mode decrypts, a sum of fewer than t updates) and reports
+  how many updates its result really holds (``summed_contributions``). A round is
+  released and accounted only if that count is at least t; otherwise it is
+  **not released** (discarded, not accounted), never accounted at a noise level
+  that was not reached.
+- A rollback by ``HomomorphicAggregation`` (the clients refused a corrupted
+  aggregate) returns an earlier global model: nothing new is released, so
+  nothing is accounted.
 
 What ε protects, and the assumptions (stated in every log line and in
 ``docs/privacy.md``):
@@ -161,6 +173,12 @@ class DistributedDP(_DPWrapper):
         )
         self.clipping_norm = clipping_norm
         self.min_clients = min_clients
+        require = getattr(strategy, "require_contributions", None)
+        if callable(require):  # e.g. HomomorphicAggregation: sum >= t or nothing
+            require(min_clients)
+        unit = getattr(strategy, "default_weight_unit", None)
+        if callable(unit):  # every client claims weight 1 (distributed_dp_mod)
+            unit(1.0)
         self.target_epsilon = target_epsilon
         self.num_rounds = num_rounds
         self._sampled: set[int] | None = None
@@ -316,6 +334,10 @@ class DistributedDP(_DPWrapper):
             keys.DROPPED: dropped,
         }
         if len(valid) < self.min_clients:
+            rollback = getattr(self.strategy, "rollback_model", None)
+            rolled_back = (
+                rollback(server_round, replies) if callable(rollback) else None
+            )
             log(
                 WARNING,
                 "[DistributedDP] round %d discarded: %d valid replies, fewer than "
@@ -335,14 +357,16 @@ class DistributedDP(_DPWrapper):
                     keys.DISCARDED: 1,
                 }
             )
+            # A rollback re-sends an earlier (already accounted) global model.
             return report.finish(
-                None,
+                rolled_back,
                 metrics,
                 f"{len(valid)} valid replies, fewer than "
                 f"min_clients={self.min_clients}",
             )
 
         arrays, metrics = self.strategy.aggregate_train(server_round, valid)
+        summed = getattr(self.strategy, "summed_contributions", None)
         if arrays is None:
             log(
                 WARNING,
@@ -350,9 +374,34 @@ class DistributedDP(_DPWrapper):
                 "nothing was released, so no privacy is spent",
                 server_round,
             )
-            spent = self.accountant.spent()
+            released = False
+        elif not isinstance(summed, int) or summed >= self.min_clients:
+            released = True  # a sum of at least t noise shares
+        elif summed == 0:
+            log(
+                WARNING,
+                "[DistributedDP] round %d: the inner strategy rolled back to an "
+                "earlier global model; nothing new was released, so no privacy is "
+                "spent",
+                server_round,
+            )
+            released = False
         else:
-            spent = self._record_release()
+            log(
+                WARNING,
+                "[DistributedDP] round %d discarded: the inner strategy summed %d "
+                "updates (%d replies passed the checks), fewer than min_clients=%d, "
+                "so the sum carries noise std %.4g < z*C = %.4g; it is not released "
+                "and no privacy is spent",
+                server_round,
+                summed,
+                len(valid),
+                self.min_clients,
+                self.client_noise_stddev * math.sqrt(summed),
+                self.noise_multiplier * self.clipping_norm,
+            )
+            arrays, released = None, False
+        spent = self._record_release() if released else self.accountant.spent()
         metrics = MetricRecord() if metrics is None else metrics
         for key in (keys.DDP_CLIPPING_NORM, keys.DDP_NOISE_STDDEV):
             if key in metrics:
@@ -360,7 +409,7 @@ class DistributedDP(_DPWrapper):
         for key, value in {
             **counts,
             **self._privacy_metrics(spent),
-            keys.DISCARDED: 0,
+            keys.DISCARDED: 0 if released else 1,
         }.items():
             metrics[key] = value
         log(

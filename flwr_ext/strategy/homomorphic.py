@@ -57,7 +57,7 @@ import time
 from collections.abc import Callable, Iterable
 from copy import copy
 from logging import INFO, WARNING
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 from flwr.app import (
@@ -68,6 +68,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.app.message_type import MessageType
+from flwr.common.constant import SType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, QFedAvg, Result, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
@@ -84,10 +85,12 @@ from ..he import (
     load_keys,
 )
 from ..he.protocol import (
+    AGGREGATE_REJECTED,
     KEY_DECRYPT_REQUEST,
     KEY_PROFILE,
     METRIC_CONTRIBUTIONS,
     Announcement,
+    ModelClaims,
 )
 from ..he.wire import get_wire
 from ..records import (
@@ -103,17 +106,22 @@ from .round_report import RoundReporting
 __all__ = ["HomomorphicAggregation", "Mode"]
 
 Mode = Literal["encrypted", "decrypt-aggregate"]
+_T = TypeVar("_T")
 _MODES = ("encrypted", "decrypt-aggregate")
 
 #: Keys this wrapper adds to the round's train MetricRecord.
 METRIC_RECEIVED = "ckks-received"
 METRIC_DROPPED = "ckks-dropped"
 METRIC_SUMMED = "ckks-summed"
+METRIC_REJECTED = "ckks-rejected"
+METRIC_ROLLED_BACK = "ckks-rolled-back"
 METRIC_SECONDS = "ckks-aggregation-s"
 
-#: ``weight_unit=None``: examples per weight unit before any count is known (a power
-#: of two, so ``n / unit`` is exact in floating point).
-FIRST_ROUND_WEIGHT_UNIT = 1024.0
+#: ``weight_unit=None``: examples per weight unit for the whole run (a power of
+#: two, so ``n / unit`` is exact in floating point).
+DEFAULT_WEIGHT_UNIT = 1024.0
+#: Former name, kept for callers that imported it.
+FIRST_ROUND_WEIGHT_UNIT = DEFAULT_WEIGHT_UNIT
 
 #: Strategies whose aggregation needs the plaintext aggregate (server optimisers,
 #: loss-weighted averaging); refused in mode="encrypted".
@@ -145,10 +153,13 @@ class HomomorphicAggregation(RoundReporting):
         magnitude bound, so a larger unit gives more headroom and a smaller one
         more precision (CKKS error is absolute: the average's error is about
         ``c * weight_unit / mean(n_i)``, c ~ 1e-9 for the default profile and
-        ~3e-8 for compact). ``None`` means 1024 in the first round (the server
-        knows no example counts yet: sites of up to ~10^7 examples fit the
-        default profile's bound) and then the mean ``num-examples`` of the
-        previous round's valid replies, so that weights are about 1.
+        ~3e-8 for compact). The unit is **fixed for the whole run**, so no
+        client's ``num-examples`` claim can move it (an earlier version averaged
+        the claims, and one claim of 1e300 pushed every honest weight below the
+        encoding precision). ``None`` means 1024 (sites of up to ~10^7 examples
+        fit the default profile's bound); set it to about the typical
+        ``num-examples`` for the best precision, e.g. 1.0 with distributed DP
+        (whose clients all claim 1).
     min_replies : int (default: 2)
         Fewest valid replies a round needs. The global model is decrypted by every
         data owner, so a "sum" of one update would reveal that client's model to
@@ -160,8 +171,25 @@ class HomomorphicAggregation(RoundReporting):
     Notes
     -----
     The round's train MetricRecord holds the inner strategy's aggregate of the
-    clients' metrics plus ``ckks-received``, ``ckks-dropped``, ``ckks-summed`` and
-    ``ckks-aggregation-s``.
+    clients' metrics plus ``ckks-received``, ``ckks-dropped``, ``ckks-summed``,
+    ``ckks-rejected`` (clients that refused the global model),
+    ``ckks-rolled-back`` (1 when the round was re-run on a rolled-back model)
+    and ``ckks-aggregation-s``.
+
+    **Checked aggregates and rollback.** With every encrypted global model the
+    server announces what it summed into it (:class:`~flwr_ext.he.protocol.
+    ModelClaims`: the number of updates and the sum of their claimed weights);
+    every key holder that decrypts it checks the count and weight slots against
+    them (and its site's ``policy-min-contributions``) and refuses a model that
+    fails. A client that encrypted another weight than it claimed, or under
+    another key set while claiming the right fingerprint, thus corrupts at most
+    the sum of the round it lies in: in ``"encrypted"`` mode the clients refuse
+    that sum in the next round and, if fewer than ``min_replies`` valid replies
+    remain and most replies are refusals, the server **rolls back** to the last
+    global model the clients trained on (logging which round and why) instead of
+    re-sending the broken one, and re-runs the round on it at once; in
+    ``"decrypt-aggregate"`` mode the decrypting node refuses it in the same round
+    and the previous model is kept.
     """
 
     flwr_ext_role = Role.HOMOMORPHIC
@@ -208,13 +236,33 @@ class HomomorphicAggregation(RoundReporting):
         self.decrypt_timeout = float(decrypt_timeout)
         self.weight_key: str = getattr(strategy, "weighted_by_key", "num-examples")
         self.arrayrecord_key: str = getattr(strategy, "arrayrecord_key", "arrays")
-        self._unit = (
-            FIRST_ROUND_WEIGHT_UNIT if weight_unit is None else float(weight_unit)
-        )
+        self._unit = DEFAULT_WEIGHT_UNIT if weight_unit is None else float(weight_unit)
         self._manifest: Manifest | None = None
         self._sampled: set[int] = set()
+        self._num_clients = 1
         self._grid: Grid | None = None
         self._decryptors: list[int] = []
+        #: What this wrapper summed into each encrypted model it produced, by the
+        #: model's ciphertext checksums (the last produced and the last good one).
+        self._produced: dict[tuple[int, ...], tuple[ModelClaims, int]] = {}
+        #: The global model sent this round and the round whose aggregate it is
+        #: (0: the initial model).
+        self._sent: ArrayRecord | None = None
+        self._sent_origin = 0
+        #: The last global model that at least ``min_replies`` clients trained on.
+        self._last_good: ArrayRecord | None = None
+        self._last_good_origin = 0
+        #: Fewest contributions an aggregate needs to be returned (raised by
+        #: :meth:`require_contributions`, e.g. by DistributedDP to its t).
+        self._min_contributions = min_replies
+        #: Updates summed into the fresh aggregate the last ``aggregate_train``
+        #: returned (0 if it returned none, or rolled back to an older model).
+        self.summed_contributions = 0
+        #: The round's train config and Flower's reply timeout, to re-run a round
+        #: on the rolled-back model.
+        self._train_config: ConfigRecord | None = None
+        self._timeout = 3600.0
+        self._rerunning = False
 
     def __repr__(self) -> str:
         return (
@@ -234,7 +282,7 @@ class HomomorphicAggregation(RoundReporting):
         log(
             INFO,
             "\t│\t├── Weight unit: %s",
-            "auto" if self.weight_unit is None else f"{self.weight_unit:g}",
+            f"{self._unit:g} examples (fixed for the run)",
         )
         log(INFO, "\t│\t└── Min valid replies per round: %d", self.min_replies)
         log(INFO, "\t├──> Inner strategy: %s", type(self.strategy).__name__)
@@ -265,6 +313,7 @@ class HomomorphicAggregation(RoundReporting):
         if is_encrypted(initial_arrays):
             header = EncryptedHeader.from_record(initial_arrays)
             header.check_keys(self.keys, "the initial model")
+        self._timeout = float(timeout)  # for a round re-run after a rollback
         return super().start(
             grid=grid,
             initial_arrays=initial_arrays,
@@ -279,14 +328,25 @@ class HomomorphicAggregation(RoundReporting):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Let the inner strategy build the instructions; add the announcement."""
+        """Let the inner strategy build the instructions; add the announcement.
+
+        With an encrypted global model this wrapper produced, the announcement
+        also carries what was summed into it (:class:`ModelClaims`), so that the
+        clients can check its weight and count slots.
+        """
         self._grid = grid
+        self._train_config = config
         if is_encrypted(arrays):
             header = EncryptedHeader.from_record(arrays)
             header.check_keys(self.keys, "the global model")
             self._manifest = header.manifest
         else:
             self._manifest = Manifest.from_arrayrecord(arrays)
+        produced = self._produced.get(_checksums(arrays))
+        self._sent = arrays
+        self._sent_origin = produced[1] if produced is not None else 0
+        if self._last_good is None:  # the initial model: nothing to roll back to
+            self._last_good, self._last_good_origin = arrays, self._sent_origin
         announced = ConfigRecord(dict(config))
         announcement = self._announcement(num_clients=1)
         announcement.write(announced)
@@ -307,7 +367,10 @@ class HomomorphicAggregation(RoundReporting):
                 )
             for record in records:
                 final.write(record)
+                if produced is not None:
+                    produced[0].write(record)
         self._sampled = {int(m.metadata.dst_node_id) for m in messages}
+        self._num_clients = final.num_clients
         return messages
 
     def _announcement(self, num_clients: int) -> Announcement:
@@ -320,11 +383,40 @@ class HomomorphicAggregation(RoundReporting):
             num_clients=num_clients,
         )
 
+    def default_weight_unit(self, unit: float) -> None:
+        """Use ``unit`` as the weight unit if the user left ``weight_unit=None``.
+
+        :class:`DistributedDP` calls it with 1.0: its clients all claim one
+        example, so weights of exactly 1 keep the full CKKS precision (with the
+        default 1024 every weight would be 1/1024). Still fixed for the run.
+        """
+        if self.weight_unit is None:
+            if not (math.isfinite(unit) and unit > 0):
+                raise ValueError(f"unit must be finite and > 0, got {unit!r}")
+            self._unit = float(unit)
+
+    def require_contributions(self, minimum: int) -> None:
+        """Never return an aggregate of fewer than ``minimum`` updates.
+
+        Raises the floor ``min_replies`` sets; :class:`DistributedDP` calls it
+        with its t, so that no sum carrying less than the calibrated noise is
+        ever produced - in ``"decrypt-aggregate"`` mode not even decrypted.
+        """
+        if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 1:
+            raise ValueError(f"minimum must be an int >= 1, got {minimum!r}")
+        self._min_contributions = max(self._min_contributions, minimum)
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Sum the valid encrypted replies; decrypt via a node if so configured."""
+        """Sum the valid encrypted replies; decrypt via a node if so configured.
+
+        If too few valid replies arrived because the clients refused the global
+        model sent this round (its weight or count slot failed their check), the
+        last good global model is returned instead (see :meth:`rollback_model`).
+        """
         started = time.perf_counter()
+        self.summed_contributions = 0
         replies = list(replies)
         report = self._round_report(server_round, len(replies))
         total = CiphertextSum(self.keys, self._manifest, self.wire)
@@ -350,39 +442,145 @@ class HomomorphicAggregation(RoundReporting):
             METRIC_RECEIVED: len(replies),
             METRIC_DROPPED: len(replies) - len(valid),
             METRIC_SUMMED: total.count,
+            METRIC_REJECTED: len(_rejections(replies)),
         }
-        if total.count < self.min_replies:
-            log(
-                WARNING,
-                "[%s] round %d: %d valid replies of %d, fewer than min_replies=%d: "
-                "keeping the previous global model",
-                type(self).__name__,
-                server_round,
-                total.count,
-                len(replies),
-                self.min_replies,
+        if total.count >= self.min_replies and self._sent is not None:
+            # enough clients trained on the model sent this round: it was good
+            self._last_good, self._last_good_origin = self._sent, self._sent_origin
+        if total.count < self._min_contributions:
+            rollback = self.rollback_model(server_round, replies)
+            if rollback is not None and not self._rerunning:
+                rerun = self._rerun_round(server_round, rollback)
+                if rerun is not None:
+                    return rerun
+            needed = (
+                f"min_replies={self.min_replies}"
+                if self._min_contributions == self.min_replies
+                else f"the {self._min_contributions} required by the wrapping "
+                "strategy (require_contributions)"
             )
+            if rollback is None:
+                log(
+                    WARNING,
+                    "[%s] round %d: %d valid replies of %d, fewer than %s: keeping "
+                    "the previous global model",
+                    type(self).__name__,
+                    server_round,
+                    total.count,
+                    len(replies),
+                    needed,
+                )
             return report.finish(
-                None,
+                rollback,
                 self._round_metrics(server_round, valid, counts, started),
-                f"{total.count} valid replies, fewer than min_replies="
-                f"{self.min_replies}",
+                f"{total.count} valid replies, fewer than {needed}",
             )
         encrypted_sum = total.result()
         assert encrypted_sum is not None
-        if self.weight_unit is None:  # auto: weights of about 1 next round
-            self._unit = max(float(np.mean([w for _, _, w in valid])), 1e-12)
+        claims = ModelClaims(total.count, math.fsum(w for _, _, w in valid))
         if self.mode == "encrypted":
             arrays: ArrayRecord | None = encrypted_sum
+            self._remember(encrypted_sum, claims, server_round)
         else:
             arrays = self._decrypt_and_step(
-                server_round, encrypted_sum, total.count, decryptors, valid
+                server_round, encrypted_sum, claims, decryptors, valid
             )
+        if arrays is not None:
+            self.summed_contributions = total.count
         return report.finish(
             arrays,
             self._round_metrics(server_round, valid, counts, started),
             "the aggregate was not decrypted, or the inner strategy returned no model",
         )
+
+    def rollback_model(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> ArrayRecord | None:
+        """Return the model to roll back to if the clients refused this round's.
+
+        Returns the last good global model (the last one at least
+        ``min_replies`` clients trained on) when most ``replies`` are refusals
+        of the encrypted global model sent this round - its weight or count slot
+        failed their check - and logs which round's aggregate failed and why;
+        otherwise None. A wrapper that discards the round itself (e.g.
+        :class:`DistributedDP` with fewer than t valid replies) calls it so the
+        federation still recovers.
+        """
+        replies = list(replies)
+        rejections = _rejections(replies)
+        if (
+            # A majority of the replies: every honest key holder refuses a
+            # corrupted sum alike, and one client's false refusal must not undo
+            # the previous round's progress.
+            2 * len(rejections) <= len(replies)
+            or self._sent is None
+            or self._last_good is None
+            or self._sent is self._last_good
+            or not is_encrypted(self._sent)
+        ):
+            return None
+        self.summed_contributions = 0
+        log(
+            WARNING,
+            "[%s] round %d: the global model sent this round (the aggregate of "
+            "round %d) was refused by %d client(s): %s. Rolled back to the last "
+            "good global model (%s); the contributions of round %d are lost",
+            type(self).__name__,
+            server_round,
+            self._sent_origin,
+            len(rejections),
+            rejections[0][:300],
+            "the initial model"
+            if self._last_good_origin == 0
+            else f"the aggregate of round {self._last_good_origin}",
+            self._sent_origin,
+        )
+        rolled_back = self._last_good
+        self._sent = rolled_back  # what the clients will get next
+        return rolled_back
+
+    def _rerun_round(
+        self, server_round: int, model: ArrayRecord
+    ) -> tuple[ArrayRecord | None, MetricRecord | None] | None:
+        """Train this round again, at once, on the rolled-back ``model``.
+
+        So that a corrupted sum costs only the round it was made in: the clients
+        that refused it train on the last good model in the same round. Returns
+        None (the rollback alone then stands) if this wrapper has no grid or
+        config of its own for the round (e.g. ``aggregate_train`` was called
+        directly).
+        """
+        if self._grid is None or self._train_config is None:
+            return None
+        self._rerunning = True
+        try:
+            messages = list(
+                self.configure_train(
+                    server_round, model, self._train_config, self._grid
+                )
+            )
+            replies = list(self._grid.send_and_receive(messages, timeout=self._timeout))
+            log(
+                INFO,
+                "[%s] round %d: re-ran the round on the rolled-back model: %d replies",
+                type(self).__name__,
+                server_round,
+                len(replies),
+            )
+            arrays, metrics = self.aggregate_train(server_round, replies)
+        finally:
+            self._rerunning = False
+        if arrays is None:  # the re-run failed too: the rollback still stands
+            arrays = model
+        if metrics is not None:
+            metrics[METRIC_ROLLED_BACK] = 1
+        return arrays, metrics
+
+    def _remember(self, model: ArrayRecord, claims: ModelClaims, origin: int) -> None:
+        """Keep the claims of ``model`` (and of the last good one) by checksums."""
+        keep = {_checksums(self._last_good)} if self._last_good is not None else set()
+        self._produced = {k: v for k, v in self._produced.items() if k in keep}
+        self._produced[_checksums(model)] = (claims, origin)
 
     def _check_reply(
         self, reply: Message, seen: set[int], total: CiphertextSum
@@ -403,9 +601,18 @@ class HomomorphicAggregation(RoundReporting):
             raise InvalidReplyError(
                 node_id,
                 f"expected exactly one ArrayRecord, got {len(records)} "
-                f"({sorted(records)})",
+                f"({sorted(records)[:5]})",
             )
-        metrics, weight = validate_metrics(reply, self.weight_key, node_id)
+        metrics, examples = validate_metrics(reply, self.weight_key, node_id)
+        weight = examples / self._unit
+        budget = self.keys.profile.bound / self._num_clients
+        if not weight > 0 or weight > budget:
+            raise InvalidReplyError(
+                node_id,
+                f"claims {examples:g} examples: a weight of {weight:g} is outside "
+                f"(0, {budget:g}], the per-client budget ckks_mod enforces before "
+                "encrypting",
+            )
         record = next(iter(records.values()))
         if not is_encrypted(record):
             raise InvalidReplyError(
@@ -423,7 +630,7 @@ class HomomorphicAggregation(RoundReporting):
             type(self).__name__,
             server_round,
             node_id,
-            reason,
+            reason[:500],
         )
 
     # ------------------------------------------------------ decrypt-aggregate
@@ -431,13 +638,13 @@ class HomomorphicAggregation(RoundReporting):
         self,
         server_round: int,
         encrypted_sum: ArrayRecord,
-        contributions: int,
+        claims: ModelClaims,
         decryptors: list[int],
         valid: list[tuple[Message, MetricRecord, float]],
     ) -> ArrayRecord | None:
         """Have one opted-in node decrypt the sum; run the inner strategy on it."""
         average = self._request_decryption(
-            server_round, encrypted_sum, contributions, decryptors
+            server_round, encrypted_sum, claims, decryptors
         )
         if average is None:
             return None
@@ -462,7 +669,7 @@ class HomomorphicAggregation(RoundReporting):
         self,
         server_round: int,
         encrypted_sum: ArrayRecord,
-        contributions: int,
+        claims: ModelClaims,
         decryptors: list[int],
     ) -> ArrayRecord | None:
         candidates = list(dict.fromkeys(self._decryptors + decryptors))
@@ -479,15 +686,12 @@ class HomomorphicAggregation(RoundReporting):
         if self._grid is None:
             raise RuntimeError("aggregate_train called before configure_train")
         for node_id in candidates:
+            config = ConfigRecord(
+                {KEY_DECRYPT_REQUEST: True, "server-round": server_round}
+            )
+            claims.write(config)
             request = Message(
-                content=RecordDict(
-                    {
-                        "arrays": encrypted_sum,
-                        "config": ConfigRecord(
-                            {KEY_DECRYPT_REQUEST: True, "server-round": server_round}
-                        ),
-                    }
-                ),
+                content=RecordDict({"arrays": encrypted_sum, "config": config}),
                 dst_node_id=node_id,
                 # A train message reaches ckks_mod wherever the ClientApp installs
                 # it; the mod answers it itself and the ClientApp never sees it.
@@ -497,15 +701,29 @@ class HomomorphicAggregation(RoundReporting):
                 self._grid.send_and_receive([request], timeout=self.decrypt_timeout)
             )
             try:
-                average = self._check_decryption(answers, node_id, contributions)
+                average = self._check_decryption(answers, node_id, claims.contributions)
             except InvalidReplyError as err:
+                if AGGREGATE_REJECTED in err.reason:
+                    log(
+                        WARNING,
+                        "[%s] round %d: the aggregate of round %d failed the check "
+                        "at node %d (%s): it is discarded and the previous global "
+                        "model kept; the contributions of round %d are lost",
+                        type(self).__name__,
+                        server_round,
+                        server_round,
+                        node_id,
+                        err.reason[:300],
+                        server_round,
+                    )
+                    return None  # every key holder would refuse it alike
                 log(
                     WARNING,
                     "[%s] round %d: node %d did not decrypt the aggregate: %s",
                     type(self).__name__,
                     server_round,
                     node_id,
-                    err.reason,
+                    err.reason[:300],
                 )
                 if node_id in self._decryptors:
                     self._decryptors.remove(node_id)
@@ -518,7 +736,7 @@ class HomomorphicAggregation(RoundReporting):
                 type(self).__name__,
                 server_round,
                 node_id,
-                contributions,
+                claims.contributions,
             )
             return average
         log(
@@ -533,31 +751,34 @@ class HomomorphicAggregation(RoundReporting):
     def _check_decryption(
         self, answers: list[Message], node_id: int, contributions: int
     ) -> ArrayRecord:
+        """Check a decryptor's answer totally (it is hostile input, too)."""
         if not answers:
             raise InvalidReplyError(node_id, "no reply before decrypt_timeout")
         answer = answers[0]
         if answer.has_error():
-            raise InvalidReplyError(node_id, answer.error.reason)
+            raise InvalidReplyError(node_id, str(answer.error.reason))
         records = answer.content.array_records
         metric_records = answer.content.metric_records
         if len(records) != 1 or len(metric_records) != 1:
             raise InvalidReplyError(node_id, "malformed decryption reply")
         count = next(iter(metric_records.values())).get(METRIC_CONTRIBUTIONS)
-        if count != contributions:
+        if isinstance(count, bool) or count != contributions:
             raise InvalidReplyError(
                 node_id,
-                f"it reports {count!r} contributions, the server summed "
+                f"it reports {str(count)[:20]} contributions, the server summed "
                 f"{contributions}",
             )
         average = next(iter(records.values()))
         assert self._manifest is not None
-        mismatch = self._manifest.describe_mismatch(average)
+        mismatch = _describe_plain_mismatch(average, self._manifest)
+        if mismatch is None:
+            mismatch = self._manifest.describe_mismatch(average)
         if mismatch is not None:
             raise InvalidReplyError(node_id, f"decrypted model: {mismatch}")
         try:
             vector, _ = flatten(average, self._manifest)
-        except ValueError as err:
-            raise InvalidReplyError(node_id, str(err)) from err
+        except (ValueError, TypeError, MemoryError) as err:
+            raise InvalidReplyError(node_id, f"decrypted model: {err}"[:300]) from None
         if not np.isfinite(vector).all():
             raise InvalidReplyError(node_id, "decrypted model is not finite")
         return average
@@ -570,8 +791,12 @@ class HomomorphicAggregation(RoundReporting):
         counts: dict[str, int],
         started: float,
     ) -> MetricRecord:
+        consistent = _same_metric_keys(
+            valid, lambda v: v[1], lambda v: v[0], type(self).__name__, server_round,
+            "train",
+        )  # fmt: skip
         metrics = _aggregate_metrics(
-            [(m, w) for _, m, w in valid],
+            [(m, w) for _, m, w in consistent],
             self.weight_key,
             getattr(self.strategy, "train_metrics_aggr_fn", None),
             type(self).__name__,
@@ -597,7 +822,15 @@ class HomomorphicAggregation(RoundReporting):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Delegate to the inner strategy (ckks_mod decrypts on the client)."""
+        """Delegate to the inner strategy (ckks_mod decrypts on the client).
+
+        An encrypted model this wrapper produced goes out with its
+        :class:`ModelClaims`, so the clients check it as in training.
+        """
+        produced = self._produced.get(_checksums(arrays))
+        if produced is not None:
+            config = ConfigRecord(dict(config))
+            produced[0].write(config)
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(
@@ -625,9 +858,24 @@ class HomomorphicAggregation(RoundReporting):
                 )
                 continue
             valid.append(reply)
+        valid = _same_metric_keys(
+            valid, lambda r: next(iter(r.content.metric_records.values())),
+            lambda r: r, type(self).__name__, server_round, "evaluate",
+        )  # fmt: skip
         if not valid:
             return None
-        return self.strategy.aggregate_evaluate(server_round, valid)
+        try:
+            return self.strategy.aggregate_evaluate(server_round, valid)
+        except Exception as err:  # a client's metrics never crash the server
+            log(
+                WARNING,
+                "[%s] round %d: the evaluate metrics could not be aggregated (%s: %s)",
+                type(self).__name__,
+                server_round,
+                type(err).__name__,
+                str(err)[:200],
+            )
+            return None
 
 
 def _check_encrypted_inner(strategy: Strategy) -> None:
@@ -678,3 +926,75 @@ def _aggregate_metrics(
             err,
         )
         return MetricRecord()
+
+
+def _checksums(arrays: ArrayRecord | None) -> tuple[int, ...]:
+    """Identify an encrypted model by its chunks' CRC32s (() if not encrypted)."""
+    if arrays is None or not is_encrypted(arrays):
+        return ()
+    try:
+        return EncryptedHeader.from_record(arrays).checksums
+    except InvalidCiphertextError:
+        return ()
+
+
+def _rejections(replies: list[Message]) -> list[str]:
+    """Reasons of the error replies that refuse the global model's aggregate."""
+    return [
+        str(reply.error.reason)
+        for reply in replies
+        if reply.has_error() and AGGREGATE_REJECTED in str(reply.error.reason)
+    ]
+
+
+def _describe_plain_mismatch(record: ArrayRecord, manifest: Manifest) -> str | None:
+    """Compare names, dtype strings and shapes without parsing a hostile dtype.
+
+    ``Manifest.describe_mismatch`` hands each array's dtype string to numpy; a
+    string numpy does not know must be refused before that.
+    """
+    if tuple(record.keys()) != manifest.keys:
+        return f"arrays {list(record.keys())[:10]} instead of {list(manifest.keys)}"
+    for spec in manifest.specs:
+        array = record[spec.key]
+        if array.stype != SType.NUMPY or array.dtype != np.dtype(spec.dtype).name:
+            return f"array '{spec.key}' is not a {np.dtype(spec.dtype).name} array"
+        if tuple(array.shape) != spec.shape:
+            return f"array '{spec.key}' has shape {tuple(array.shape)[:8]}"
+    return None
+
+
+def _same_metric_keys(
+    items: list[_T],
+    metrics_of: Callable[[_T], MetricRecord],
+    node_of: Callable[[_T], Message],
+    who: str,
+    server_round: int,
+    phase: str,
+) -> list[_T]:
+    """Keep the items whose MetricRecord has the most common set of keys.
+
+    Flower's metric aggregation raises on records with different keys, so one
+    client adding or omitting a metric would crash the round's aggregation; the
+    odd ones out are left out of the *metrics* (their update still counts) and
+    named in a WARNING.
+    """
+    if not items:
+        return items
+    key_sets = [frozenset(metrics_of(item).keys()) for item in items]
+    common = max(set(key_sets), key=lambda keys: (key_sets.count(keys), sorted(keys)))
+    kept = [item for item, keys in zip(items, key_sets, strict=True) if keys == common]
+    for item, keys in zip(items, key_sets, strict=True):
+        if keys != common:
+            log(
+                WARNING,
+                "[%s] round %d: %s metrics of node %d left out of the aggregate: "
+                "keys %s differ from the other clients' %s",
+                who,
+                server_round,
+                phase,
+                int(node_of(item).metadata.src_node_id),
+                sorted(keys)[:10],
+                sorted(common)[:10],
+            )
+    return kept

@@ -1,0 +1,199 @@
+"""SEAL objects to and from numpy residue arrays, through SEAL's own byte format.
+
+``tenseal.sealapi`` objects save and load only through files, always compressed,
+and expose no buffer. The multiparty protocol needs to read a ciphertext's two
+polynomials and to build a public key SEAL can encrypt with, so this module reads
+and writes SEAL's serialization directly (SEAL 4, little-endian):
+
+- every object: a 16-byte header (magic ``0xA15E``, header size 16, SEAL version
+  major/minor, compression mode 0 none / 1 zlib / 2 zstd, reserved, total size),
+  then the body, compressed as the header says;
+- ``Ciphertext`` body: ``parms_id`` (4 x u64), ``is_ntt_form`` (u8), ``size``,
+  ``poly_modulus_degree``, ``coeff_modulus_size`` (u64 each), ``scale`` (f64),
+  ``correction_factor`` (u64), then a ``DynArray`` (its own header, ``u64`` count,
+  the residues: ``size x coeff_modulus_size x N`` ``uint64``);
+- ``Plaintext`` body: ``parms_id``, ``coeff_count`` (u64), ``scale`` (f64),
+  ``DynArray``;
+- ``PublicKey``: a ``Ciphertext`` at the key level.
+
+What this module writes is uncompressed; SEAL validates it on load (``load`` runs
+``is_valid_for``), so a malformed object is refused by SEAL, never half-used. What it
+reads is parsed with every length checked against the expected shape before any
+array is built (the bytes may come from a hostile peer).
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "RawCiphertext",
+    "SealFormatError",
+    "ciphertext_bytes",
+    "parse_ciphertext",
+    "plaintext_bytes",
+]
+
+_MAGIC = 0xA15E
+_HEADER = struct.Struct("<HBBBBHQ")
+_CIPHERTEXT_META = struct.Struct("<BQQQdQ")
+_PLAINTEXT_META = struct.Struct("<Qd")
+_MAX_DECOMPRESSED = 1 << 28  # 256 MiB: far above one N=32768 ciphertext
+
+
+class SealFormatError(ValueError):
+    """Bytes that are not the SEAL object this module expects."""
+
+
+@dataclass(frozen=True)
+class RawCiphertext:
+    """A ciphertext's metadata and residues.
+
+    Attributes
+    ----------
+    parms_id : tuple[int, int, int, int]
+        SEAL's hash of the parameters at the ciphertext's level.
+    ntt_form : bool
+        Whether the polynomials are in NTT form (CKKS ciphertexts always are).
+    scale : float
+        The CKKS scale the message was encoded with.
+    polys : numpy.ndarray
+        ``(size, k, N)`` ``uint64`` residues: ``polys[0]`` is ``c0``, ``polys[1]``
+        is ``c1``.
+    """
+
+    parms_id: tuple[int, int, int, int]
+    ntt_form: bool
+    scale: float
+    polys: np.ndarray
+
+
+@functools.lru_cache(maxsize=1)
+def _seal_version() -> tuple[int, int]:
+    """Return the installed SEAL version, read from a real save.
+
+    SEAL refuses objects whose header names another major version.
+    """
+    import tenseal.sealapi as sealapi
+
+    from flwr_ext.he.wire import _scratch_file
+
+    parms = sealapi.EncryptionParameters(sealapi.SCHEME_TYPE.CKKS)
+    with _scratch_file() as scratch:
+        parms.save(scratch.path)
+        data = scratch.read()
+    return data[3], data[4]
+
+
+def _header(body_size: int) -> bytes:
+    major, minor = _seal_version()
+    return _HEADER.pack(_MAGIC, 16, major, minor, 0, 0, 16 + body_size)
+
+
+def _dynarray(residues: np.ndarray) -> bytes:
+    flat = np.ascontiguousarray(residues, dtype="<u8").ravel()
+    body = struct.pack("<Q", flat.size) + flat.tobytes()
+    return _header(len(body)) + body
+
+
+def ciphertext_bytes(
+    parms_id: tuple[int, ...] | list[int],
+    polys: np.ndarray,
+    *,
+    scale: float = 1.0,
+    ntt_form: bool = True,
+) -> bytes:
+    """SEAL ``Ciphertext`` (or ``PublicKey``) bytes for ``(size, k, N)`` residues."""
+    size, k, n = polys.shape
+    body = (
+        struct.pack("<4Q", *parms_id)
+        + _CIPHERTEXT_META.pack(int(ntt_form), size, n, k, float(scale), 1)
+        + _dynarray(polys)
+    )
+    return _header(len(body)) + body
+
+
+def plaintext_bytes(
+    parms_id: tuple[int, ...] | list[int], residues: np.ndarray, *, scale: float
+) -> bytes:
+    """SEAL ``Plaintext`` bytes for ``(k, N)`` NTT-form residues at ``parms_id``."""
+    body = (
+        struct.pack("<4Q", *parms_id)
+        + _PLAINTEXT_META.pack(residues.size, float(scale))
+        + _dynarray(residues)
+    )
+    return _header(len(body)) + body
+
+
+def _body(data: bytes, what: str) -> bytes:
+    if len(data) < _HEADER.size:
+        raise SealFormatError(f"{what}: {len(data)} bytes, shorter than a SEAL header")
+    magic, header_size, _major, _minor, compression, _reserved, total = (
+        _HEADER.unpack_from(data)
+    )
+    if magic != _MAGIC or header_size != 16:
+        raise SealFormatError(f"{what}: not a SEAL object (bad magic or header)")
+    if total != len(data):
+        raise SealFormatError(f"{what}: header says {total} bytes, got {len(data)}")
+    payload = data[16:]
+    try:
+        if compression == 0:
+            return payload
+        if compression == 1:
+            inflater = zlib.decompressobj()
+            body = inflater.decompress(payload, _MAX_DECOMPRESSED)
+            if inflater.unconsumed_tail:
+                raise SealFormatError(f"{what}: decompresses beyond the size limit")
+            return body
+        if compression == 2:
+            import zstandard  # the one module that needs it: SEAL's default format
+
+            reader = zstandard.ZstdDecompressor().decompressobj()
+            body = reader.decompress(payload)
+            if len(body) > _MAX_DECOMPRESSED:
+                raise SealFormatError(f"{what}: decompresses beyond the size limit")
+            return body
+    except (zlib.error, ValueError) as err:
+        if isinstance(err, SealFormatError):
+            raise
+        raise SealFormatError(f"{what}: does not decompress ({err})") from err
+    except Exception as err:  # zstandard.ZstdError is not a ValueError
+        raise SealFormatError(f"{what}: does not decompress ({err})") from err
+    raise SealFormatError(f"{what}: unknown compression mode {compression}")
+
+
+def parse_ciphertext(
+    data: bytes, *, expected_k: int, expected_n: int, what: str = "ciphertext"
+) -> RawCiphertext:
+    """Parse SEAL ``Ciphertext`` bytes of size 2 at the expected level and degree.
+
+    Anything else raises :class:`SealFormatError`.
+    """
+    body = _body(data, what)
+    head = 32 + _CIPHERTEXT_META.size
+    if len(body) < head + 16 + 8:
+        raise SealFormatError(f"{what}: body too short")
+    parms_id = struct.unpack_from("<4Q", body)
+    ntt, size, n, k, scale, _correction = _CIPHERTEXT_META.unpack_from(body, 32)
+    if (size, k, n) != (2, expected_k, expected_n):
+        raise SealFormatError(
+            f"{what}: shape (size={size}, primes={k}, N={n}), expected "
+            f"(2, {expected_k}, {expected_n})"
+        )
+    array = _body(body[head:], f"{what} data")
+    (count,) = struct.unpack_from("<Q", array) if len(array) >= 8 else (-1,)
+    expected = 2 * expected_k * expected_n
+    if count != expected or len(array) != 8 + 8 * expected:
+        raise SealFormatError(f"{what}: {count} residues, expected {expected}")
+    polys = np.frombuffer(array, dtype="<u8", offset=8).astype(np.uint64)
+    return RawCiphertext(
+        parms_id=parms_id,
+        ntt_form=bool(ntt),
+        scale=float(scale),
+        polys=polys.reshape(2, expected_k, expected_n),
+    )
