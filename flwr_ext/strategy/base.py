@@ -145,7 +145,7 @@ class StrategyWrapper(RoundReporting):
             server_round,
             f"{phase} " if phase else "",
             node_id,
-            reason,
+            reason[:500],
         )
 
     @staticmethod
@@ -283,16 +283,19 @@ class StrategyWrapper(RoundReporting):
     # --------------------------------------------------------------- metrics
     def _aggregate_client_metrics(
         self,
-        metrics: Sequence[tuple[MetricRecord, float]],
+        server_round: int,
+        metrics: Sequence[tuple[int, MetricRecord, float]],
         phase: str = "train",
     ) -> MetricRecord:
         """Aggregate clients' metrics with the weights the wrapper trusts.
 
         Parameters
         ----------
-        metrics : sequence of (MetricRecord, float)
-            Each valid reply's (finite) metrics and the weight to give it; the
-            weight replaces the claimed ``weight_key`` value.
+        server_round : int
+            For the log lines.
+        metrics : sequence of (int, MetricRecord, float)
+            Each valid reply's node id, its (finite) metrics and the weight to
+            give it; the weight replaces the claimed ``weight_key`` value.
         phase : {"train", "evaluate"}
             Which of the inner strategy's ``*_metrics_aggr_fn`` to use (Flower's
             weighted mean when it has none).
@@ -301,13 +304,16 @@ class StrategyWrapper(RoundReporting):
         -------
         MetricRecord
             Empty when there is nothing to aggregate or the aggregation fails (a
-            client's metrics never crash the server; a WARNING says why).
+            client's metrics never crash the server; a WARNING says why). Replies
+            whose metric keys differ from the most common set are left out of the
+            metrics (:meth:`_same_metric_keys`).
         """
-        if not metrics:
+        kept = self._same_metric_keys(server_round, phase, list(metrics))
+        if not kept:
             return MetricRecord()
         records = [
             RecordDict({"metrics": MetricRecord({**m, self.weight_key: float(w)})})
-            for m, w in metrics
+            for _, m, w in kept
         ]
         aggr_fn = getattr(self.strategy, f"{phase}_metrics_aggr_fn", None)
         fn = aggr_fn if callable(aggr_fn) else aggregate_metricrecords
@@ -321,9 +327,42 @@ class StrategyWrapper(RoundReporting):
                 self.name,
                 phase,
                 type(err).__name__,
-                err,
+                str(err)[:200],
             )
             return MetricRecord()
+
+    def _same_metric_keys(
+        self, server_round: int, phase: str, items: list[tuple[int, MetricRecord, T]]
+    ) -> list[tuple[int, MetricRecord, T]]:
+        """Keep the replies whose MetricRecord has the most common set of keys.
+
+        Flower's metric aggregation raises on records with different keys, so one
+        client adding or omitting a metric would crash the round's aggregation;
+        the odd ones out are left out of the *metrics* (their update still
+        counts) and named in a WARNING.
+        """
+        if not items:
+            return items
+        key_sets = [frozenset(m.keys()) for _, m, _ in items]
+        common = max(
+            set(key_sets), key=lambda keys: (key_sets.count(keys), sorted(keys))
+        )
+        for (node_id, _, _), keys in zip(items, key_sets, strict=True):
+            if keys != common:
+                log(
+                    WARNING,
+                    "[%s] round %d: %s metrics of node %d left out of the "
+                    "aggregate: keys %s differ from the other clients' %s",
+                    self.name,
+                    server_round,
+                    phase,
+                    node_id,
+                    sorted(keys)[:10],
+                    sorted(common)[:10],
+                )
+        return [
+            item for item, keys in zip(items, key_sets, strict=True) if keys == common
+        ]
 
     # -------------------------------------------------------------- evaluate
     def configure_evaluate(
@@ -334,9 +373,13 @@ class StrategyWrapper(RoundReporting):
 
     def _valid_evaluate_replies(
         self, server_round: int, replies: Iterable[Message]
-    ) -> list[tuple[Message, MetricRecord, float]]:
-        """Screen evaluation replies: error replies and malformed metrics go."""
-        valid = []
+    ) -> list[tuple[int, MetricRecord, tuple[float, Message]]]:
+        """Screen evaluation replies: error replies and malformed metrics go.
+
+        Returns ``(node_id, metrics, (claimed weight, reply))`` for each valid
+        reply whose metric keys are the most common set (:meth:`_same_metric_keys`).
+        """
+        valid: list[tuple[int, MetricRecord, tuple[float, Message]]] = []
         for reply in replies:
             node_id = int(reply.metadata.src_node_id)
             try:
@@ -350,16 +393,26 @@ class StrategyWrapper(RoundReporting):
             except InvalidReplyError as err:
                 self._log_drop(server_round, node_id, err.reason, phase="evaluate")
                 continue
-            valid.append((reply, metrics, weight))
-        return valid
+            valid.append((node_id, metrics, (weight, reply)))
+        return self._same_metric_keys(server_round, "evaluate", valid)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Drop malformed evaluation replies, then delegate to the inner strategy."""
-        valid = self._valid_evaluate_replies(server_round, replies)
+        screened = self._valid_evaluate_replies(server_round, replies)
+        valid = [reply for _, _, (_, reply) in screened]
         if not valid:
             return None
-        return self.strategy.aggregate_evaluate(
-            server_round, [reply for reply, _, _ in valid]
-        )
+        try:
+            return self.strategy.aggregate_evaluate(server_round, valid)
+        except Exception as err:  # a client's metrics never crash the server
+            log(
+                WARNING,
+                "[%s] round %d: the evaluate metrics could not be aggregated (%s: %s)",
+                self.name,
+                server_round,
+                type(err).__name__,
+                str(err)[:200],
+            )
+            return None

@@ -444,7 +444,9 @@ class DPFedAvg(DPWrapper):
         metrics = (
             MetricRecord()
             if self.client_metrics == "drop"
-            else self._aggregate_client_metrics([(r.metrics, 1.0) for r in valid])
+            else self._aggregate_client_metrics(
+                server_round, [(r.node_id, r.metrics, 1.0) for r in valid]
+            )
         )
         for key, value in round_metrics.items():
             metrics[key] = value

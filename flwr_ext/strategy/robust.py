@@ -358,7 +358,7 @@ class RobustAggregation(StrategyWrapper):
         counts: dict[str, int],
         started: float,
     ) -> MetricRecord:
-        metrics = self._aggregate_client_metrics(self._weighted(valid))
+        metrics = self._aggregate_client_metrics(server_round, self._weighted(valid))
         return self._add_counters(
             server_round,
             metrics,
@@ -371,15 +371,18 @@ class RobustAggregation(StrategyWrapper):
         )
 
     def _weighted(
-        self, valid: list[ValidReply] | list[tuple[Message, MetricRecord, float]]
-    ) -> list[tuple[MetricRecord, float]]:
-        """Each valid reply's metrics with the weight this policy gives it."""
-        pairs = [
-            (r.metrics, r.weight) if isinstance(r, ValidReply) else (r[1], r[2])
+        self, valid: list[ValidReply] | list[tuple[int, MetricRecord, float]]
+    ) -> list[tuple[int, MetricRecord, float]]:
+        """Each valid reply's node id and metrics, with the policy's weight."""
+        triples = [
+            (r.node_id, r.metrics, r.weight) if isinstance(r, ValidReply) else r
             for r in valid
         ]
-        weights = self._weights([w for _, w in pairs])
-        return [(m, float(w)) for (m, _), w in zip(pairs, weights, strict=True)]
+        weights = self._weights([w for _, _, w in triples])
+        return [
+            (node_id, m, float(w))
+            for (node_id, m, _), w in zip(triples, weights, strict=True)
+        ]
 
     # ------------------------------------------------------------- evaluate
     def aggregate_evaluate(
@@ -391,10 +394,17 @@ class RobustAggregation(StrategyWrapper):
         the weight this wrapper's policy gives it (claimed weights are not
         trusted), not the claimed one.
         """
-        valid = self._valid_evaluate_replies(server_round, replies)
+        valid = [
+            (node_id, metrics, weight)
+            for node_id, metrics, (weight, _) in self._valid_evaluate_replies(
+                server_round, replies
+            )
+        ]
         if not valid:
             return None
-        return self._aggregate_client_metrics(self._weighted(valid), "evaluate")
+        return self._aggregate_client_metrics(
+            server_round, self._weighted(valid), "evaluate"
+        )
 
 
 def _min_valid(rule: AggregationRule, pre_aggregation: PreAggregation | None) -> int:
