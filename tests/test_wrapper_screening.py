@@ -26,12 +26,6 @@ from .conftest import instructions, model, reply_to
 
 NODES = [101, 102, 103]
 
-# The four wrappers move onto StrategyWrapper once the security fixes to them
-# have landed on main; until then this pins what the old code gets wrong.
-pytestmark = pytest.mark.xfail(
-    strict=False, reason="wrappers not yet on flwr_ext.strategy.base"
-)
-
 
 @pytest.fixture(scope="module")
 def server_context(tmp_path_factory):
