@@ -135,16 +135,20 @@ class StrategyWrapper(RoundReporting):
         self.strategy.summary()
 
     # ------------------------------------------------------------- screening
+    def _who(self, node_id: int) -> str:
+        """Name a node in log lines (a wrapper that knows site names says so)."""
+        return f"node {node_id}"
+
     def _log_drop(
         self, server_round: int, node_id: int, reason: str, phase: str = ""
     ) -> None:
         log(
             WARNING,
-            "[%s] round %d: dropped %sreply from node %d: %s",
+            "[%s] round %d: dropped %sreply from %s: %s",
             self.name,
             server_round,
             f"{phase} " if phase else "",
-            node_id,
+            self._who(node_id),
             reason[:500],
         )
 
