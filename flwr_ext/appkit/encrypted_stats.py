@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from flwr.app import (
@@ -124,7 +125,7 @@ def reply_encrypted_stats(
     )
     x = np.asarray(x_train, dtype=np.float64)
     weight = x.shape[0] / float(config["ckks-weight-unit"])  # type: ignore[arg-type]
-    num_clients = int(config["ckks-num-clients"])  # type: ignore[call-overload]
+    num_clients = int(cast(int, config["ckks-num-clients"]))
     wire = str(config["ckks-wire"])
 
     def encrypt(name: str, values: np.ndarray) -> RecordDict:

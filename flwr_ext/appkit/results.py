@@ -195,7 +195,8 @@ class ResultsWriter:
         """Save an ArrayRecord as a ``.npz`` archive (array name -> array)."""
         path = self.path(name)
         with path.open("wb") as handle:
-            np.savez(handle, **{key: array.numpy() for key, array in arrays.items()})
+            named: dict[str, Any] = {key: a.numpy() for key, a in arrays.items()}
+            np.savez(handle, **named)
         return path
 
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -100,7 +100,7 @@ class Wire:
         sizes: Sequence[int],
         *,
         full_check: bool = True,
-    ) -> Iterator[Any]:
+    ) -> Generator[Any, None, None]:
         """Load ciphertexts one at a time (see :meth:`load`), for streaming."""
         with quiet_native_stdout():
             for blob, size in zip(blobs, sizes, strict=True):
@@ -261,6 +261,7 @@ class PackedWire(Wire):
                     slots.imag[: chunk.shape[0] - half] = chunk[half:]
                 plain = seal.sealapi.Plaintext()
                 seal.encoder.encode(slots.tolist(), scale, plain)
+                assert seal.encryptor is not None  # a data owner's context
                 if self.seeded:
                     seal.encryptor.encrypt_symmetric(plain).save(scratch.path)
                 else:
@@ -308,7 +309,7 @@ class PackedWire(Wire):
         sizes: Sequence[int],
         *,
         full_check: bool = True,
-    ) -> Iterator[Any]:
+    ) -> Generator[Any, None, None]:
         """Load ciphertexts one at a time through one scratch file."""
         with _scratch_file() as scratch, quiet_native_stdout():
             for blob in blobs:
@@ -347,6 +348,7 @@ class PackedWire(Wire):
         with quiet_native_stdout():
             for i, ciphertext in enumerate(ciphertexts):
                 plain = seal.sealapi.Plaintext()
+                assert seal.decryptor is not None  # a data owner's context
                 seal.decryptor.decrypt(ciphertext, plain)
                 slots = np.asarray(seal.encoder.decode_complex(plain))
                 out[i * per : i * per + half] = slots.real
