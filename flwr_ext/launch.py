@@ -13,7 +13,12 @@ executables (``flower-superlink``, ``flower-supernode``, ``flwr``):
 - :func:`submit_run`, :func:`wait_for_run`, :func:`run_log` - ``flwr run`` /
   ``flwr ls`` / ``flwr log`` with JSON output parsed.
 - :func:`simulate` - all of the above for one app in the Simulation Engine.
-- :func:`make_tls_files` - a self-signed CA and server certificate for 127.0.0.1.
+- :func:`make_tls_files` - a self-signed CA and a server certificate whose
+  subjectAltName covers 127.0.0.1 (the SuperLink's own SuperExec connects there)
+  and, optionally, the SuperLink's public name.
+- :func:`make_node_key`, :func:`register_supernode`, :func:`wait_for_nodes_online` -
+  SuperNode authentication with Flower's ECDSA node keys (``ssh-keygen``), as in
+  ``docs/deployment.md``.
 
 Everything listens on 127.0.0.1 only.
 """
@@ -40,16 +45,20 @@ from pathlib import Path
 __all__ = [
     "FlowerHome",
     "FlowerProcess",
+    "NodeKey",
     "RunOutcome",
     "TlsFiles",
     "free_port",
+    "make_node_key",
     "make_tls_files",
+    "register_supernode",
     "run_log",
     "simulate",
     "start_superlink",
     "start_supernode",
     "submit_run",
     "toml_overrides",
+    "wait_for_nodes_online",
     "wait_for_run",
 ]
 
@@ -92,11 +101,16 @@ class TlsFiles:
     server_key: Path
 
 
-def make_tls_files(directory: Path) -> TlsFiles:
+def make_tls_files(directory: Path, public_name: str | None = None) -> TlsFiles:
     """Create a self-signed CA and a server certificate for ``IP:127.0.0.1``.
 
+    The certificate's subjectAltName always holds ``IP:127.0.0.1``: Flower 1.42's
+    SuperLink starts its own ``flower-superexec``, which connects to 127.0.0.1
+    and refuses a certificate issued only for the public name. ``public_name``
+    (e.g. ``superlink.consortium.example``) is added as a ``DNS:`` entry.
+
     Uses the ``openssl`` command line tool. For tests and local trials only: a
-    consortium uses certificates from its own PKI.
+    consortium uses certificates from its own PKI (with the same two names).
     """
     directory.mkdir(parents=True, exist_ok=True)
     openssl = shutil.which("openssl")
@@ -109,7 +123,10 @@ def make_tls_files(directory: Path) -> TlsFiles:
         directory / "server.pem",
     )
     ext = directory / "server.ext"
-    ext.write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
+    names = ["IP:127.0.0.1", "DNS:localhost"]
+    if public_name:
+        names.append(f"DNS:{public_name}")
+    ext.write_text(f"subjectAltName = {', '.join(names)}\n")
     steps = [
         [openssl, "genrsa", "-out", ca_key, "2048"],
         [openssl, "req", "-x509", "-new", "-nodes", "-key", ca_key, "-sha256",
@@ -122,6 +139,34 @@ def make_tls_files(directory: Path) -> TlsFiles:
     for step in steps:
         subprocess.run([str(s) for s in step], check=True, capture_output=True)
     return TlsFiles(ca_cert, cert, key)
+
+
+@dataclass(frozen=True)
+class NodeKey:
+    """A SuperNode's ECDSA key pair (OpenSSH format, as Flower expects)."""
+
+    private: Path
+    public: Path
+
+
+def make_node_key(directory: Path, name: str) -> NodeKey:
+    """Create a SuperNode authentication key: ``ssh-keygen -t ecdsa -b 384``.
+
+    The private key (0600) stays with the SuperNode
+    (``--auth-supernode-private-key``); the public key is registered on the
+    SuperLink with :func:`register_supernode`.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    keygen = shutil.which("ssh-keygen")
+    if keygen is None:
+        raise FileNotFoundError("ssh-keygen (OpenSSH) is needed to create node keys")
+    private = directory / name
+    subprocess.run(
+        [keygen, "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", name,
+         "-f", str(private)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return NodeKey(private, directory / f"{name}.pub")
 
 
 @dataclass
@@ -262,13 +307,19 @@ def start_superlink(
     simulation: bool,
     port: int | None = None,
     tls: TlsFiles | None = None,
+    node_auth: bool = False,
     extra_args: Sequence[str] = (),
     ready_timeout: float = 90.0,
 ) -> tuple[FlowerProcess, int]:
     """Start ``flower-superlink`` on 127.0.0.1 and wait until ``/health`` answers.
 
-    Returns the process and its port (Fleet, Control and Runtime APIs share it).
+    ``node_auth`` adds ``--enable-supernode-auth`` (needs ``tls``): only
+    SuperNodes whose public key was registered (:func:`register_supernode`)
+    are admitted. Returns the process and its port (Fleet, Control and Runtime
+    APIs share it).
     """
+    if node_auth and tls is None:
+        raise ValueError("SuperNode authentication needs TLS")
     port = port or free_port()
     args = [
         _executable("flower-superlink"),
@@ -288,6 +339,8 @@ def start_superlink(
             "--ssl-certfile", str(tls.server_cert),
             "--ssl-keyfile", str(tls.server_key),
         ]  # fmt: skip
+    if node_auth:
+        args.append("--enable-supernode-auth")
     args += list(extra_args)
     process = FlowerProcess(
         f"flower-superlink:{port}",
@@ -305,12 +358,15 @@ def start_supernode(
     *,
     node_config: Mapping[str, object],
     root_certificates: Path | None = None,
+    auth_key: Path | None = None,
     extra_args: Sequence[str] = (),
     name: str | None = None,
 ) -> FlowerProcess:
     """Start ``flower-supernode`` connected to the SuperLink on ``superlink_port``.
 
     Each SuperNode gets its own ``--port`` (the default one collides).
+    ``auth_key`` is the node's registered private key (SuperNode
+    authentication).
     """
     args = [
         _executable("flower-supernode"),
@@ -322,6 +378,8 @@ def start_supernode(
         args.append("--insecure")
     else:
         args += ["--root-certificates", str(root_certificates)]
+    if auth_key is not None:
+        args += ["--auth-supernode-private-key", str(auth_key)]
     args += list(extra_args)
     label = name or f"supernode-{len(list(home.path.glob('supernode-*.log')))}"
     return FlowerProcess(label, args, home.env(), home.path / f"{label}.log")
@@ -362,6 +420,35 @@ def _flwr_json(home: FlowerHome, args: Sequence[str], timeout: float) -> dict:
     if not payload.get("success", False):
         raise RuntimeError(f"`flwr {' '.join(args)}` failed: {payload}")
     return payload
+
+
+def register_supernode(home: FlowerHome, connection: str, public_key: Path) -> int:
+    """``flwr supernode register KEY.pub CONNECTION``; return the node id."""
+    payload = _flwr_json(
+        home, ["supernode", "register", str(public_key), connection], timeout=120
+    )
+    return int(payload["node-id"])
+
+
+def wait_for_nodes_online(
+    home: FlowerHome, connection: str, count: int, *, timeout: float = 120.0
+) -> list[int]:
+    """Poll ``flwr supernode list`` until ``count`` nodes are ``online``.
+
+    Returns their node ids. Raises ``TimeoutError`` with the last listing.
+    """
+    deadline = time.monotonic() + timeout
+    nodes: list[dict] = []
+    while True:
+        nodes = _flwr_json(home, ["supernode", "list", connection], timeout=60).get(
+            "nodes", []
+        )
+        online = [int(n["node-id"]) for n in nodes if n.get("status") == "online"]
+        if len(online) >= count:
+            return online
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(online)} of {count} SuperNodes online: {nodes}")
+        time.sleep(1.0)
 
 
 def submit_run(

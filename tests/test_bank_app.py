@@ -316,11 +316,12 @@ def test_a_bank_with_a_broken_csv_is_named_and_left_out(tmp_path, caplog):
     }
     with caplog.at_level(logging.INFO, logger="flwr"):
         run_in_process(tmp_path, node_configs=configs, min_nodes=2)
-    assert "node 3 replied with an error" in caplog.text
+    assert "node 3 (east) replied with an error: site 'east'" in caplog.text
     assert "missing columns" in caplog.text
     summary = _summary(caplog)
-    # It never answered, so it never told its name: the node id names it.
-    assert summary["sites"] == "2" and summary["dropped"] == "node-3"
+    # It never answered successfully, but its error reply names it
+    # (site_errors_mod): the site's name, never the node id.
+    assert summary["sites"] == "2" and summary["dropped"] == "east"
 
 
 def test_ckks_secure_aggregation_gives_the_plaintext_metrics(tmp_path, caplog):

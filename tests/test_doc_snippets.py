@@ -151,6 +151,9 @@ def doc_client_app() -> ClientApp:
 def snippet_namespace(tmp_path, monkeypatch) -> dict:
     keys = create_keys(tmp_path / "keys", "compact")
     (tmp_path / "results").mkdir()
+    # threshold CKKS: each simulated site keeps its share in its own file here
+    (tmp_path / "shares").mkdir(mode=0o700)
+    monkeypatch.setenv("FLWR_EXT_CKKS_THRESHOLD_DIR", str(tmp_path / "shares"))
     monkeypatch.chdir(tmp_path)
     grid = InProcessGrid(
         dict.fromkeys(range(1, NODES + 1), doc_client_app()),

@@ -225,9 +225,12 @@ def test_a_hospital_with_a_broken_csv_is_named_and_left_out(tmp_path, caplog):
     }
     with caplog.at_level(logging.INFO, logger="flwr"):
         run_in_process(tmp_path, node_configs=configs, min_nodes=2)
-    assert "node 3 replied with an error" in caplog.text
+    # The site names itself in its error reply (site_errors_mod): the log and
+    # the summary say "east", not a node id.
+    assert "node 3 (east) replied with an error: site 'east'" in caplog.text
     assert "missing columns" in caplog.text
     assert _summary(caplog)["sites"] == "2"
+    assert _summary(caplog)["dropped"] == "east"
 
 
 def test_start_up_fails_before_training_on_a_bad_config(tmp_path):

@@ -38,6 +38,15 @@ lands in both. One concept per module:
   as score histograms) and names sites that drop out.
 - :mod:`~flwr_ext.appkit.results` - the results folder (absolute ``output-dir``
   with a documented default), metrics JSON/CSV, final model, summary line.
+- :mod:`~flwr_ext.appkit.liveness` - :class:`DeadlineGrid`: waiting for sites
+  with a deadline (``node-wait-timeout``), then on without them (``min-nodes``)
+  or a failure naming them - never Flower's endless wait.
+- :mod:`~flwr_ext.appkit.failure` - a failed run still writes its results folder
+  and a ``status=failed`` summary line naming the site at fault.
+- :mod:`~flwr_ext.appkit.site_errors` - the client mod that makes a site's error
+  replies name the site.
+- :mod:`~flwr_ext.appkit.site_state` - what a site keeps in its ``state-dir`` to
+  rejoin a CKKS run after its SuperNode restarts.
 - :mod:`~flwr_ext.appkit.plots` - PNG plots on matplotlib's Agg canvas.
 
 - :mod:`~flwr_ext.appkit.ckks_results` - a data owner decrypts a CKKS run's

@@ -56,7 +56,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from .standardisation import Standardizer, _wait_for_nodes
+from .standardisation import Standardizer, _wait_for_nodes, site_label
 
 __all__ = [
     "ENCRYPTED_STATS_QUERY",
@@ -234,10 +234,9 @@ def request_encrypted_feature_stats(
         for node_id in sorted(set(targets) - answered):
             log(
                 WARNING,
-                "encrypted feature statistics (%s): no reply from node %d within "
-                "%.0f s",
+                "encrypted feature statistics (%s): no reply from %s within %.0f s",
                 step,
-                node_id,
+                site_label(grid, node_id),
                 timeout,
             )
         return replies
@@ -257,29 +256,35 @@ def request_encrypted_feature_stats(
             if reply.has_error():
                 log(
                     WARNING,
-                    "encrypted feature statistics (%s): node %d replied with an "
-                    "error: %s",
+                    "encrypted feature statistics (%s): %s replied with an error: %s",
                     step,
-                    node_id,
+                    site_label(grid, node_id),
                     reply.error.reason,
                 )
                 continue
             try:
-                total.add(reply.content.array_records["stats"], f"node {node_id}")
+                total.add(
+                    reply.content.array_records["stats"], site_label(grid, node_id)
+                )
                 added.append(node_id)
             except (KeyError, ValueError) as err:
                 log(
                     WARNING,
-                    "encrypted feature statistics (%s): reply from node %d dropped: %s",
+                    "encrypted feature statistics (%s): reply from %s dropped: %s",
                     step,
-                    node_id,
+                    site_label(grid, node_id),
                     err,
                 )
         result = total.result()
         if result is None or len(added) < needed:
+            failed = [site_label(grid, int(r.metadata.src_node_id)) for r in replies]
+            failed = [
+                f for f in failed if f not in {site_label(grid, n) for n in added}
+            ]
             raise RuntimeError(
                 f"encrypted feature statistics ({step}): {len(added)} valid "
-                f"replies, need {needed}; see the warnings above"
+                f"replies, need {needed} (min-nodes); failed: "
+                f"{', '.join(failed) or 'none'}; see the warnings above"
             )
         return result, added
 

@@ -23,8 +23,15 @@ For each ``send_and_receive`` call it:
 - logs one WARNING per node that replied with an error or did not reply within the
   timeout, naming the node id and, once known, the site's name;
 - learns site names from a ``ConfigRecord`` named ``"site"`` (key ``"name"``) that
-  ClientApps may add to their replies (:func:`site_record`). Names come from
-  clients, so they are sanitised and made unique.
+  ClientApps may add to their replies (:func:`site_record`), and from error
+  replies whose reason starts with ``site '<name>': ``
+  (:mod:`flwr_ext.appkit.site_errors`). Names come from clients, so they are
+  sanitised and made unique;
+- hands the strategy an error reply that the SuperLink wrote for an unavailable
+  node ("Node Unavailable", sent under the SuperLink's own node id) as a reply
+  from the node the instruction was for, so every log line names the real node;
+- logs one INFO line per phase with its own counts (sampled, replied, errors,
+  missing), next to Flower's "Received N results and M failures".
 """
 
 from __future__ import annotations
@@ -34,12 +41,14 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from logging import WARNING
+from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 from flwr.supercore.run import Run
+
+from .site_errors import site_from_reason
 
 __all__ = ["SITE_RECORD_KEY", "PhaseRecord", "RecordingGrid", "site_record"]
 
@@ -162,6 +171,9 @@ class RecordingGrid(Grid):
         destinations = {
             m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages
         }
+        replies = _from_real_nodes(
+            replies, {m.metadata.message_id: m for m in messages}
+        )
         self._record(phase, server_round, record, replies, timeout, destinations)
         return replies
 
@@ -176,8 +188,11 @@ class RecordingGrid(Grid):
         return self.site_names.get(node_id, f"node-{node_id}")
 
     def _learn_name(self, reply: Message) -> None:
-        record = reply.content.config_records.get(SITE_RECORD_KEY)
-        raw = None if record is None else record.get("name")
+        if reply.has_error():
+            raw: object = site_from_reason(str(reply.error.reason))
+        else:
+            record = reply.content.config_records.get(SITE_RECORD_KEY)
+            raw = None if record is None else record.get("name")
         if not isinstance(raw, str):
             return
         name = re.sub(r"[^A-Za-z0-9_.@ -]", "_", raw.strip())[:_MAX_NAME]
@@ -207,6 +222,8 @@ class RecordingGrid(Grid):
             )
             replied.add(node_id)
             if reply.has_error():
+                if node_id == int(reply.metadata.src_node_id):
+                    self._learn_name(reply)
                 record.failed[node_id] = str(reply.error.reason)
                 continue
             self._learn_name(reply)
@@ -223,6 +240,23 @@ class RecordingGrid(Grid):
                 kept = self.lists.setdefault(phase, {}).setdefault(server_round, {})
                 kept[node_id] = lists
         record.missing = [n for n in record.sampled if n not in replied]
+        failed = len(record.failed) + len(record.missing)
+        log(
+            INFO,
+            "round %d %s: %d site(s) sampled, %d replied, %d with an error, %d "
+            "missing%s",
+            server_round,
+            phase,
+            len(record.sampled),
+            len(replied) - len(record.failed),
+            len(record.failed),
+            len(record.missing),
+            " (Flower's 'Received N results and M failures' counts only what "
+            "reached the strategy: a missing site is in neither number, and a "
+            "wrapper may already have dropped an error reply)"
+            if failed
+            else "",
+        )
         for node_id, reason in record.failed.items():
             log(
                 WARNING,
@@ -264,6 +298,27 @@ class RecordingGrid(Grid):
                          "reason": "no reply before the timeout"}
                     )  # fmt: skip
         return sorted(events, key=lambda e: (e["round"], str(e["phase"])))
+
+
+def _from_real_nodes(replies: list[Message], sent: dict[str, Message]) -> list[Message]:
+    """Re-address the SuperLink's "Node Unavailable" replies to the real node.
+
+    The SuperLink answers for a node whose heartbeats stopped with an error
+    reply under its *own* node id; strategies then log a reply "from node 1".
+    Such a reply is rebuilt as an error reply to the original instruction, so
+    it comes from the node the instruction was for.
+    """
+    fixed = []
+    for reply in replies:
+        original = sent.get(reply.metadata.reply_to_message_id)
+        if (
+            reply.has_error()
+            and original is not None
+            and int(reply.metadata.src_node_id) != int(original.metadata.dst_node_id)
+        ):
+            reply = Message(reply.error, reply_to=original)
+        fixed.append(reply)
+    return fixed
 
 
 def _phase(message: Message) -> str:

@@ -48,6 +48,7 @@ __all__ = [
     "is_stats_query",
     "reply_feature_stats",
     "request_feature_stats",
+    "site_label",
 ]
 
 #: Value of ``config["query"]`` in the statistics QUERY message.
@@ -268,21 +269,23 @@ def request_feature_stats(
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     valid: list[tuple[int, FeatureStats]] = []
     answered: set[int] = set()
+    failed: list[str] = []
     for reply in replies:
         node_id = int(reply.metadata.src_node_id)
         if node_id in answered:
             log(
                 WARNING,
-                "feature statistics: second reply from node %d ignored",
-                node_id,
+                "feature statistics: second reply from %s ignored",
+                site_label(grid, node_id),
             )
             continue
         answered.add(node_id)
         if reply.has_error():
+            failed.append(site_label(grid, node_id))
             log(
                 WARNING,
-                "feature statistics: node %d replied with an error: %s",
-                node_id,
+                "feature statistics: %s replied with an error: %s",
+                site_label(grid, node_id),
                 reply.error.reason,
             )
             continue
@@ -292,23 +295,26 @@ def request_feature_stats(
                 raise ValueError(f"expected one MetricRecord, got {len(records)}")
             valid.append((node_id, FeatureStats.from_metrics(records[0], n_features)))
         except ValueError as err:
+            failed.append(site_label(grid, node_id))
             log(
                 WARNING,
-                "feature statistics: reply from node %d dropped: %s",
-                node_id,
+                "feature statistics: reply from %s dropped: %s",
+                site_label(grid, node_id),
                 err,
             )
     for node_id in sorted(set(node_ids) - answered):
+        failed.append(site_label(grid, node_id))
         log(
             WARNING,
-            "feature statistics: no reply from node %d within %.0f s",
-            node_id,
+            "feature statistics: no reply from %s within %.0f s",
+            site_label(grid, node_id),
             timeout,
         )
     if len(valid) < min_nodes:
         raise RuntimeError(
             f"feature statistics: {len(valid)} valid replies from {len(node_ids)} "
-            f"nodes, need {min_nodes}; see the warnings above"
+            f"sites, need {min_nodes} (min-nodes); failed: "
+            f"{', '.join(failed) or 'none'}; see the warnings above"
         )
     log(
         INFO,
@@ -317,6 +323,16 @@ def request_feature_stats(
         sum(s.count for _, s in valid),
     )
     return valid
+
+
+def site_label(grid: Grid, node_id: int) -> str:
+    """``"node 12 (st-marys)"`` if ``grid`` knows the site's name, else ``"node 12"``.
+
+    Uses the ``label`` method of a
+    :class:`~flwr_ext.appkit.recorder.RecordingGrid` (or a grid wrapping one).
+    """
+    label = getattr(grid, "label", None)
+    return str(label(node_id)) if callable(label) else f"node {node_id}"
 
 
 def _wait_for_nodes(grid: Grid, min_nodes: int, wait_s: float) -> list[int]:

@@ -118,6 +118,15 @@ STRATEGY_OPTIONS: tuple[Option, ...] = (
         min=0.0,
         min_exclusive=True,
     ),
+    Option(
+        "node-wait-timeout",
+        float,
+        120.0,
+        "seconds a round waits for sites that are not connected; then it goes on "
+        "without them if min-nodes remain, else the run fails naming them",
+        min=0.0,
+        min_exclusive=True,
+    ),
     Option("proximal-mu", float, 0.1, "FedProx proximal term weight", min=0.0),
     Option(
         "server-learning-rate",

@@ -1,31 +1,27 @@
-"""Import Opacus without letting it configure the application's logging.
+"""Import Opacus without its logging side effect.
 
 ``opacus.utils.module_utils`` calls :func:`logging.basicConfig` when it is
-imported, which adds a handler to the *root* logger if it has none. Flower's own
-logger (``flwr``) propagates to the root, so after that import every ServerApp
-and ClientApp log line is printed twice: once by Flower's handler, once by the
-root handler Opacus added. A library must not configure logging (that is the
-application's call), so :func:`import_opacus` imports Opacus and removes exactly
-the root handlers that this import added - a handler the application installed
-before or after is left alone.
+imported, which gives the *root* logger a stderr handler if it has none. Flower's
+``flwr`` logger propagates to the root, so from then on every ServerApp and
+ClientApp log line is printed twice (once by Flower's handler, once as
+``12/06/2026 01:54:46:INFO:...``) - also in ``flwr log``. A library must not
+configure logging (that is the application's call): importing this module (after
+or before Opacus) imports Opacus and removes exactly that handler - the stream
+handler with Opacus's format - and leaves any handler the application configured.
+Every flwr-ext module that imports Opacus imports this one first.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 
-__all__ = ["import_opacus"]
+import opacus.utils.module_utils  # noqa: F401 - calls logging.basicConfig
 
+__all__: list[str] = []
 
-def import_opacus() -> None:
-    """Import ``opacus`` (if not yet imported) and undo its ``basicConfig``."""
-    if "opacus" in sys.modules:
-        return  # imported before flwr-ext: whoever imported it owns the logging
-    root = logging.getLogger()
-    before = list(root.handlers)
-    import opacus  # noqa: F401  (the import is the point)
+_OPACUS_FORMAT = "%(asctime)s:%(levelname)s:%(message)s"
 
-    for handler in list(root.handlers):
-        if handler not in before:
-            root.removeHandler(handler)
+for _handler in list(logging.getLogger().handlers):
+    _format = getattr(_handler.formatter, "_fmt", None)
+    if isinstance(_handler, logging.StreamHandler) and _format == _OPACUS_FORMAT:
+        logging.getLogger().removeHandler(_handler)

@@ -49,13 +49,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
+from opacus.accountants import create_accountant
+from opacus.accountants.rdp import RDPAccountant
 
-from ._opacus import import_opacus
+from . import _opacus  # noqa: F401 - undoes Opacus's basicConfig
 from .validation import check_choice, check_int, check_open_unit, check_positive
-
-import_opacus()  # before importing Opacus: keeps the root logger clean
-from opacus.accountants import create_accountant  # noqa: E402
-from opacus.accountants.rdp import RDPAccountant  # noqa: E402
 
 __all__ = [
     "ACCOUNTANTS",

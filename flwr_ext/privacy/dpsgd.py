@@ -52,20 +52,18 @@ from typing import NamedTuple
 
 import torch
 from flwr.app import ConfigRecord, Context
+from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ._opacus import import_opacus
+from . import _opacus  # noqa: F401 - undoes Opacus's basicConfig
 from .accountant import ACCOUNTANTS, Neighbouring, PrivacyAccountant, PrivacyUnit
 from .calibration import calibrate_noise_multiplier
 from .keys import RECORD_DELTA, RECORD_EPSILON, RECORD_NOISE_MULTIPLIER, RECORD_STEPS
 from .noise import secure_torch_generator
 from .validation import check_choice, check_int, check_open_unit, check_positive
-
-import_opacus()  # before importing Opacus: keeps the root logger clean
-from opacus import PrivacyEngine  # noqa: E402
-from opacus.optimizers import DPOptimizer  # noqa: E402
-from opacus.validators import ModuleValidator  # noqa: E402
 
 __all__ = [
     "STATE_KEY",

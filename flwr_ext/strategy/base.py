@@ -14,7 +14,9 @@ different:
   train reply goes through the same checks, in this order, before any wrapper
   looks at its content:
 
-  1. the sender was sampled this round (when the sample is known);
+  1. the sender was sampled this round (when the sample is known; an error
+     reply from outside the sample is the SuperLink answering for a sampled
+     node that went away, and says so);
   2. it is the sender's first reply this round (Flower sends one instruction per
      node; a second reply is dropped, the first one kept);
   3. it is not an error reply (the ClientApp failed);
@@ -157,6 +159,13 @@ class StrategyWrapper(RoundReporting):
         """Apply steps 1-3 of the screening policy; return the sender's node id."""
         node_id = int(reply.metadata.src_node_id)
         if sampled is not None and node_id not in sampled:
+            if reply.has_error():  # the SuperLink (node 1) answers for a lost node
+                raise InvalidReplyError(
+                    node_id,
+                    "the SuperLink's reply for a sampled node that is unavailable "
+                    f"(no heartbeat): {reply.error.reason}",
+                    proves_faulty=False,
+                )
             raise InvalidReplyError(
                 node_id, "node was not sampled in this round", proves_faulty=False
             )

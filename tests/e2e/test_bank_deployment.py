@@ -1,6 +1,7 @@
 """bank-fraud on Flower's Deployment Engine: real processes on 127.0.0.1.
 
-A ``flower-superlink`` and three ``flower-supernode`` processes, one per bank,
+A ``flower-superlink`` with TLS and SuperNode authentication (each bank's ECDSA
+node key registered first) and three ``flower-supernode`` processes, one per bank,
 each reading its own CSV file (written here by the generator) through node
 config ``data-path``. One bank exports its columns under its own names and
 maps them with a JSON ``schema-path`` file. The coordinator submits the app with
@@ -21,9 +22,13 @@ from flwr_ext.appkit import parse_summary
 from flwr_ext.launch import (
     FlowerHome,
     FlowerProcess,
+    make_node_key,
+    make_tls_files,
+    register_supernode,
     start_superlink,
     start_supernode,
     submit_run,
+    wait_for_nodes_online,
     wait_for_run,
 )
 
@@ -76,18 +81,28 @@ def test_three_banks_each_with_its_own_csv(tmp_path):
     home = FlowerHome(tmp_path / "flwr-home")
     processes: list[FlowerProcess] = []
     try:
-        superlink, port = start_superlink(home, simulation=False)
+        tls = make_tls_files(tmp_path / "tls")
+        superlink, port = start_superlink(
+            home, simulation=False, tls=tls, node_auth=True
+        )
         processes.append(superlink)
-        home.add_connection("consortium", port)
+        home.add_connection("consortium", port, root_certificates=tls.ca_cert)
         for name, path in zip(BANKS.values(), csvs, strict=True):
             node_config = {"data-path": str(path), "site-name": name}
             if name == "credit-union":
                 node_config["schema-path"] = str(schema)
-            processes.append(
-                start_supernode(
-                    home, port, node_config=node_config, name=f"supernode-{name}"
-                )
+            key = make_node_key(tmp_path / "node-keys", name)
+            register_supernode(home, "consortium", key.public)
+            node = start_supernode(
+                home,
+                port,
+                node_config=node_config,
+                name=f"supernode-{name}",
+                root_certificates=tls.ca_cert,
+                auth_key=key.private,
             )
+            processes.append(node)
+        wait_for_nodes_online(home, "consortium", len(BANKS))
         out = tmp_path / "results"
         run_id = submit_run(
             home,

@@ -1,7 +1,9 @@
 """hospital-diagnostics on Flower's Deployment Engine: real processes on 127.0.0.1.
 
-A ``flower-superlink`` with TLS (a self-signed CA made here) and three
-``flower-supernode`` processes, one per hospital, each reading its own CSV file
+A ``flower-superlink`` with TLS (a self-signed CA made here) and SuperNode
+authentication (each hospital's ECDSA node key registered with ``flwr supernode
+register``), and three ``flower-supernode`` processes, one per hospital, each
+reading its own CSV file
 through node config ``data-path`` and holding the data owners' CKKS secret context
 (``ckks-context``). The coordinator submits the app with ``flwr run`` and the test
 checks the run's final status, the metrics and the results folder, then stops
@@ -26,11 +28,14 @@ from flwr_ext.appkit import parse_summary
 from flwr_ext.launch import (
     FlowerHome,
     FlowerProcess,
+    make_node_key,
     make_tls_files,
+    register_supernode,
     run_log,
     start_superlink,
     start_supernode,
     submit_run,
+    wait_for_nodes_online,
     wait_for_run,
 )
 
@@ -58,34 +63,40 @@ def write_hospital_csvs(directory: Path, count: int = 3) -> list[Path]:
 
 
 class Federation:
-    """SuperLink + SuperNodes started by a test; ``stop()`` ends every one."""
+    """SuperLink (TLS + SuperNode authentication) + SuperNodes; ``stop()`` ends all."""
 
-    def __init__(self, root: Path, *, tls: bool) -> None:
+    def __init__(self, root: Path) -> None:
+        self.root = root
         self.home = FlowerHome(root / "flwr-home")
-        self.tls = make_tls_files(root / "tls") if tls else None
+        self.tls = make_tls_files(root / "tls")
         self.processes: list[FlowerProcess] = []
         self.nodes: list[FlowerProcess] = []
         superlink, self.port = start_superlink(
-            self.home, simulation=False, tls=self.tls
+            self.home, simulation=False, tls=self.tls, node_auth=True
         )
         self.processes.append(superlink)
+        # The connection first: `flwr supernode register` uses it.
         self.home.add_connection(
-            "consortium",
-            self.port,
-            root_certificates=self.tls.ca_cert if self.tls else None,
+            "consortium", self.port, root_certificates=self.tls.ca_cert
         )
 
     def add_hospital(self, name: str, node_config: dict) -> FlowerProcess:
+        key = make_node_key(self.root / "node-keys", name)
+        register_supernode(self.home, "consortium", key.public)
         node = start_supernode(
             self.home,
             self.port,
             node_config={**node_config, "site-name": name},
-            root_certificates=self.tls.ca_cert if self.tls else None,
+            root_certificates=self.tls.ca_cert,
+            auth_key=key.private,
             name=f"supernode-{name}",
         )
         self.processes.append(node)
         self.nodes.append(node)
         return node
+
+    def wait_online(self) -> None:
+        wait_for_nodes_online(self.home, "consortium", len(self.nodes))
 
     def stop(self) -> None:
         for process in reversed(self.processes):  # SuperNodes first
@@ -98,13 +109,14 @@ def test_tls_deployment_with_ckks_and_one_csv_per_hospital(tmp_path):
 
     keys = create_keys(tmp_path / "keys")
     csvs = write_hospital_csvs(tmp_path / "data")
-    federation = Federation(tmp_path, tls=True)
+    federation = Federation(tmp_path)
     try:
         for i, path in enumerate(csvs):
             federation.add_hospital(
                 f"hospital-{i}",
                 {"data-path": str(path), "ckks-context": str(keys.secret)},
             )
+        federation.wait_online()
         out = tmp_path / "results"
         run_id = submit_run(
             federation.home,
@@ -138,12 +150,13 @@ def test_tls_deployment_with_ckks_and_one_csv_per_hospital(tmp_path):
 
 def test_a_killed_supernode_drops_out_and_the_run_completes(tmp_path):
     csvs = write_hospital_csvs(tmp_path / "data")
-    federation = Federation(tmp_path, tls=False)
+    federation = Federation(tmp_path)
     try:
         victims = [
             federation.add_hospital(f"hospital-{i}", {"data-path": str(path)})
             for i, path in enumerate(csvs)
         ]
+        federation.wait_online()
         out = tmp_path / "results"
         run_id = submit_run(
             federation.home,
@@ -154,6 +167,7 @@ def test_a_killed_supernode_drops_out_and_the_run_completes(tmp_path):
                 "local-epochs": 2,
                 "min-nodes": 2,
                 "round-timeout": 120.0,
+                "node-wait-timeout": 20.0,
                 "output-dir": str(out),
             },
         )

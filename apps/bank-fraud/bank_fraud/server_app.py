@@ -7,14 +7,19 @@
    (:mod:`flwr_ext.appkit.standardisation`).
 3. Run the strategy the run config names (FedAvg, a robust rule, DP, CKKS...)
    for ``num-server-rounds`` through a grid that records every bank's metrics
-   and score histograms per round and names any bank that drops out. Each round
+   and score histograms per round and names any bank that drops out (a round
+   waits at most ``node-wait-timeout`` for an absent bank, then goes on without
+   it, ``min-nodes`` permitting, or fails naming it). Each round
    the decision threshold is chosen on the banks' validation histograms
    (:mod:`bank_fraud.thresholds`) and precision, recall and F1 at it are
    computed on their test histograms - pooled and per bank.
 4. Write ``metrics.json``, ``metrics.csv``, the final model, its preprocessing
    and threshold (``preprocessing.json``), the plots (``auprc.png``,
    ``recall-at-1pct-fpr.png``, ``pr_curve.png``), and log one summary line:
-   ``flwr-ext result: app=bank-fraud ... auprc=... threshold=...``.
+   ``flwr-ext result: app=bank-fraud ... auprc=... threshold=...``. A run that
+   fails on the way still writes its results folder (what completed, which
+   bank failed and why) and a ``status=failed`` summary line
+   (:mod:`flwr_ext.appkit.failure`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from flwr_ext.appkit.failure import failure_recorded
+from flwr_ext.appkit.liveness import DeadlineGrid, RestartAwareGrid
 from flwr_ext.appkit.metrics import BinaryStats, OperatingPoint, make_metrics_aggregator
 from flwr_ext.appkit.plots import plot_rounds
 from flwr_ext.appkit.recorder import RecordingGrid
@@ -73,6 +80,26 @@ def main(grid: Grid, context: Context) -> None:
         resolve_output_dir(settings["output-dir"], APP_NAME, context.run_id)
     )
     log(INFO, "%s: results will be written to %s", APP_NAME, writer.directory)
+    recording = RecordingGrid(RestartAwareGrid(grid), keep_lists=HISTOGRAM_KEYS)
+    with failure_recorded(
+        APP_NAME, context.run_id, writer, recording, run_info={"run-config": settings}
+    ):
+        _run(recording, context, settings, writer, started)
+
+
+def _run(
+    recording: RecordingGrid,
+    context: Context,
+    settings: dict,
+    writer: ResultsWriter,
+    started: float,
+) -> None:
+    """Statistics round, training rounds, results: everything that needs the banks."""
+    grid = DeadlineGrid(
+        recording,
+        min_nodes=settings["min-nodes"],
+        wait_s=settings["node-wait-timeout"],
+    )
     rule = threshold_rule_from_settings(settings)
     selection = settings["threshold-selection"]
     strategy = build_strategy(
@@ -85,7 +112,6 @@ def main(grid: Grid, context: Context) -> None:
     spec = data_spec(settings)
     num_features = len(spec.schema.features)
     model = make_model(num_features, settings["hidden-layers"], settings["seed"])
-    grid = RecordingGrid(grid, keep_lists=HISTOGRAM_KEYS)
 
     config = ConfigRecord()
     prepare_feature_scaling(
@@ -101,19 +127,20 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_config=ConfigRecord(dict(config)),
     )
 
-    history = round_history(grid, result)
-    per_site = add_site_threshold_metrics(history, grid, rule, selection=selection)
+    history = round_history(recording, result)
+    per_site = add_site_threshold_metrics(history, recording, rule, selection=selection)
     seconds = time.monotonic() - started
     final = history[-1] if history else {"aggregated": {}, "sites": {}, "round": 0}
     evaluation = final["aggregated"].get("evaluate", {})
-    dropped = sorted({(d["node-id"], d["site"]) for d in grid.dropouts()})
+    dropped = sorted({(d["node-id"], d["site"]) for d in recording.dropouts()})
     _write_preprocessing(writer, settings, spec, config, evaluation)
     files = ["preprocessing.json"]
     files += _write(
         writer, settings, context, history, result.arrays, seconds, dropped,
         per_site.get(final["round"], {}), evaluation,
     )  # fmt: skip
-    fields: dict[str, object] = {"run": context.run_id, "rounds": len(history)}
+    fields: dict[str, object] = {"run": context.run_id, "status": "completed"}
+    fields["rounds"] = len(history)
     fields["sites"] = len(final["sites"])
     for name in SUMMARY_METRICS:
         fields[name] = float(evaluation.get(name, math.nan))

@@ -45,6 +45,13 @@ from flwr_ext.appkit.metrics import site_metrics
 from flwr_ext.appkit.recorder import SITE_RECORD_KEY, site_record
 from flwr_ext.appkit.secure import secure_aggregation_mod
 from flwr_ext.appkit.site import site_from_context
+from flwr_ext.appkit.site_errors import site_errors_mod
+from flwr_ext.appkit.site_state import (
+    keep_state,
+    load_scaler,
+    restore_state,
+    save_scaler,
+)
 from flwr_ext.appkit.standardisation import (
     FeatureStats,
     Standardizer,
@@ -65,7 +72,9 @@ from flwr_ext.attacks import byzantine_mod, flip_labels_if_attacking
 from .settings import EVALUATION_METRICS, load_settings
 from .task import SiteData, load_site_data, make_model
 
-app = ClientApp(mods=[secure_aggregation_mod, byzantine_mod])
+app = ClientApp(
+    mods=[site_errors_mod("hospital"), secure_aggregation_mod, byzantine_mod]
+)
 
 
 def _site(context: Context) -> tuple[SiteData, dict]:
@@ -93,12 +102,18 @@ def _standardizer(
     config = msg.content.config_records.get("config", {})
     # Plaintext runs: the server sends the pooled scaler in every round's config.
     # Under CKKS the site decrypted it itself in the statistics round.
-    standardizer = Standardizer.from_config(config) or scaler_from_state(context)
+    # A site restarted mid-run takes it back from its state-dir (site_state).
+    standardizer = (
+        Standardizer.from_config(config)
+        or scaler_from_state(context)
+        or load_scaler(context)
+    )
     if standardizer is None:
         raise ValueError(
-            "no feature scaler: the server sent none, and this site took no part "
-            "in the statistics round before training (it joined late, or the "
-            "ServerApp is not this app's)"
+            "no feature scaler: the server sent none (CKKS run), this site took no "
+            "part in the statistics round before training (it joined late), and it "
+            "kept none in a state-dir (node config state-dir='/abs/folder' keeps "
+            "it across a SuperNode restart); or the ServerApp is not this app's"
         )
     return standardizer
 
@@ -115,7 +130,11 @@ def query(msg: Message, context: Context) -> Message:
     """Answer the feature-statistics request."""
     data, _ = _site(context)
     if is_encrypted_stats_query(msg):
-        return reply_encrypted_stats(msg, context, data.train.x)
+        reply = reply_encrypted_stats(msg, context, data.train.x)
+        scaler = scaler_from_state(context)
+        if scaler is not None:  # kept on disk, to rejoin after a restart
+            save_scaler(context, scaler)
+        return reply
     if is_stats_query(msg):
         return reply_feature_stats(msg, data.train.x)
     raise ValueError("unknown query; this ClientApp answers feature statistics only")
@@ -131,6 +150,11 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records.get("config", {})
     server_round = int(config.get("server-round", 0))
     if settings["dp-sgd"]:
+        from flwr_ext.privacy.dpsgd import STATE_KEY as DP_ACCOUNT
+
+        # After a SuperNode restart, continue the privacy account kept in
+        # state-dir: counting epsilon from zero again would under-report it.
+        restore_state(context, (DP_ACCOUNT,))
         result = train_binary_dp(
             model,
             x,
@@ -144,6 +168,7 @@ def train(msg: Message, context: Context) -> Message:
             target_delta=settings["dp-sgd-delta"],
             max_grad_norm=settings["dp-sgd-max-grad-norm"],
         )
+        keep_state(context, (DP_ACCOUNT,))
     else:
         result = train_binary(
             model,

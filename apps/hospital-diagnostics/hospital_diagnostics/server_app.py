@@ -7,10 +7,16 @@
    (:mod:`flwr_ext.appkit.standardisation`).
 3. Run the strategy the run config names (FedAvg, a robust rule, DP, CKKS...)
    for ``num-server-rounds`` through a :class:`RecordingGrid`, which records every
-   hospital's metrics per round and names any hospital that drops out.
+   hospital's metrics per round and names any hospital that drops out, wrapped
+   in a :class:`DeadlineGrid`: a round waits at most ``node-wait-timeout`` for an
+   absent hospital, then goes on without it (``min-nodes`` permitting) or fails
+   naming it.
 4. Write ``metrics.json``, ``metrics.csv``, the final model, its preprocessing
    (``preprocessing.json``: columns, feature mean and scale) and the plots, and
    log one summary line: ``flwr-ext result: app=hospital-diagnostics ...``.
+   A run that fails on the way still writes its results folder (what completed,
+   which hospital failed and why) and a ``status=failed`` summary line
+   (:mod:`flwr_ext.appkit.failure`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from flwr_ext.appkit.failure import failure_recorded
+from flwr_ext.appkit.liveness import DeadlineGrid, RestartAwareGrid
 from flwr_ext.appkit.metrics import make_metrics_aggregator
 from flwr_ext.appkit.plots import plot_rounds
 from flwr_ext.appkit.recorder import RecordingGrid
@@ -60,6 +68,26 @@ def main(grid: Grid, context: Context) -> None:
         resolve_output_dir(settings["output-dir"], APP_NAME, context.run_id)
     )
     log(INFO, "%s: results will be written to %s", APP_NAME, writer.directory)
+    recording = RecordingGrid(RestartAwareGrid(grid))
+    with failure_recorded(
+        APP_NAME, context.run_id, writer, recording, run_info={"run-config": settings}
+    ):
+        _run(recording, context, settings, writer, started)
+
+
+def _run(
+    recording: RecordingGrid,
+    context: Context,
+    settings: dict,
+    writer: ResultsWriter,
+    started: float,
+) -> None:
+    """Statistics round, training rounds, results: everything that needs the sites."""
+    grid = DeadlineGrid(
+        recording,
+        min_nodes=settings["min-nodes"],
+        wait_s=settings["node-wait-timeout"],
+    )
     strategy = build_strategy(
         settings,
         train_metrics_aggr_fn=_train_metrics_aggregator(settings),
@@ -68,7 +96,6 @@ def main(grid: Grid, context: Context) -> None:
     schema = schema_for(settings)
     num_features = len(schema.features)
     model = make_model(num_features, settings["hidden-units"], settings["seed"])
-    grid = RecordingGrid(grid)
 
     config = ConfigRecord()
     prepare_feature_scaling(
@@ -85,13 +112,14 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_config=ConfigRecord(dict(config)),
     )
 
-    history = round_history(grid, result)
+    history = round_history(recording, result)
     seconds = time.monotonic() - started
     final = history[-1] if history else {"aggregated": {}, "sites": {}, "dropped": []}
     evaluation = final["aggregated"].get("evaluate", {})
-    dropped = sorted({(d["node-id"], d["site"]) for d in grid.dropouts()})
+    dropped = sorted({(d["node-id"], d["site"]) for d in recording.dropouts()})
     files = _write(writer, settings, context, history, result.arrays, seconds, dropped)
-    fields: dict[str, object] = {"run": context.run_id, "rounds": len(history)}
+    fields: dict[str, object] = {"run": context.run_id, "status": "completed"}
+    fields["rounds"] = len(history)
     fields["sites"] = len(final["sites"])
     for name in EVALUATION_METRICS:
         fields[name] = float(evaluation.get(name, float("nan")))
