@@ -3,13 +3,16 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from flwr_ext.appkit.config import ConfigError, ConfigSchema, Option
-from flwr_ext.appkit.secure import secure_aggregation_mod, site_requires_ckks
 from flwr_ext.appkit.strategies import BUILDERS, build_strategy
 from flwr_ext.appkit.strategy_options import (
     ATTACK_OPTIONS,
     STRATEGY_CHOICES,
     STRATEGY_OPTIONS,
     check_strategy_settings,
+)
+from flwr_ext.mods.secure_aggregation import (
+    secure_aggregation_mod,
+    site_requires_ckks,
 )
 from flwr_ext.strategy import ROBUST_STRATEGIES, DPFedAvg, HomomorphicAggregation
 

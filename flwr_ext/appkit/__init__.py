@@ -24,8 +24,6 @@ lands in both. One concept per module:
   the server adds ciphertexts, only the sites decrypt the pooled scaler.
 - :mod:`~flwr_ext.appkit.scaling` - the ServerApp's scaling step before round 1:
   plaintext or encrypted statistics round, as the run config asks.
-- :mod:`~flwr_ext.appkit.secure` - ``secure_aggregation_mod``: ``ckks_mod`` when
-  the run asks for CKKS or the site holds a secret context.
 - :mod:`~flwr_ext.appkit.torch_train` - the local training loop (SGD, FedProx
   term, DP-SGD) and scoring for a binary PyTorch model.
 - :mod:`~flwr_ext.appkit.metrics` - binary metrics per site and pooled from

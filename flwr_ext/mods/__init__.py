@@ -7,6 +7,10 @@
   Gaussian noise (pairs with :class:`flwr_ext.strategy.DistributedDP`). List it
   after any encrypting mod: ``ClientApp(mods=[ckks_mod, distributed_dp_mod])``.
 
+- :func:`secure_aggregation_mod` - runs ``ckks_mod`` when the run asks for CKKS
+  *or* the site holds a secret context (the app templates' routing: a keyed site
+  never sends plaintext); the encrypted statistics round's queries pass through.
+
 Names are resolved on first use (PEP 562): a ClientApp that uses one mod does not
 import the other's dependencies.
 """
@@ -18,10 +22,16 @@ from .._lazy import lazy_exports
 if TYPE_CHECKING:
     from .ckks import ckks_mod
     from .distributed_dp import distributed_dp_mod
+    from .secure_aggregation import secure_aggregation_mod
 
-_EXPORTS = {"ckks_mod": "ckks", "distributed_dp_mod": "distributed_dp"}
+_EXPORTS = {
+    "ckks_mod": "ckks",
+    "distributed_dp_mod": "distributed_dp",
+    "secure_aggregation_mod": "secure_aggregation",
+}
 __all__ = [
     "ckks_mod",
     "distributed_dp_mod",
+    "secure_aggregation_mod",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)
