@@ -38,29 +38,49 @@ def test_quoted_cells_bom_and_blank_lines_are_fine(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("text", "message"),
+    ("text", "message", "detail"),
     [
-        ("", "is empty"),
-        ("\n\n", "is empty"),
-        ("diagnosis,a,b\n", "header but no data rows"),
-        ("diagnosis,a\nM,1\nB,2\n", r"missing columns \['b'\]"),
-        ("diagnosis,a,b,age\nM,1,2,3\nB,1,2,3\n", r"unexpected columns \['age'\]"),
-        ("diagnosis,a,a,b\nM,1,1,2\nB,1,1,2\n", r"duplicate columns \['a'\]"),
-        ("diagnosis,a,b\nM,1,2\nB,x,2\n", r"line 3, column 'a': 'x' is not a number"),
-        ("diagnosis,a,b\nM,1,2\nB,,2\n", r"line 3, column 'a': empty cell"),
-        ("diagnosis,a,b\nM,1,2\nB,inf,2\n", "not a finite number"),
-        ("diagnosis,a,b\nM,1,2\nB,1\n", "line 3: 2 cells but the header has 3"),
-        ("diagnosis,a,b\nM,1,2\n,1,2\n", "line 3: empty label"),
-        ("diagnosis,a,b\nM,1,2\nM,3,4\n", r"single class \('M'\)"),
-        ("diagnosis,a,b\nB,1,2\nB,3,4\n", "never holds the positive label 'M'"),
-        ("diagnosis,a,b\nM,1,2\nB,3,4\nm,5,6\n", "3 distinct values"),
+        ("", r"\[empty\].*is empty", None),
+        ("\n\n", r"\[empty\].*is empty", None),
+        ("diagnosis,a,b\n", "header but no data rows", None),
+        ("diagnosis,a\nM,1\nB,2\n", r"missing columns \['b'\]", None),
+        (
+            "diagnosis,a,b,age\nM,1,2,3\nB,1,2,3\n",
+            r"1 unexpected column\(s\) at positions \[4\]",
+            "'age'",
+        ),
+        (
+            "diagnosis,a,a,b\nM,1,1,2\nB,1,1,2\n",
+            r"duplicate columns at positions \[2, 3\] \(\['a'\]\)",
+            None,  # 'a' is a schema column: it may be named
+        ),
+        (
+            "diagnosis,a,b\nM,1,2\nB,x,2\n",
+            r"\[not-a-number\], line 3, column 'a': not a number",
+            "'x' is not a number",
+        ),
+        ("diagnosis,a,b\nM,1,2\nB,,2\n", r"line 3, column 'a': empty cell", None),
+        ("diagnosis,a,b\nM,1,2\nB,inf,2\n", "not a finite number", "'inf'"),
+        ("diagnosis,a,b\nM,1,2\nB,1\n", "line 3: 2 cells but the header has 3", None),
+        (
+            "diagnosis,a,b\nM,1,2\n,1,2\n",
+            "line 3, column 'diagnosis': empty label",
+            None,
+        ),
+        ("diagnosis,a,b\nM,1,2\nM,3,4\n", "single class", "'M'"),
+        ("diagnosis,a,b\nB,1,2\nB,3,4\n", "never holds the positive label 'M'", "'B'"),
+        ("diagnosis,a,b\nM,1,2\nB,3,4\nm,5,6\n", "3 distinct values", "'m'"),
     ],
 )
-def test_every_bad_file_gets_a_specific_error(tmp_path, text, message):
+def test_every_bad_file_gets_a_specific_error(tmp_path, text, message, detail):
+    """The message (sent to the coordinator) names code, line and schema column;
+    the detail (the site's log) adds the path and the values."""
     path = _write(tmp_path, text)
     with pytest.raises(SchemaError, match=message) as err:
         load_csv(path, SCHEMA)
-    assert str(path) in str(err.value)
+    assert str(path) in err.value.detail and str(path) not in str(err.value)
+    if detail is not None:
+        assert detail in err.value.detail and detail not in str(err.value)
 
 
 def test_missing_path_and_directory(tmp_path):
@@ -73,7 +93,7 @@ def test_missing_path_and_directory(tmp_path):
 def test_binary_file_is_reported_not_crashing(tmp_path):
     path = tmp_path / "x.csv"
     path.write_bytes(b"\xff\xfe\x00garbage\x00")
-    with pytest.raises(SchemaError, match="could not be read as CSV"):
+    with pytest.raises(SchemaError, match="could not be read as UTF-8 CSV"):
         load_csv(path, SCHEMA)
 
 

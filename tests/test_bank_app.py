@@ -159,12 +159,12 @@ def test_the_public_credit_card_benchmark_format(tmp_path):
          "missing columns \\['time'\\].*time-column"),
         (lambda h, r: (h, [[*x[:3], -5.0, *x[4:]] if i == 7 else x
                            for i, x in enumerate(r)]),
-         "column 'amount' has 1 negative value.*data row 8"),
+         "column 'amount': negative value.*data row 8"),
         (lambda h, r: (h, [[*x[:1], "yesterday", *x[2:]] if i == 3 else x
                            for i, x in enumerate(r)]),
-         "line 5, column 'time': 'yesterday' is not a number"),
+         "line 5, column 'time': not a number"),
         (lambda h, r: ([*h, "merchant_name"], [[*x, "shop"] for x in r]),
-         "unexpected columns \\['merchant_name'\\]"),
+         "1 unexpected column\\(s\\) at positions"),
     ],
 )  # fmt: skip
 def test_bad_bank_files_get_errors_naming_file_column_and_row(tmp_path, edit, message):
@@ -178,7 +178,8 @@ def test_bad_bank_files_get_errors_naming_file_column_and_row(tmp_path, edit, me
         csv.writer(handle).writerows([header, *rows])
     with pytest.raises(SchemaError, match=message) as err:
         load_site_data(_site(path=path), _settings())
-    assert str(path) in str(err.value)
+    # the site's log has the path (and any value); the shareable message has not
+    assert str(path) in err.value.detail and str(path) not in str(err.value)
 
 
 def test_column_settings_that_cannot_work_fail_clearly(tmp_path):

@@ -324,7 +324,7 @@ def test_without_a_state_dir_the_restarted_site_says_what_to_set(tmp_path, caplo
         run(tmp_path, configs, restart_after={3: 1}, min_nodes=2,
             secure_aggregation="ckks",
             ckks_server_context=str(keys.server))  # fmt: skip
-    assert "site 'hospital-2': ValueError: no feature scaler" in caplog.text
+    assert "site 'hospital-2': ShareableError: no feature scaler" in caplog.text
     assert "state-dir" in caplog.text
     assert summary(caplog)["dropped"] == "hospital-2"
 

@@ -105,7 +105,9 @@ def test_noise_is_added_before_encryption_and_the_sum_is_exact(keys_dir):
     grid = InProcessGrid(
         dict.fromkeys(NODES, app),
         node_configs={n: {"partition-id": n - 1,
-                          "ckks-context": str(keys_dir / SECRET_FILE)}
+                          "ckks-context": str(keys_dir / SECRET_FILE),
+                          "policy-require-ckks": True,
+                          "policy-min-contributions": 3}
                       for n in NODES},
     )  # fmt: skip
     result = strategy(keys_dir, noise_multiplier=0.5).start(
@@ -145,7 +147,8 @@ def test_without_noise_the_composition_is_plain_fedavg_of_clipped_updates(keys_d
     grid = InProcessGrid(
         dict.fromkeys(NODES, app),
         node_configs={n: {"partition-id": n - 1,
-                          "ckks-context": str(keys_dir / SECRET_FILE)}
+                          "ckks-context": str(keys_dir / SECRET_FILE),
+                          "policy-min-noise-multiplier": 0.0}  # z=0.01: opt out
                       for n in NODES},
     )  # fmt: skip
     result = strategy(keys_dir, noise_multiplier=0.01, accountant="rdp").start(
@@ -169,7 +172,9 @@ def test_wrong_mod_order_fails_closed(keys_dir, caplog):
     grid = InProcessGrid(
         dict.fromkeys(NODES, app),
         node_configs={n: {"partition-id": n - 1,
-                          "ckks-context": str(keys_dir / SECRET_FILE)}
+                          "ckks-context": str(keys_dir / SECRET_FILE),
+                          "policy-require-ckks": True,
+                          "policy-min-contributions": 3}
                       for n in NODES},
     )  # fmt: skip
     with (

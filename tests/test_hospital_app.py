@@ -93,7 +93,7 @@ def test_csv_with_wrong_columns_names_file_and_columns(tmp_path):
     path.write_text("diagnosis,radius_mean\nM,1\nB,2\n")
     with pytest.raises(SchemaError, match="missing columns") as err:
         load_site_data(SiteSpec("x", path, None, None, None), _settings())
-    assert str(path) in str(err.value) and "texture_mean" in str(err.value)
+    assert str(path) in err.value.detail and "texture_mean" in str(err.value)
 
 
 def test_schema_file_on_the_node_overrides_the_run_config(tmp_path):

@@ -250,3 +250,21 @@ def test_conform_to_manifest_restores_keys_shapes_and_dtypes(caplog):
         assert conform_to_manifest(nan, manifest, "Test", 3) is None
     assert "[Test] round 2: the inner strategy dropped array 'steps'" in caplog.text
     assert "[Test] round 3: the inner strategy returned a non-finite" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"dtypes": ["float33", "<f4", "<i8"]},  # numpy does not know it
+        {"dtypes": ["|O", "<f4", "<i8"]},  # not a number
+        {"dtypes": ["float32", "<f8", "<i8"]},  # not numpy's .str form
+        {"shapes": [2, -3, 4, 2]},  # negative dimension
+        {"ranks": [3, 1, "x"]},  # not an int
+        {"keys": None},
+    ],
+)
+def test_manifest_from_hostile_dict_raises_value_error_only(change):
+    # A manifest travels in messages (the HE header, DP instructions).
+    data = {**Manifest.from_arrayrecord(mixed_record()).to_dict(), **change}
+    with pytest.raises(ValueError, match="Malformed manifest"):
+        Manifest.from_dict(data)

@@ -24,10 +24,14 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..safe_files import atomic_open, create_private_dir, write_text
+
 __all__ = ["decrypt_main", "decrypt_results"]
 
 
-def decrypt_results(results: Path, secret_context: Path, *, note: str = "") -> Path:
+def decrypt_results(
+    results: Path, secret_context: Path, *, note: str = "", overwrite: bool = False
+) -> Path:
     """Decrypt the model and scaler of ``results`` into ``results/decrypted``.
 
     Parameters
@@ -41,6 +45,10 @@ def decrypt_results(results: Path, secret_context: Path, *, note: str = "") -> P
     note : str, optional
         Replaces ``preprocessing.json``'s ``note`` once the scaler is filled in
         (how to turn a row into the model's input).
+    overwrite : bool (default: False)
+        Replace an earlier decryption's files. The ``decrypted`` folder is
+        ``0700`` and its files ``0600`` (the plaintext model), written atomically
+        and never through a symlink.
 
     Returns
     -------
@@ -66,10 +74,12 @@ def decrypt_results(results: Path, secret_context: Path, *, note: str = "") -> P
             f"{encrypted} does not exist: is {results} the results folder of a run "
             "with secure-aggregation='ckks'?"
         )
-    out = results / "decrypted"
-    out.mkdir(exist_ok=True)
-    model = decrypt_model_file(encrypted, secret_context, out / "final_model.npz")
-    torch.save(model.arrays.to_torch_state_dict(), out / "final_model.pt")
+    out = create_private_dir(results / "decrypted", fresh=not overwrite, claim=True)
+    model = decrypt_model_file(
+        encrypted, secret_context, out / "final_model.npz", overwrite=overwrite
+    )
+    with atomic_open(out / "final_model.pt", "wb", overwrite=overwrite) as handle:
+        torch.save(model.arrays.to_torch_state_dict(), handle)
     recipe = json.loads((results / "preprocessing.json").read_text())
     if (results / "feature-mean.ckks-model").exists():
         scaler = decrypt_scaler(results, secret_context)
@@ -77,7 +87,11 @@ def decrypt_results(results: Path, secret_context: Path, *, note: str = "") -> P
         recipe["feature-scale"] = [float(v) for v in np.asarray(scaler.scale)]
         if note:
             recipe["note"] = note
-    (out / "preprocessing.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    write_text(
+        out / "preprocessing.json",
+        json.dumps(recipe, indent=2) + "\n",
+        overwrite=overwrite,
+    )
     return out
 
 
@@ -91,7 +105,12 @@ def decrypt_main(argv: Sequence[str] | None = None, *, note: str = "") -> int:
     parser.add_argument(
         "--context", type=Path, required=True, help="secret-context.ckks"
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier decryption in RESULTS/decrypted",
+    )
     args = parser.parse_args(argv)
-    out = decrypt_results(args.results, args.context, note=note)
+    out = decrypt_results(args.results, args.context, note=note, overwrite=args.force)
     print(f"decrypted model and preprocessing written to {out}")
     return 0

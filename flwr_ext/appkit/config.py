@@ -52,6 +52,15 @@ class ConfigError(ValueError):
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"invalid {where} ({len(self.problems)} problem(s)):\n{lines}")
 
+    @property
+    def public_reason(self) -> str:
+        """The message, which may reach the coordinator.
+
+        Run-config values came from the coordinator; node-config problems are
+        built without the site's values (:mod:`flwr_ext.appkit.site`).
+        """
+        return str(self)
+
 
 @dataclass(frozen=True)
 class Option:

@@ -14,6 +14,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..safe_files import atomic_open
+
 __all__ = ["plot_bars", "plot_rounds"]
 
 
@@ -90,7 +92,9 @@ def plot_rounds(
     axes.legend(fontsize=8, loc="best")
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path)
+    # private (0600), atomic, a symlink at ``path`` replaced, never followed
+    with atomic_open(path, "wb", overwrite=True) as handle:
+        figure.savefig(handle, format=path.suffix.lstrip(".") or "png")
     return path
 
 
@@ -133,5 +137,7 @@ def plot_bars(
     axes.grid(True, axis="y", alpha=0.3)
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path)
+    # private (0600), atomic, a symlink at ``path`` replaced, never followed
+    with atomic_open(path, "wb", overwrite=True) as handle:
+        figure.savefig(handle, format=path.suffix.lstrip(".") or "png")
     return path

@@ -26,6 +26,12 @@ The folder holds (:class:`ResultsWriter`):
 ``*.png``
     Plots (:mod:`flwr_ext.appkit.plots`).
 
+Every run writes into a **fresh** folder: one that already holds files (another
+run's results) is refused unless ``ResultsWriter(..., overwrite=True)``. The folder
+is ``0700`` and every file ``0600`` (a final model can leak training data; metrics
+are per site), written atomically under a random temporary name and never through
+a symlink (:mod:`flwr_ext.safe_files`).
+
 :func:`summary_line` formats the one line a ServerApp logs last, which the user
 (or a test) reads with ``flwr log`` even from a remote SuperLink.
 """
@@ -36,16 +42,25 @@ import csv
 import json
 import math
 import os
+import secrets
 import shlex
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Result
 
+from ..safe_files import (
+    UnsafePathError,
+    atomic_open,
+    create_private_dir,
+    write_bytes,
+    write_text,
+)
 from .config import Option
 from .recorder import RecordingGrid
 
@@ -116,41 +131,71 @@ def resolve_output_dir(value: str, app_name: str, run_id: int) -> Path:
 
 
 class ResultsWriter:
-    """Write a run's results into one folder.
+    """Write a run's results into one fresh, private folder.
 
     Parameters
     ----------
     directory : Path
-        Absolute folder; created (with parents). Creating it, and a test write,
-        happen here, so an unwritable folder fails at start-up, not after
-        training.
+        Absolute folder; created ``0700`` (with parents). It must not exist yet,
+        or be empty: a folder holding another run's files is refused. Creating it,
+        and a test write, happen here, so an unusable folder fails at start-up,
+        not after training.
+    overwrite : bool (default: False)
+        Allow a folder that already holds files, and replace files of the same
+        name in it (atomically; a symlink is replaced, never followed).
+
+    Raises
+    ------
+    UnsafePathError
+        The folder is a symlink, not a folder, or holds files (and not
+        ``overwrite``).
+    OSError
+        The folder cannot be created or written.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, overwrite: bool = False) -> None:
         directory = Path(directory)
         if not directory.is_absolute():
             raise ValueError(f"results folder must be absolute, got {directory}")
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            probe = directory / ".write-test"
-            probe.write_text("ok")
+            create_private_dir(directory, fresh=not overwrite, claim=True)
+            probe = write_bytes(
+                directory / f".write-test-{secrets.token_hex(6)}", b"ok"
+            )
             probe.unlink()
+        except UnsafePathError as err:
+            raise UnsafePathError(
+                f"{err}; set run config output-dir to a new absolute folder"
+            ) from err
         except OSError as err:
             raise OSError(
                 f"cannot write results to {directory}: {err}; set run config "
                 "output-dir to a writable absolute folder"
             ) from err
         self.directory = directory
+        self.overwrite = overwrite
 
     def path(self, name: str) -> Path:
         """Absolute path of ``name`` inside the results folder."""
         return self.directory / name
 
+    def open(self, name: str, mode: str = "wb") -> AbstractContextManager[IO]:
+        """Open ``name`` for writing: private, atomic, never through a symlink.
+
+        For writers that need a file object::
+
+            with writer.open("final_model.pt") as handle:
+                torch.save(state_dict, handle)
+        """
+        return atomic_open(self.path(name), mode, overwrite=self.overwrite)  # type: ignore[call-overload]
+
     def write_json(self, name: str, data: object) -> Path:
         """Write ``data`` as indented JSON (NaN/Inf become null)."""
-        path = self.path(name)
-        path.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
-        return path
+        return write_text(
+            self.path(name),
+            json.dumps(_jsonable(data), indent=2) + "\n",
+            overwrite=self.overwrite,
+        )
 
     def write_metrics(
         self,
@@ -184,7 +229,7 @@ class ResultsWriter:
         fixed = ["round", "site", "node-id", "phase"]
         extra = sorted({k for row in rows for k in row} - set(fixed))
         csv_path = self.path(csv_name)
-        with csv_path.open("w", newline="") as handle:
+        with self.open(csv_name, "w") as handle:
             writer = csv.DictWriter(handle, fieldnames=fixed + extra, restval="")
             writer.writeheader()
             for row in rows:
@@ -194,7 +239,7 @@ class ResultsWriter:
     def write_arrays(self, arrays: ArrayRecord, name: str = "final_model.npz") -> Path:
         """Save an ArrayRecord as a ``.npz`` archive (array name -> array)."""
         path = self.path(name)
-        with path.open("wb") as handle:
+        with self.open(name) as handle:
             named: dict[str, Any] = {key: a.numpy() for key, a in arrays.items()}
             np.savez(handle, **named)
         return path

@@ -12,16 +12,24 @@ The same ClientApp runs in two places:
 :func:`site_from_context` validates the node config (:data:`NODE_OPTIONS`) and
 returns a :class:`SiteSpec`. Other keys (``ckks-context``, ``attack``...) are left
 for the components that read them.
+
+Node-config errors reach the coordinator (Flower sends ``str(exception)`` in the
+error reply), so they name the keys and what is wrong, never the site's values (a
+path can name a patient cohort or a department); the values go to the site's own
+log, and to the error's ``detail``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from logging import ERROR
 from pathlib import Path
 from typing import cast
 
 from flwr.app import Context
+from flwr.supercore import log
 
 from .config import ConfigError, ConfigSchema, Option
 
@@ -104,18 +112,16 @@ def site_from_context(context: Context, *, name_prefix: str = "site") -> SiteSpe
     num = cast(int | None, settings.get("num-partitions"))
     if data_path is None:
         if pid is None or num is None:
-            raise ConfigError(
-                "node config",
+            raise _node_config_error(
                 [
                     "no data: set data-path='/abs/path/site.csv' on this SuperNode "
                     "(--node-config), or partition-id and num-partitions in "
                     "simulation"
-                ],
+                ]
             )
         if pid >= num:
-            raise ConfigError(
-                "node config",
-                [f"partition-id={pid} must be < num-partitions={num}"],
+            raise _node_config_error(
+                [f"partition-id={pid} must be < num-partitions={num}"]
             )
     name = settings.get("site-name")
     if not name:
@@ -144,5 +150,21 @@ def _validate(config: Mapping[str, object]) -> dict[str, object]:
         except ValueError as err:
             problems.append(str(err))
     if problems:
-        raise ConfigError("node config", problems)
+        raise _node_config_error(problems)
     return values
+
+
+_VALUE = re.compile(r"^([A-Za-z0-9_.-]+)=(.*?) must ")
+
+
+def _node_config_error(problems: list[str]) -> ConfigError:
+    """Build a node-config error whose message names keys, not the site's values.
+
+    The full problems (with values) go to the site's log and to ``detail``.
+    """
+    public = [_VALUE.sub(r"\1 must ", problem, count=1) for problem in problems]
+    for problem in problems:
+        log(ERROR, "invalid node config: %s", problem)
+    error = ConfigError("node config", public)
+    error.detail = "\n".join(problems)  # type: ignore[attr-defined]
+    return error

@@ -65,22 +65,31 @@ def site_errors_mod(name_prefix: str = "site") -> Mod:
     """Return the mod; ``name_prefix`` names simulated sites (``hospital-0``).
 
     The mod runs the ClientApp and turns an exception into an error reply whose
-    reason starts with ``site '<name>': ``.
+    reason starts with ``site '<name>': ``; an error reply an inner mod already
+    made (e.g. ``site_policy_mod``'s redacted one) gets the same prefix.
     """
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         try:
-            return call_next(msg, context)
+            reply = call_next(msg, context)
         except Exception as err:  # every failure becomes a reply
             name = site_name(context, name_prefix)
             log(ERROR, "%s: the ClientApp failed", name, exc_info=err)
-            reason = f"site '{name}': {type(err).__name__}: {err}"
-            if len(reason) > _MAX_REASON:
-                reason = reason[: _MAX_REASON - 3] + "..."
-            return Message(
-                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
-                reply_to=msg,
+            return _error(msg, f"site '{name}': {type(err).__name__}: {err}")
+        if reply.has_error() and not (reply.error.reason or "").startswith("site '"):
+            name = site_name(context, name_prefix)
+            return _error(
+                msg, f"site '{name}': {reply.error.reason}", code=reply.error.code
             )
+        return reply
 
     mod.__name__ = "site_errors_mod"
     return mod
+
+
+def _error(
+    msg: Message, reason: str, code: int = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+) -> Message:
+    if len(reason) > _MAX_REASON:
+        reason = reason[: _MAX_REASON - 3] + "..."
+    return Message(Error(code=code, reason=reason), reply_to=msg)

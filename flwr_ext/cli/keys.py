@@ -4,7 +4,9 @@
     Writes ``DIR/secret-context.ckks`` (mode 0600: the data owners' context with the
     secret key - copy it to every SuperNode over a channel the server does not
     control), ``DIR/server-context.ckks`` (the server's context: parameters only, no
-    key of any kind) and ``DIR/fingerprint.txt``.
+    key of any kind) and ``DIR/fingerprint.txt``. A new DIR is created 0700. Existing
+    key files are kept unless ``--force``, which *replaces* them - a symlink planted
+    at a key file's name is replaced, never written through.
 
 ``flwr-ext keys inspect FILE``
     Prints the profile, the fingerprint and whether FILE holds a secret key (read
@@ -12,7 +14,8 @@
 
 ``flwr-ext keys decrypt --context SECRET MODEL --out OUT.npz``
     Decrypts an encrypted final model saved by the ServerApp
-    (:func:`flwr_ext.he.save_encrypted_model`) into a plain ``.npz``.
+    (:func:`flwr_ext.he.save_encrypted_model`) into a plain ``.npz`` (mode 0600;
+    an existing OUT is kept unless ``--force``).
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "2^18) or compact (N=4096, [45, 60], 2^35, |aggregate| <= 256)",
     )
     create.add_argument(
-        "--force", action="store_true", help="overwrite existing key files"
+        "--force",
+        action="store_true",
+        help="replace existing key files (never through a symlink)",
     )
     create.set_defaults(handler=_create)
 
@@ -65,6 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--context", type=Path, required=True, help="secret-context.ckks"
     )
     decrypt.add_argument("--out", type=Path, required=True, help="output .npz file")
+    decrypt.add_argument(
+        "--force", action="store_true", help="replace an existing output file"
+    )
     decrypt.set_defaults(handler=_decrypt)
 
 
@@ -120,7 +128,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _decrypt(args: argparse.Namespace) -> int:
-    decrypted = decrypt_model_file(args.model, args.context, args.out)
+    try:
+        decrypted = decrypt_model_file(
+            args.model, args.context, args.out, overwrite=args.force
+        )
+    except FileExistsError as err:  # main() reports ValueErrors as clean errors
+        raise ValueError(f"{err} (pass --force to replace it)") from err
     print(
         f"Decrypted {len(decrypted.arrays)} arrays "
         f"({sum(a.numpy().size for a in decrypted.arrays.values())} values, "

@@ -48,6 +48,7 @@ from typing import Any
 
 from flwr.supercore import log
 
+from ..safe_files import create_private_dir, write_bytes, write_text
 from ._native import quiet_native_stdout, tenseal
 from .profiles import PROFILES, Profile, get_profile
 
@@ -71,7 +72,17 @@ _HEADER_LIMIT = 1 << 20
 
 
 class KeyMismatchError(ValueError):
-    """Two parties use different key sets or profiles; the message names both."""
+    """Two parties use different key sets or profiles; the message names both.
+
+    Its ``public_reason`` (key fingerprints and the fix, no local path) may leave
+    the site in an error reply even when the site redacts errors
+    (:class:`flwr_ext.mods.site_policy.SitePolicy`): the coordinator needs it to
+    tell which site holds the wrong key set.
+    """
+
+    def __init__(self, message: str, public_reason: str | None = None) -> None:
+        super().__init__(message)
+        self.public_reason = message if public_reason is None else public_reason
 
 
 @dataclass(frozen=True)
@@ -127,12 +138,18 @@ class CkksKeys:
         ``what`` names the other side, e.g. ``"the reply from node 7"``.
         """
         if profile_name != self.profile.name or fingerprint != self.fingerprint:
-            raise KeyMismatchError(
+            ours = f"key {self.fingerprint} (profile {self.profile.name!r}"
+            theirs = (
                 f"{what} was made with CKKS key {fingerprint} (profile "
-                f"{profile_name!r}), but this party holds key {self.fingerprint} "
-                f"(profile {self.profile.name!r}, from {self.source}). Every data "
-                "owner and the server must use files from the same "
+                f"{profile_name!r}), but this party holds "
+            )
+            fix = (
+                ". Every data owner and the server must use files from the same "
                 "`flwr-ext keys create` run."
+            )
+            raise KeyMismatchError(
+                f"{theirs}{ours}, from {self.source}){fix}",
+                public_reason=f"{theirs}{ours}){fix}",
             )
 
     def require_secret(self) -> None:
@@ -196,17 +213,18 @@ def _pack(header: dict[str, Any], body: bytes) -> bytes:
 
 
 def _write_new(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    """Write a key file privately and atomically, never through a symlink.
+
+    With ``overwrite`` an existing file - or a symlink planted at its name - is
+    *replaced* by the new file (:mod:`flwr_ext.safe_files`), never written through.
+    """
     try:
-        fd = os.open(path, flags, mode)
+        write_bytes(path, data, overwrite=overwrite, file_mode=mode)
     except FileExistsError:
         raise FileExistsError(
             f"{path} exists; refusing to overwrite a key file (pass overwrite=True "
             "if you really want a new key set: every party needs new files)"
         ) from None
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(path, mode)  # also when the file existed with other permissions
 
 
 def create_keys(
@@ -235,8 +253,7 @@ def create_keys(
     """
     prof = get_profile(profile)
     ts = tenseal()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = create_private_dir(out_dir)
     with quiet_native_stdout():
         context = ts.context(
             ts.SCHEME_TYPE.CKKS,
@@ -267,7 +284,7 @@ def create_keys(
         "tenseal": getattr(ts, "__version__", "unknown"),
     }
     secret_path, server_path = out / SECRET_FILE, out / SERVER_FILE
-    existing = [p for p in (secret_path, server_path) if p.exists()]
+    existing = [p for p in (secret_path, server_path) if p.exists() or p.is_symlink()]
     if existing and not overwrite:
         raise FileExistsError(
             f"{existing[0]} exists; refusing to overwrite a key file (pass "
@@ -278,7 +295,8 @@ def create_keys(
                overwrite)  # fmt: skip
     _write_new(server_path, _pack({**header, "secret": False}, server_body), 0o644,
                overwrite)  # fmt: skip
-    (out / FINGERPRINT_FILE).write_text(f"{fingerprint}\n")
+    write_text(out / FINGERPRINT_FILE, f"{fingerprint}\n", overwrite=True,
+               file_mode=0o644)  # fmt: skip
     return KeyFiles(secret_path, server_path, fingerprint)
 
 

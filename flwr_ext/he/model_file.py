@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from ..safe_files import atomic_open, create_private_dir
 from .codec import DecryptedModel, EncryptedHeader, decrypt_record
 from .keys import load_keys
 
@@ -40,8 +41,14 @@ MAGIC = b"FLWR-EXT-CKKS-MODEL\x00"
 FORMAT_VERSION = 1
 
 
-def save_encrypted_model(record: ArrayRecord, path: str | os.PathLike[str]) -> Path:
+def save_encrypted_model(
+    record: ArrayRecord, path: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
     """Write an encrypted record (e.g. ``result.arrays``) to ``path``.
+
+    The file is written privately (mode 0600) and atomically under a random
+    temporary name, never through a symlink (:mod:`flwr_ext.safe_files`); an
+    existing file is refused unless ``overwrite``.
 
     Raises ``ValueError`` if ``record`` is not an encrypted record: a plaintext
     model should be saved as a plain file instead.
@@ -54,13 +61,11 @@ def save_encrypted_model(record: ArrayRecord, path: str | os.PathLike[str]) -> P
         blobs.append(array.data)
     header = json.dumps({"format": FORMAT_VERSION, "arrays": entries}).encode()
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    with open(tmp, "wb") as handle:
+    create_private_dir(target.parent)
+    with atomic_open(target, "wb", overwrite=overwrite) as handle:
         handle.write(MAGIC + struct.pack(">I", len(header)) + header)
         for blob in blobs:
             handle.write(blob)
-    tmp.replace(target)
     return target
 
 
@@ -97,6 +102,8 @@ def decrypt_model_file(
     model_path: str | os.PathLike[str],
     secret_context: str | os.PathLike[str],
     out_path: str | os.PathLike[str] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> DecryptedModel:
     """Decrypt an encrypted model file with a data owner's secret context.
 
@@ -108,7 +115,8 @@ def decrypt_model_file(
         ``secret-context.ckks`` of the same key set.
     out_path : path, optional
         Where to write the plaintext model as ``.npz`` (``numpy.load`` reads it;
-        keys are the model's array names).
+        keys are the model's array names). Written 0600, atomically, never
+        through a symlink; an existing file is refused unless ``overwrite``.
 
     Returns
     -------
@@ -122,8 +130,8 @@ def decrypt_model_file(
     )
     if out_path is not None:
         target = Path(out_path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "wb") as handle:
+        create_private_dir(target.parent)
+        with atomic_open(target, "wb", overwrite=overwrite) as handle:
             named: dict[str, Any] = {k: v.numpy() for k, v in decrypted.arrays.items()}
             np.savez(handle, **named)
     return decrypted

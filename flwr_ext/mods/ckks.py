@@ -95,6 +95,7 @@ from ..he.protocol import (
     ModelClaims,
 )
 from ..he.threshold_protocol import read_op
+from .site_policy import SitePolicy, SitePolicyError
 from .threshold_ckks import handle_threshold
 
 __all__ = [
@@ -110,7 +111,6 @@ _NAME = "ckks_mod"
 #: Node-config key: the fewest contributions an aggregate must hold before this
 #: site decrypts it (an int >= 2; default 2). The same key as the site policy.
 NODE_MIN_CONTRIBUTIONS = "policy-min-contributions"
-DEFAULT_MIN_CONTRIBUTIONS = 2
 #: Tolerance of the weight-slot check: ``|slot - claimed| <= WEIGHT_RTOL * claimed
 #: + WEIGHT_ATOL * contributions``. CKKS errs by ~1e-9 (``default``) to ~3e-8
 #: (``compact``) per contribution; a sum made with another key set decrypts to
@@ -130,24 +130,21 @@ class AggregateRejectedError(CkksModError):
 def site_min_contributions(node_config: Mapping[str, object]) -> int:
     """Return the site's minimum number of contributions per decrypted aggregate.
 
-    Read from node config ``policy-min-contributions`` (int >= 2, default 2): the
-    site decrypts only ciphertexts marked as aggregates (kind ``"model"``) whose
-    count slot says they sum at least this many updates, so a server cannot have
-    it decrypt one client's update. The one place that reads the key (the site
-    policy module may take it over).
+    The site policy's ``policy-min-contributions`` (int >= 2, default 2; see
+    :class:`flwr_ext.mods.site_policy.SitePolicy`): the site decrypts only
+    ciphertexts marked as aggregates (kind ``"model"``) whose count slot says they
+    sum at least this many updates, so a server cannot have it decrypt one
+    client's update.
 
     Raises
     ------
     CkksModError
-        If the value is not an integer >= 2 (bool and floats are refused).
+        If the site's policy is malformed (the message names the key).
     """
-    value = node_config.get(NODE_MIN_CONTRIBUTIONS, DEFAULT_MIN_CONTRIBUTIONS)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise CkksModError(
-            f"node config {NODE_MIN_CONTRIBUTIONS} must be an integer >= 2, got "
-            f"{value!r}"
-        )
-    return value
+    try:
+        return SitePolicy.from_node_config(node_config).min_contributions
+    except SitePolicyError as err:
+        raise CkksModError(str(err)) from err
 
 
 def _decrypt_aggregate(

@@ -17,9 +17,17 @@ influence with a large claimed dataset), and adds the markers
 ``ddp-clipping-norm``/``ddp-noise-stddev`` to the reply's MetricRecord so the server
 can check that the mod ran. The update's norm never leaves the client.
 
-If the values are missing or invalid, or the reply is not a single finite model
-shaped like the global model, the mod returns an error reply that says why and the
-update never leaves the node unprotected.
+The site, not the server, decides how little noise is enough: the values are
+checked against the site's privacy policy
+(:class:`flwr_ext.mods.site_policy.SitePolicy`, read from the node config), whose
+default floor ``policy-min-noise-multiplier = 0.5``
+holds even when the site sets no policy key. A server asking for std ``1e-300`` - or
+for any std below ``floor * C / sqrt(k)`` - gets an error reply naming the policy
+key, and the update is never released.
+
+If the values are missing, invalid or below the site's floors, or the reply is not
+a single finite model shaped like the global model, the mod returns an error reply
+that says why and the update never leaves the node unprotected.
 
 Order of mods: list it **after** the encrypting mod, so that it runs on the
 plaintext update before encryption::
@@ -48,6 +56,7 @@ from ..privacy import keys
 from ..privacy.clipping import clip_to_norm
 from ..privacy.noise import add_gaussian_noise, secure_generator
 from ..records import Manifest, flatten, unflatten
+from .site_policy import SitePolicy, SitePolicyError
 
 __all__ = ["distributed_dp_mod"]
 
@@ -81,7 +90,9 @@ def distributed_dp_mod(
     if not _is_train(msg):
         return call_next(msg, context)
     try:
+        policy = SitePolicy.from_node_config(context.node_config)
         clip, stddev, weight_key = _settings(msg)
+        policy.check_dp(clip, stddev)  # PolicyViolation names the policy key
         array_records = msg.content.array_records
         if len(array_records) != 1:
             raise _ModError(
@@ -91,8 +102,12 @@ def distributed_dp_mod(
         received = next(iter(array_records.values()))
         manifest = Manifest.from_arrayrecord(received)
         global_vector, _ = flatten(received, manifest, dtype=np.float64)
-    except (_ModError, TypeError, ValueError) as err:
+        if not np.isfinite(global_vector).all():
+            raise _ModError("the global model in the instruction has NaN or Inf values")
+    except (_ModError, SitePolicyError, TypeError, ValueError) as err:
         return _error(msg, str(err))
+    except Exception as err:  # hostile input: nothing may escape the mod
+        return _error(msg, f"malformed train instruction ({type(err).__name__})")
 
     reply = call_next(msg, context)
     if reply.has_error():
@@ -101,6 +116,8 @@ def distributed_dp_mod(
         _privatise(reply, manifest, global_vector, clip, stddev, weight_key)
     except (_ModError, TypeError, ValueError) as err:
         return _error(msg, str(err))
+    except Exception as err:  # never release an update we failed to privatise
+        return _error(msg, f"could not privatise the reply ({type(err).__name__})")
     return reply
 
 

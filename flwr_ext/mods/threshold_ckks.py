@@ -67,13 +67,13 @@ from ..he.threshold_protocol import (
     residue_record,
 )
 from ..records import flatten
+from .site_policy import SitePolicy, SitePolicyError
 
 __all__ = ["NODE_THRESHOLD_DIR", "ENV_THRESHOLD_DIR", "handle_threshold"]
 
 NODE_THRESHOLD_DIR = "ckks-threshold-dir"
 ENV_THRESHOLD_DIR = "FLWR_EXT_CKKS_THRESHOLD_DIR"
 NODE_MIN_CONTRIBUTIONS = "policy-min-contributions"
-DEFAULT_MIN_CONTRIBUTIONS = 2
 _NAME = "ckks_mod (threshold)"
 
 _CONTEXT: ThresholdContext | None = None
@@ -324,10 +324,8 @@ def _decrypt(msg: Message, context: Context, config: ConfigRecord) -> Message:
 
 
 def _min_contributions(context: Context) -> int:
-    value = context.node_config.get(NODE_MIN_CONTRIBUTIONS, DEFAULT_MIN_CONTRIBUTIONS)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise ThresholdError(
-            f"node config {NODE_MIN_CONTRIBUTIONS} must be an integer >= 2, got "
-            f"{value!r}"
-        )
-    return value
+    """Return the site policy's ``policy-min-contributions`` (see SitePolicy)."""
+    try:
+        return SitePolicy.from_node_config(context.node_config).min_contributions
+    except SitePolicyError as err:
+        raise ThresholdError(str(err)) from err

@@ -61,11 +61,19 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
 from .._flower import message_with_metadata
-from ..records import InvalidReplyError, Manifest, conform_to_manifest, validate_metrics
+from ..records import (
+    InvalidReplyError,
+    Manifest,
+    ValidReply,
+    aggregate_client_metrics,
+    check_no_error,
+    conform_to_manifest,
+    node_of,
+    validate_evaluate_replies,
+)
 from .composition import Role, check_composition
 from .round_report import RoundReport, RoundReporting
 
@@ -156,16 +164,23 @@ class StrategyWrapper(RoundReporting):
 
     @staticmethod
     def _screen(reply: Message, sampled: set[int] | None, seen: set[int]) -> int:
-        """Apply steps 1-3 of the screening policy; return the sender's node id."""
-        node_id = int(reply.metadata.src_node_id)
+        """Apply steps 1-3 of the screening policy; return the sender's node id.
+
+        Error reasons are the client's (or the SuperLink's) text: they are quoted
+        on one line, bounded (:func:`~flwr_ext.records.check_no_error`).
+        """
+        node_id = node_of(reply)
         if sampled is not None and node_id not in sampled:
             if reply.has_error():  # the SuperLink (node 1) answers for a lost node
-                raise InvalidReplyError(
-                    node_id,
-                    "the SuperLink's reply for a sampled node that is unavailable "
-                    f"(no heartbeat): {reply.error.reason}",
-                    proves_faulty=False,
-                )
+                try:
+                    check_no_error(reply, node_id)
+                except InvalidReplyError as err:
+                    raise InvalidReplyError(
+                        node_id,
+                        "the SuperLink's reply for a sampled node that is "
+                        f"unavailable (no heartbeat): {err.reason}",
+                        proves_faulty=False,
+                    ) from None
             raise InvalidReplyError(
                 node_id, "node was not sampled in this round", proves_faulty=False
             )
@@ -174,12 +189,7 @@ class StrategyWrapper(RoundReporting):
                 node_id, "second reply from the same node", proves_faulty=False
             )
         seen.add(node_id)
-        if reply.has_error():
-            raise InvalidReplyError(
-                node_id,
-                f"client error {reply.error.code}: {reply.error.reason}",
-                proves_faulty=False,
-            )
+        check_no_error(reply, node_id)  # proves_faulty=False: a ClientApp can crash
         return node_id
 
     def _screen_replies(
@@ -297,85 +307,26 @@ class StrategyWrapper(RoundReporting):
     def _aggregate_client_metrics(
         self,
         server_round: int,
-        metrics: Sequence[tuple[int, MetricRecord, float]],
+        valid: Sequence[ValidReply],
+        weights: Sequence[float],
         phase: str = "train",
     ) -> MetricRecord:
         """Aggregate clients' metrics with the weights the wrapper trusts.
 
-        Parameters
-        ----------
-        server_round : int
-            For the log lines.
-        metrics : sequence of (int, MetricRecord, float)
-            Each valid reply's node id, its (finite) metrics and the weight to
-            give it; the weight replaces the claimed ``weight_key`` value.
-        phase : {"train", "evaluate"}
-            Which of the inner strategy's ``*_metrics_aggr_fn`` to use (Flower's
-            weighted mean when it has none).
-
-        Returns
-        -------
-        MetricRecord
-            Empty when there is nothing to aggregate or the aggregation fails (a
-            client's metrics never crash the server; a WARNING says why). Replies
-            whose metric keys differ from the most common set are left out of the
-            metrics (:meth:`_same_metric_keys`).
+        Through the inner strategy's ``<phase>_metrics_aggr_fn`` (Flower's
+        weighted mean when it has none) and
+        :func:`~flwr_ext.records.aggregate_client_metrics`: replies whose metric
+        keys differ from the round's most common set are left out, and a failing
+        function costs only the round's client metrics, never the run.
         """
-        kept = self._same_metric_keys(server_round, phase, list(metrics))
-        if not kept:
-            return MetricRecord()
-        records = [
-            RecordDict({"metrics": MetricRecord({**m, self.weight_key: float(w)})})
-            for _, m, w in kept
-        ]
-        aggr_fn = getattr(self.strategy, f"{phase}_metrics_aggr_fn", None)
-        fn = aggr_fn if callable(aggr_fn) else aggregate_metricrecords
-        try:
-            return fn(records, self.weight_key)
-        except Exception as err:  # a client's metrics never crash the server
-            log(
-                WARNING,
-                "[%s] client %s metrics could not be aggregated (%s: %s); reporting "
-                "the wrapper's own figures only",
-                self.name,
-                phase,
-                type(err).__name__,
-                str(err)[:200],
-            )
-            return MetricRecord()
-
-    def _same_metric_keys(
-        self, server_round: int, phase: str, items: list[tuple[int, MetricRecord, T]]
-    ) -> list[tuple[int, MetricRecord, T]]:
-        """Keep the replies whose MetricRecord has the most common set of keys.
-
-        Flower's metric aggregation raises on records with different keys, so one
-        client adding or omitting a metric would crash the round's aggregation;
-        the odd ones out are left out of the *metrics* (their update still
-        counts) and named in a WARNING.
-        """
-        if not items:
-            return items
-        key_sets = [frozenset(m.keys()) for _, m, _ in items]
-        common = max(
-            set(key_sets), key=lambda keys: (key_sets.count(keys), sorted(keys))
+        return aggregate_client_metrics(
+            list(valid),
+            weights,
+            self.weight_key,
+            getattr(self.strategy, f"{phase}_metrics_aggr_fn", None),
+            self.name,
+            server_round,
         )
-        for (node_id, _, _), keys in zip(items, key_sets, strict=True):
-            if keys != common:
-                log(
-                    WARNING,
-                    "[%s] round %d: %s metrics of node %d left out of the "
-                    "aggregate: keys %s differ from the other clients' %s",
-                    self.name,
-                    server_round,
-                    phase,
-                    node_id,
-                    sorted(keys)[:10],
-                    sorted(common)[:10],
-                )
-        return [
-            item for item, keys in zip(items, key_sets, strict=True) if keys == common
-        ]
 
     # -------------------------------------------------------------- evaluate
     def configure_evaluate(
@@ -384,48 +335,25 @@ class StrategyWrapper(RoundReporting):
         """Delegate to the inner strategy."""
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
-    def _valid_evaluate_replies(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> list[tuple[int, MetricRecord, tuple[float, Message]]]:
-        """Screen evaluation replies: error replies and malformed metrics go.
-
-        Returns ``(node_id, metrics, (claimed weight, reply))`` for each valid
-        reply whose metric keys are the most common set (:meth:`_same_metric_keys`).
-        """
-        valid: list[tuple[int, MetricRecord, tuple[float, Message]]] = []
-        for reply in replies:
-            node_id = int(reply.metadata.src_node_id)
-            try:
-                if reply.has_error():
-                    raise InvalidReplyError(
-                        node_id,
-                        f"client error {reply.error.code}: {reply.error.reason}",
-                        proves_faulty=False,
-                    )
-                metrics, weight = validate_metrics(reply, self.weight_key, node_id)
-            except InvalidReplyError as err:
-                self._log_drop(server_round, node_id, err.reason, phase="evaluate")
-                continue
-            valid.append((node_id, metrics, (weight, reply)))
-        return self._same_metric_keys(server_round, "evaluate", valid)
+    def _evaluate_weights(self, valid: list[ValidReply]) -> list[float]:
+        """Weights of the evaluation replies' metrics (the claims, by default)."""
+        return [reply.weight for reply in valid]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Drop malformed evaluation replies, then delegate to the inner strategy."""
-        screened = self._valid_evaluate_replies(server_round, replies)
-        valid = [reply for _, _, (_, reply) in screened]
+        """Drop malformed evaluation replies; aggregate with the inner's function.
+
+        The replies are screened by :func:`~flwr_ext.records.validate_evaluate_replies`
+        (error replies, malformed or non-finite metrics) and aggregated here with
+        the inner strategy's ``evaluate_metrics_aggr_fn``, not handed to its
+        ``aggregate_evaluate``: Flower's raises on one inconsistent reply.
+        """
+        valid = validate_evaluate_replies(
+            replies, self.weight_key, self.name, server_round
+        )
         if not valid:
             return None
-        try:
-            return self.strategy.aggregate_evaluate(server_round, valid)
-        except Exception as err:  # a client's metrics never crash the server
-            log(
-                WARNING,
-                "[%s] round %d: the evaluate metrics could not be aggregated (%s: %s)",
-                self.name,
-                server_round,
-                type(err).__name__,
-                str(err)[:200],
-            )
-            return None
+        return self._aggregate_client_metrics(
+            server_round, valid, self._evaluate_weights(valid), "evaluate"
+        )

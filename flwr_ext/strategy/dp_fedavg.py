@@ -403,9 +403,10 @@ class DPFedAvg(DPWrapper):
 
         def accept(reply: Message, node_id: int, index: int) -> ValidReply:
             nonlocal unclipped
-            checked = validate_train_reply(reply, manifest, self.weight_key, out=buffer)
-            buffer[:] -= global_vector
-            _, norm = clip_to_norm(buffer, clip_norm)
+            checked = validate_train_reply(
+                reply, manifest, self.weight_key, out=buffer, reference=global_vector
+            )
+            _, norm = clip_to_norm(buffer, clip_norm)  # buffer holds the update
             unclipped += int(norm <= clip_norm)
             total[:] += buffer
             return checked
@@ -444,9 +445,7 @@ class DPFedAvg(DPWrapper):
         metrics = (
             MetricRecord()
             if self.client_metrics == "drop"
-            else self._aggregate_client_metrics(
-                server_round, [(r.node_id, r.metrics, 1.0) for r in valid]
-            )
+            else self._aggregate_client_metrics(server_round, valid, [1.0] * len(valid))
         )
         for key, value in round_metrics.items():
             metrics[key] = value

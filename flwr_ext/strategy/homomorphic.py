@@ -94,6 +94,7 @@ from ..he.wire import get_wire
 from ..records import (
     InvalidReplyError,
     Manifest,
+    ValidReply,
     flatten,
     validate_metrics,
 )
@@ -742,9 +743,12 @@ class HomomorphicAggregation(StrategyWrapper):
         counts: dict[str, int],
         started: float,
     ) -> MetricRecord:
+        replies = [
+            ValidReply(int(r.metadata.src_node_id), np.empty(0), w, m, r)
+            for r, m, w in valid
+        ]
         metrics = self._aggregate_client_metrics(
-            server_round,
-            [(int(r.metadata.src_node_id), m, w) for r, m, w in valid],
+            server_round, replies, [r.weight for r in replies]
         )
         return self._add_counters(
             server_round,

@@ -55,7 +55,6 @@ from flwr.supercore import log
 from ..aggregation import AggregationRule, NearestNeighborMixing, PreAggregation
 from ..aggregation.base import check_fraction, check_int
 from ..records import (
-    InvalidReplyError,
     Manifest,
     ValidReply,
     flatten,
@@ -246,20 +245,15 @@ class RobustAggregation(StrategyWrapper):
         global_vector = _flatten_global(self._global, manifest, matrix.dtype)
 
         def accept(reply: Message, node_id: int, index: int) -> ValidReply:
-            row = matrix[index]
-            checked = validate_train_reply(reply, manifest, self.weight_key, out=row)
-            # Each row becomes an update while it is still in cache. Our own
-            # buffer: the replies stay untouched. Both terms are finite, so only
-            # an overflow can make the difference non-finite, and the
-            # floating-point status flag catches that without another pass.
-            try:
-                with np.errstate(over="raise"):
-                    row -= global_vector
-            except FloatingPointError:
-                raise InvalidReplyError(
-                    node_id, f"update (model - global model) overflows {matrix.dtype}"
-                ) from None
-            return checked
+            # Each row becomes an update (model - global) while it is still in
+            # cache. Our own buffer: the replies stay untouched.
+            return validate_train_reply(
+                reply,
+                manifest,
+                self.weight_key,
+                out=matrix[index],
+                reference=global_vector,
+            )
 
         valid, dropped = self._screen_replies(
             report, replies, self._sampled or None, accept
@@ -358,7 +352,9 @@ class RobustAggregation(StrategyWrapper):
         counts: dict[str, int],
         started: float,
     ) -> MetricRecord:
-        metrics = self._aggregate_client_metrics(server_round, self._weighted(valid))
+        metrics = self._aggregate_client_metrics(
+            server_round, valid, self._evaluate_weights(valid)
+        )
         return self._add_counters(
             server_round,
             metrics,
@@ -370,41 +366,9 @@ class RobustAggregation(StrategyWrapper):
             "aggregate as 1 result)",
         )
 
-    def _weighted(
-        self, valid: list[ValidReply] | list[tuple[int, MetricRecord, float]]
-    ) -> list[tuple[int, MetricRecord, float]]:
-        """Each valid reply's node id and metrics, with the policy's weight."""
-        triples = [
-            (r.node_id, r.metrics, r.weight) if isinstance(r, ValidReply) else r
-            for r in valid
-        ]
-        weights = self._weights([w for _, _, w in triples])
-        return [
-            (node_id, m, float(w))
-            for (node_id, m, _), w in zip(triples, weights, strict=True)
-        ]
-
-    # ------------------------------------------------------------- evaluate
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Drop malformed evaluation replies, then aggregate like train metrics.
-
-        The inner strategy's ``evaluate_metrics_aggr_fn`` sees each reply with
-        the weight this wrapper's policy gives it (claimed weights are not
-        trusted), not the claimed one.
-        """
-        valid = [
-            (node_id, metrics, weight)
-            for node_id, metrics, (weight, _) in self._valid_evaluate_replies(
-                server_round, replies
-            )
-        ]
-        if not valid:
-            return None
-        return self._aggregate_client_metrics(
-            server_round, self._weighted(valid), "evaluate"
-        )
+    def _evaluate_weights(self, valid: list[ValidReply]) -> list[float]:
+        """Return the policy's weights (claims are not trusted), train and eval."""
+        return [float(w) for w in self._weights([r.weight for r in valid])]
 
 
 def _min_valid(rule: AggregationRule, pre_aggregation: PreAggregation | None) -> int:

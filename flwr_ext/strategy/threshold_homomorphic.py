@@ -89,6 +89,7 @@ from ..he.wire import _scratch_file
 from ..records import (
     InvalidReplyError,
     Manifest,
+    ValidReply,
     unflatten,
     validate_metrics,
 )
@@ -755,16 +756,18 @@ class ThresholdHomomorphicAggregation(StrategyWrapper):
         counts: dict[str, int],
         started: float,
     ) -> MetricRecord:
+        replies = [
+            ValidReply(
+                int(m.metadata.src_node_id),
+                np.empty(0),
+                w,
+                next(iter(m.content.metric_records.values())),
+                m,
+            )
+            for m, w in valid
+        ]
         metrics = self._aggregate_client_metrics(
-            server_round,
-            [
-                (
-                    int(m.metadata.src_node_id),
-                    next(iter(m.content.metric_records.values())),
-                    w,
-                )
-                for m, w in valid
-            ],
+            server_round, replies, [r.weight for r in replies]
         )
         return self._add_counters(
             server_round,

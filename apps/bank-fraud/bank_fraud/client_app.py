@@ -18,8 +18,11 @@
   chooses the decision threshold from the validation histograms and computes
   precision, recall and F1 at it from the test histograms.
 
-Mods, outermost first: ``secure_aggregation_mod`` runs ``ckks_mod`` (decrypts the
-global model, encrypts the update) when the bank holds a secret context or the
+Mods, outermost first: ``site_policy_mod`` enforces the bank's own privacy
+policy (node config ``policy-*``: CKKS required, minimum contributions, error
+replies that carry no data - see ``docs/security.md``);
+``secure_aggregation_mod`` runs ``ckks_mod`` (decrypts the global model, encrypts
+the update) when the bank holds a secret context or the
 run asks for ``secure-aggregation="ckks"``; ``byzantine_mod`` turns a bank
 Byzantine when its config says so (robustness experiments; otherwise it does
 nothing).
@@ -75,13 +78,23 @@ from flwr_ext.appkit.torch_train import (
 )
 from flwr_ext.attacks import byzantine_mod, flip_labels_if_attacking
 from flwr_ext.mods.secure_aggregation import secure_aggregation_mod
+from flwr_ext.mods.site_policy import ShareableError, site_policy_mod
 
 from .losses import loss_from_settings
 from .settings import EVALUATION_METRICS, load_settings
 from .task import SiteData, describe_rows, load_site_data, make_model
 from .validation_histograms import validation_metrics
 
-app = ClientApp(mods=[site_errors_mod("bank"), secure_aggregation_mod, byzantine_mod])
+# Outermost first: every error reply names the site; the site's policy checks
+# every instruction and every reply before CKKS and the attack mod.
+app = ClientApp(
+    mods=[
+        site_errors_mod("bank"),
+        site_policy_mod,
+        secure_aggregation_mod,
+        byzantine_mod,
+    ]
+)
 
 
 def _site(context: Context) -> tuple[SiteData, Mapping[str, Any]]:
@@ -117,7 +130,7 @@ def _standardizer(
         or load_scaler(context)
     )
     if standardizer is None:
-        raise ValueError(
+        raise ShareableError(
             "no feature scaler: the server sent none (CKKS run), this bank took no "
             "part in the statistics round before training (it joined late), and it "
             "kept none in a state-dir (node config state-dir='/abs/folder' keeps "
@@ -145,7 +158,9 @@ def query(msg: Message, context: Context) -> Message:
         return reply
     if is_stats_query(msg):
         return reply_feature_stats(msg, data.train.x)
-    raise ValueError("unknown query; this ClientApp answers feature statistics only")
+    raise ShareableError(
+        "unknown query; this ClientApp answers feature statistics only"
+    )
 
 
 @app.train()
@@ -211,7 +226,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     bins = settings["metric-bins"]
     test_scores = predict_proba(model, standardizer.transform(data.test.x))
     if not np.isfinite(test_scores).all():
-        raise ValueError(
+        raise ShareableError(
             "the global model's scores are NaN/Inf: its weights are not finite (a "
             "diverged or poisoned aggregate), so this bank cannot evaluate it"
         )

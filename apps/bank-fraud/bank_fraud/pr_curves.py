@@ -26,6 +26,7 @@ from flwr_ext.appkit.metrics import (
     OperatingPoint,
     operating_curve,
 )
+from flwr_ext.safe_files import atomic_open
 
 __all__ = ["plot_pr_curves", "pr_points"]
 
@@ -124,5 +125,7 @@ def plot_pr_curves(
     axes.legend(fontsize=7, loc="lower left")
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path)
+    # private (0600), atomic, a symlink at ``path`` replaced, never followed
+    with atomic_open(path, "wb", overwrite=True) as handle:
+        figure.savefig(handle, format=path.suffix.lstrip(".") or "png")
     return path

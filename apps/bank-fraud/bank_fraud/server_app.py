@@ -237,7 +237,8 @@ def _write(
         )
     else:
         files.append(writer.write_arrays(arrays).name)
-        torch.save(arrays.to_torch_state_dict(), writer.path("final_model.pt"))
+        with writer.open("final_model.pt") as handle:  # 0600, atomic
+            torch.save(arrays.to_torch_state_dict(), handle)
         files.append("final_model.pt")
     for metric, title in (
         ("auprc", "AUPRC per round (test period of each bank)"),

@@ -58,6 +58,7 @@ from flwr_ext.appkit.tabular import (
     TabularSchema,
     dirichlet_partition,
     load_csv,
+    site_data_error,
 )
 
 from .generator import (
@@ -221,9 +222,16 @@ def load_bank_csv(path: str | Path, spec: DataSpec) -> tuple[TabularData, np.nda
             and missing
             and repr(spec.time_column) in missing.group(1)
         ):
-            raise SchemaError(
-                f"{err} (the time column '{spec.time_column}' orders the rows for "
+            hint = (
+                f" (the time column '{spec.time_column}' orders the rows for "
                 "split='time'; set time-column, or split='stratified')"
+            )
+            raise SchemaError(
+                f"{err}{hint}",
+                code=err.code,
+                detail=f"{err.detail}{hint}",
+                line=err.line,
+                column=err.column,
             ) from None
         raise
     n_features = len(schema.features)
@@ -245,10 +253,14 @@ def _log_transform(
         j = list(features).index(name)
         negative = np.flatnonzero(x[:, j] < 0)
         if negative.size:
-            raise SchemaError(
+            raise site_data_error(
+                "negative-value",
+                f"negative value(s), the first at data row {negative[0] + 1}; "
+                "log-columns must be >= 0 - remove it from log-columns",
                 f"{data.source}: column '{name}' has {negative.size} negative "
-                f"value(s) (first at data row {negative[0] + 1}: {x[negative[0], j]:g})"
-                "; log-columns must be >= 0 - remove it from log-columns"
+                f"value(s) (first at data row {negative[0] + 1}: "
+                f"{x[negative[0], j]:g})",
+                column=name,
             )
         x[:, j] = np.log1p(x[:, j])
     return TabularData(x.astype(np.float32), data.y, data.source)
@@ -364,16 +376,24 @@ def load_site_data(site: SiteSpec, settings: Mapping[str, Any]) -> SiteData:
                 settings["seed"],
             )  # fmt: skip
         except ValueError as err:
-            raise SchemaError(f"{data.source}: {err}") from None
+            raise site_data_error(
+                "too-few-rows",
+                "too few rows of a class to split into training, validation and "
+                "test rows",
+                f"{data.source}: {err}",
+            ) from None
     for part, rows in (("training", train), ("test", test)):
         labels = data.y[rows]
         if labels.min(initial=1) == labels.max(initial=0):
             what = "fraud" if labels.max(initial=0) == 0 else "legitimate"
-            raise SchemaError(
-                f"{data.source}: the {part} rows ({rows.size} of {len(data)}) hold "
-                f"no {what} transaction; a bank needs both classes to "
+            raise site_data_error(
+                "single-class-split",
+                f"the {part} rows of this bank hold no {what} transaction; a bank "
+                "needs both classes to "
                 + ("learn" if part == "training" else "be evaluated")
-                + " (more rows, or a different test-fraction/split)"
+                + " (more rows, or a different test-fraction/split)",
+                f"{data.source}: the {part} rows ({rows.size} of {len(data)}) hold "
+                f"no {what} transaction",
             )
     return SiteData(
         site.name,

@@ -13,8 +13,11 @@
   its AUROC, sensitivity, specificity, accuracy and the summable statistics the
   server pools (:mod:`flwr_ext.appkit.metrics`), plus its site name.
 
-Mods, outermost first: ``secure_aggregation_mod`` runs ``ckks_mod`` (decrypts the
-global model, encrypts the update) when the hospital has a secret context or the
+Mods, outermost first: ``site_policy_mod`` enforces the hospital's own privacy
+policy (node config ``policy-*``: CKKS required, minimum contributions, error
+replies that carry no data - see ``docs/security.md``);
+``secure_aggregation_mod`` runs ``ckks_mod`` (decrypts the global model, encrypts
+the update) when the hospital has a secret context or the
 run asks for ``secure-aggregation="ckks"``; ``byzantine_mod`` turns a site
 Byzantine when its config says so (robustness experiments; otherwise it does
 nothing).
@@ -68,12 +71,20 @@ from flwr_ext.appkit.torch_train import (
 )
 from flwr_ext.attacks import byzantine_mod, flip_labels_if_attacking
 from flwr_ext.mods.secure_aggregation import secure_aggregation_mod
+from flwr_ext.mods.site_policy import ShareableError, site_policy_mod
 
 from .settings import EVALUATION_METRICS, load_settings
 from .task import SiteData, load_site_data, make_model
 
+# Outermost first: every error reply names the site; the site's policy checks
+# every instruction and every reply before CKKS and the attack mod.
 app = ClientApp(
-    mods=[site_errors_mod("hospital"), secure_aggregation_mod, byzantine_mod]
+    mods=[
+        site_errors_mod("hospital"),
+        site_policy_mod,
+        secure_aggregation_mod,
+        byzantine_mod,
+    ]
 )
 
 
@@ -109,7 +120,7 @@ def _standardizer(
         or load_scaler(context)
     )
     if standardizer is None:
-        raise ValueError(
+        raise ShareableError(
             "no feature scaler: the server sent none (CKKS run), this site took no "
             "part in the statistics round before training (it joined late), and it "
             "kept none in a state-dir (node config state-dir='/abs/folder' keeps "
@@ -137,7 +148,9 @@ def query(msg: Message, context: Context) -> Message:
         return reply
     if is_stats_query(msg):
         return reply_feature_stats(msg, data.train.x)
-    raise ValueError("unknown query; this ClientApp answers feature statistics only")
+    raise ShareableError(
+        "unknown query; this ClientApp answers feature statistics only"
+    )
 
 
 @app.train()

@@ -38,11 +38,11 @@ from torch import nn
 
 from flwr_ext.appkit.site import SiteSpec
 from flwr_ext.appkit.tabular import (
-    SchemaError,
     TabularData,
     TabularSchema,
     dirichlet_partition,
     load_csv,
+    site_data_error,
     stratified_split,
 )
 
@@ -145,7 +145,11 @@ def load_site_data(site: SiteSpec, settings: Mapping[str, Any]) -> SiteData:
             data.y, settings["test-fraction"], settings["seed"]
         )
     except ValueError as err:
-        raise SchemaError(f"{data.source}: {err}") from None
+        raise site_data_error(
+            "too-few-rows",
+            "too few rows of a class to hold out test rows of both classes",
+            f"{data.source}: {err}",
+        ) from None
     return SiteData(site.name, data.subset(train), data.subset(test))
 
 
