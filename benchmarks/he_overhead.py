@@ -70,8 +70,8 @@ from flwr_ext.he import (  # noqa: E402
     load_keys,
 )
 from flwr_ext.he._native import quiet_native_stdout  # noqa: E402
-from flwr_ext.he.codec import EncryptedHeader, chunks  # noqa: E402
-from flwr_ext.he.wire import _scratch_file, get_wire  # noqa: E402
+from flwr_ext.he.codec import EncryptedHeader, chunks, decrypt_average  # noqa: E402
+from flwr_ext.he.wire import _scratch_file  # noqa: E402
 
 CLIENTS = 10
 
@@ -354,14 +354,9 @@ def _ckks_repeat(
 
 
 def _decrypt_float64(record: ArrayRecord, keys) -> np.ndarray:
-    """Decrypt to the float64 average (no cast to the model's float32)."""
-    header = EncryptedHeader.from_record(record)
-    header.check_keys(keys, "aggregate")
-    values = get_wire(header.wire).decrypt(
-        keys, chunks(record, header), header.num_values
-    )
-    size = header.manifest.size
-    return values[:size] / values[size]
+    """Return the released (flooded, rounded) average, before the float32 cast."""
+    average, _, _, _ = decrypt_average(record, keys, "aggregate")
+    return average
 
 
 def bench_flare_style(models, counts, expected, repeats) -> Row:
@@ -532,7 +527,12 @@ def plot(rows: Sequence[Row], path: Path) -> None:
          [r.server_per_client_s * 1e3 for r in rows]),
     ]  # fmt: skip
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    colors = ["#888888"] + ["#3b7dd8"] * (len(rows) - 2) + ["#d8703b"]
+    colors = [
+        "#888888" if r.name.startswith("plaintext")
+        else "#d8703b" if r.name.startswith("FLARE")
+        else "#3b7dd8"
+        for r in rows
+    ]  # fmt: skip
     for ax, (title, values) in zip(axes, panels, strict=True):
         ax.barh(names, values, color=colors[: len(values)])
         ax.set_title(title, fontsize=10)
@@ -556,6 +556,11 @@ def _json_row(row: Row) -> dict[str, object]:
             for k, v in asdict(row).items()}  # fmt: skip
 
 
+_CONFIGS = [("default", "packed"), ("compact", "packed"),
+            ("default", "tenseal"), ("compact", "tenseal"),
+            ("default", "seeded"), ("compact", "seeded")]  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run every configuration and print (and optionally write) the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -565,7 +570,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=None, help="folder for he-overhead.json/.png"
     )
+    parser.add_argument(
+        "--configs",
+        default=",".join(f"{p}/{w}" for p, w in _CONFIGS),
+        help="comma-separated PROFILE/WIRE configurations to run (default: all)",
+    )
+    parser.add_argument(
+        "--skip-flare", action="store_true", help="leave out the FLARE-style row"
+    )
     args = parser.parse_args(argv)
+    configs = [tuple(c.strip().split("/", 1)) for c in args.configs.split(",")]
+    unknown = [c for c in configs if c not in _CONFIGS]
+    if unknown:
+        parser.error(f"unknown configurations {unknown}; choose from {_CONFIGS}")
     if args.repeats < 1 or args.params < 10_000:
         parser.error("--repeats must be >= 1 and --params >= 10000")
     load_before = os.getloadavg()
@@ -577,16 +594,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [bench_plaintext(models, counts, expected, args.repeats)]
     print(markdown(rows, params), flush=True)
     with tempfile.TemporaryDirectory() as key_dir:
-        configs = [("default", "packed"), ("compact", "packed"),
-                   ("default", "tenseal"), ("compact", "tenseal"),
-                   ("default", "seeded"), ("compact", "seeded")]  # fmt: skip
         for profile, wire in configs:
             row = bench_ckks(
                 profile, wire, models, counts, expected, args.repeats, key_dir
             )
             rows.append(row)
             print(markdown(rows[-1:], params).split("\n")[-1], flush=True)
-    rows.append(bench_flare_style(models, counts, expected, args.repeats))
+    if not args.skip_flare:
+        rows.append(bench_flare_style(models, counts, expected, args.repeats))
     load_after = os.getloadavg()
     cpu = time.process_time() - started_cpu
     table = markdown(rows, params)
@@ -596,9 +611,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{platform.processor() or platform.machine()}, Python "
         f"{platform.python_version()}; {time.perf_counter() - started:.0f} s total, "
         f"wall-clock / CPU time {(time.perf_counter() - started) / cpu:.2f}; "
-        f"FLARE-style public context with relinearisation keys: "
-        f"{rows[-1].key_material_bytes / 1e6:.2f} MB; mean relative error "
-        "(|x| > 1): "
+        + (
+            ""
+            if args.skip_flare
+            else "FLARE-style public context with relinearisation keys: "
+            f"{rows[-1].key_material_bytes / 1e6:.2f} MB; "
+        )
+        + "mean relative error (|x| > 1): "
         + ", ".join(f"{r.name} {r.mean_relative_error:.1e}" for r in rows)
         + "; bare library load + add on the same replies, without flwr-ext's "
         "checks (ms / 1M / client; TenSEAL ckks_vector_from + add_ for tenseal, "
@@ -612,7 +631,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n" + table + note)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
+        command = " ".join(sys.argv[1:] if argv is None else argv)
         results = {
+            "command": f"python -m benchmarks.he_overhead {command}".strip(),
             "params": params, "clients": CLIENTS, "counts": counts,
             "repeats": args.repeats, "load_before": load_before,
             "load_after": load_after, "rows": [_json_row(r) for r in rows],

@@ -10,15 +10,17 @@ One run measures, for a ~1M-parameter float32 model (|x| <= 10, the layout of
   and adds (:func:`~flwr_ext.he.threshold_protocol.decode_update`, SEAL's
   ``Ciphertext.load`` and ``add_inplace``), sends each of 10 sites the sum's
   ``c1``; each site computes its flooded partial decryption
-  (:meth:`~flwr_ext.he.threshold.SecretShare.partial_decrypt`); the server combines
+  (:meth:`~flwr_ext.he.threshold.SecretShare.partial_decrypt_all`); the server combines
   and decodes (:func:`~flwr_ext.he.threshold.combine`).
 - ``secagg+`` - Flower's own SecAgg+ (``SecAggPlusWorkflow`` + ``secaggplus_mod``,
   the legacy workflow; 10 shares, threshold 6, clipping range 10) on Flower's real
   ``DefaultWorkflow`` over :class:`~flwr_ext.inprocess.InProcessGrid` (every message
   through Flower's protobuf serialisation), the same model and clients.
 
-Columns: uplink / downlink bytes per parameter per client (SecAgg+: every stage's
-messages, from the grid's byte counters), client time, server time per client and
+Columns: uplink / downlink bytes per parameter per client (threshold: the encrypted
+update up; the plaintext global model plus the collective public key, which every
+train instruction carries, down; SecAgg+: every stage's messages, from the grid's
+byte counters), client time, server time per client and
 per round, one site's partial decryption, all CPU seconds per 1M parameters (the
 benchmark process is single-threaded; other processes' load does not inflate CPU
 time), rounds of interaction per training round, and the max absolute error of the
@@ -99,7 +101,8 @@ def bench_threshold(models: list[ArrayRecord], counts: list[int], repeats: int) 
     return {
         "name": "threshold (N-of-N, 10 sites)",
         "up_bytes_per_param": runs[0]["up"] / params,
-        "down_bytes_per_param": 0.0,
+        # each train instruction: the plaintext global model + the public key
+        "down_bytes_per_param": (record_bytes(models[0]) + len(public_key)) / params,
         "client_encrypt_s": med(r["encrypt"] for r in runs) * per_m,
         "server_per_client_s": med(r["server"] for r in runs) * per_m,
         "server_round_s": med(r["round"] for r in runs) * per_m,
@@ -159,7 +162,7 @@ def _threshold_repeat(context, encryptor, shares, models, counts, unit) -> dict:
     for share in shares:
         start = _cpu()
         c1s = read_residue_record(context, c1_record, "c1", expected=len(raws))
-        partials = [share.partial_decrypt(c1) for c1 in c1s]
+        partials = share.partial_decrypt_all(c1s)
         share_record = residue_record("h", [p.share for p in partials])
         partial_times.append(_cpu() - start)
         share_bytes = record_bytes(share_record)

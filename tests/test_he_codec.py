@@ -463,3 +463,35 @@ def test_raw_seal_wires_leave_no_scratch_file_behind(keysets, wire):
     decrypt_record(total.result(), secret)
     assert header.num_chunks > 1
     assert set(directory.glob("flwr-ext-ckks-*")) == before
+
+
+@pytest.mark.parametrize("profile", ["default", "compact"])
+def test_packed_ciphertexts_travel_uncompressed_only_when_zstd_stored_raw_blocks(
+    keysets, profile
+):
+    """60-bit residues do not compress: send them without zstd's frame.
+
+    SEAL saves with zstd, which keeps random residues as raw blocks; the packed
+    wire unwraps them (SEAL loads the result about twice as fast). ``compact``'s
+    47-bit residues do compress, and stay compressed.
+    """
+    from flwr_ext.he.seal_raw import uncompressed
+    from flwr_ext.he.wire import get_wire
+
+    secret, server, _ = keysets[profile]
+    values = np.random.default_rng(5).uniform(-1, 1, 3000)
+    blobs = get_wire("packed").encrypt(secret, values)
+    mode = blobs[0][5]  # SEAL header byte 5: 0 = none, 2 = zstd
+    assert mode == (0 if profile == "default" else 2)
+    assert all(uncompressed(blob) == blob for blob in blobs)  # nothing left to do
+    total = CiphertextSum(server, None, "packed")
+    record = ArrayRecord({"x": Array(values)})
+    total.add(encrypt_record(record, secret, 1.0, wire="packed"), "c")
+    decrypted = decrypt_record(total.result(), secret)
+    np.testing.assert_allclose(decrypted.arrays["x"].numpy(), values, atol=1e-5)
+    # Truncated or foreign frames are returned unchanged, never half-parsed.
+    assert uncompressed(b"\x5e\xa1" + b"\x00" * 30) == b"\x5e\xa1" + b"\x00" * 30
+    zstd_header = bytearray(blobs[0][:16])
+    zstd_header[5] = 2
+    broken = bytes(zstd_header) + b"\x28\xb5\x2f\xfd\xa0\x00"
+    assert uncompressed(broken) == broken

@@ -214,7 +214,9 @@ def mutated_record(draw, record: ArrayRecord) -> ArrayRecord:
     else:  # dtype / shape strings of an array
         name = draw(st.sampled_from(sorted(arrays)))
         old = arrays[name]
-        shape = tuple(draw(st.lists(st.integers(0, 2**40), max_size=3)))
+        shape = tuple(
+            draw(st.lists(st.integers(0, 2**31 - 1), max_size=3))
+        )  # proto: int32
         arrays[name] = Array(draw(st.text(max_size=10)), shape, old.stype, old.data)
     return ArrayRecord(arrays)
 
@@ -447,7 +449,9 @@ def hostile_answer(draw) -> RecordDict:
             dtype = draw(st.sampled_from(["no-such", "object", "<U3", "float16"]))
             arrays[key] = Array(dtype, tuple(values.shape), "numpy.ndarray", b"\0" * 8)
         elif how == "shape":
-            shape = tuple(draw(st.lists(st.integers(0, 2**40), max_size=3)))
+            shape = tuple(
+                draw(st.lists(st.integers(0, 2**31 - 1), max_size=3))
+            )  # proto: int32
             arrays[key] = Array(str(values.dtype), shape, "numpy.ndarray", _npy(values))
         elif how == "data":
             blob = draw(st.binary(max_size=64))

@@ -25,7 +25,12 @@ from flwr_ext.he.rns import (
     reduce_signed,
     sample_gaussian_residues,
 )
-from flwr_ext.he.seal_raw import SealFormatError, ciphertext_bytes, parse_ciphertext
+from flwr_ext.he.seal_raw import (
+    SealFormatError,
+    ciphertext_bytes,
+    parse_ciphertext,
+    uncompressed,
+)
 from flwr_ext.he.wire import _scratch_file
 
 NUM_SITES = 3
@@ -249,6 +254,30 @@ def test_flood_residues_are_gaussian_with_full_integer_resolution():
     assert abs(np.std(samples.astype(np.float64)) / 2.0**58 - 1) < 0.02
 
 
+@pytest.mark.parametrize("sigma", [0.0, 3.2, 1000.0, 2.0**45, 2.0**61.2, 2.0**70])
+def test_flood_residues_are_one_integer_in_every_prime(context, sigma):
+    """Each prime's residue comes from the same integer ``f`` (CRT over the data
+    primes gives a centred value of Gaussian size, not a random 120-bit one), at
+    every step size the split into table entry and low part takes."""
+    moduli = context.data_moduli
+    residues = sample_gaussian_residues(context.n, sigma, moduli, count=3)
+    assert residues.shape == (3, len(moduli), context.n)
+    product = int(np.prod([int(q) for q in moduli], dtype=object))
+    values = []
+    for poly in residues:
+        for i in range(0, context.n, 97):  # a sample of coefficients, exact CRT
+            total = 0
+            for j, q in enumerate(moduli):
+                rest = product // q
+                total += int(poly[j, i]) * rest * pow(rest, -1, q)
+            total %= product
+            values.append(total - product if total > product // 2 else total)
+    assert max(abs(v) for v in values) <= max(8 * sigma, 1)
+    if sigma >= 1000:
+        spread = float(np.std(np.array(values, dtype=np.float64)))
+        assert abs(spread / sigma - 1) < 0.15
+
+
 def test_the_decryption_budget_is_enforced_and_persisted(context, tmp_path):
     profile = T.ThresholdProfile(max_decryptions=2)
     small = T.ThresholdContext(profile)
@@ -329,23 +358,144 @@ def test_parse_ciphertext_refuses_anything_malformed(context, data, cut):
             parse_ciphertext(candidate, expected_k=context.k, expected_n=context.n)
 
 
-def test_the_seal_share_path_equals_the_numpy_arithmetic(context):
-    """partial_decrypt lets SEAL do c1 * s_i and the flood's NTT: same residues
-    as the exact numpy modmul and NTT (SEAL's order and roots)."""
+def _seal_saved(context) -> bytes:
+    """A ciphertext as SEAL itself saves it (zstd, raw blocks)."""
+    rng = np.random.default_rng(9)
+    polys = np.stack(
+        [
+            rng.integers(0, q, (2, context.n), dtype=np.uint64)
+            for q in context.data_moduli
+        ],
+        axis=1,
+    )
+    ciphertext = context.sealapi.Ciphertext()
+    with _scratch_file() as scratch:
+        scratch.write(ciphertext_bytes(context.data_parms_id, polys))
+        ciphertext.load(context.context, scratch.path)
+        ciphertext.save(scratch.path)
+        saved = scratch.read()
+    assert saved[5] == 2  # zstd: what the raw-block reader is for
+    return saved
+
+
+def test_zstd_raw_blocks_read_as_seal_wrote_them(context):
+    """The raw-block reader, the zstd decoder and SEAL agree on SEAL's own bytes;
+    the uncompressed copy loads in SEAL and parses to the same residues."""
+    import zstandard
+
+    saved = _seal_saved(context)
+    fast = parse_ciphertext(saved, expected_k=context.k, expected_n=context.n)
+    plain = uncompressed(saved)
+    assert plain[5] == 0 and len(plain) < len(saved)
+    again = parse_ciphertext(plain, expected_k=context.k, expected_n=context.n)
+    np.testing.assert_array_equal(fast.polys, again.polys)
+    loaded = context.sealapi.Ciphertext()
+    with _scratch_file() as scratch:
+        scratch.write(plain)
+        loaded.load(context.context, scratch.path)
+        loaded.save(scratch.path)
+        resaved = scratch.read()
+    np.testing.assert_array_equal(
+        parse_ciphertext(resaved, expected_k=context.k, expected_n=context.n).polys,
+        fast.polys,
+    )
+    # a frame with compressed blocks goes through the decoder, same residues
+    body = bytes(zstandard.ZstdDecompressor().decompressobj().decompress(saved[16:]))
+    recompressed = zstandard.ZstdCompressor(level=3).compress(body)
+    header = bytearray(saved[:16])
+    header[8:16] = (16 + len(recompressed)).to_bytes(8, "little")
+    other = bytes(header) + recompressed
+    assert uncompressed(other) == other or uncompressed(other)[5] == 0
+    np.testing.assert_array_equal(
+        parse_ciphertext(other, expected_k=context.k, expected_n=context.n).polys,
+        fast.polys,
+    )
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    position=st.integers(16, 40),
+    value=st.integers(0, 255),
+    cut=st.integers(0, 60),
+    tail=st.binary(max_size=40),
+)
+def test_hostile_zstd_frames_only_raise_seal_format_errors(
+    context, position, value, cut, tail
+):
+    """Mutated frame headers, block headers, truncations and trailing bytes:
+    parse raises only SealFormatError; uncompressed returns bytes that are either
+    the input or a well-formed uncompressed object."""
+    saved = _SAVED.setdefault("blob", _seal_saved(context))
+    mutated = bytearray(saved)
+    mutated[position] = value
+    for candidate in (
+        bytes(mutated),
+        saved[: len(saved) - cut] if cut else saved,
+        saved + tail,
+    ):
+        with contextlib.suppress(SealFormatError):
+            parse_ciphertext(candidate, expected_k=context.k, expected_n=context.n)
+        converted = uncompressed(candidate)
+        if converted is not candidate:
+            assert converted[5] == 0
+            assert int.from_bytes(converted[8:16], "little") == len(converted)
+
+
+_SAVED: dict[str, bytes] = {}
+
+
+@pytest.mark.parametrize(
+    ("chunks", "zero"), [(1, None), (1, "all"), (2, None), (17, None), (16, "tail")]
+)
+def test_the_seal_share_path_equals_the_numpy_arithmetic(context, chunks, zero):
+    """partial_decrypt lets SEAL do c1 * s_i and the flood's NTT, up to 16 chunks
+    per SEAL ciphertext (a single chunk, or c1s of zeros that SEAL would call
+    transparent, padded): the same residues as the exact numpy modmul and NTT
+    (SEAL's order and roots), chunk by chunk."""
     rng = np.random.default_rng(5)
     share = T.SecretShare.generate(context)
-    c1 = np.stack(
-        [rng.integers(0, q, context.n, dtype=np.uint64) for q in context.data_moduli]
-    )
-    flood = np.stack(
-        [rng.integers(0, q, context.n, dtype=np.uint64) for q in context.data_moduli]
-    )
-    expected_flood = context.data_ntt.forward(flood)
-    expected = np.stack(
-        [
-            (modmul(c1[j], share._ntt[j], q) + expected_flood[j]) % np.uint64(q)
-            for j, q in enumerate(context.data_moduli)
-        ]
-    )
+
+    def residues() -> np.ndarray:
+        return np.stack(
+            [
+                rng.integers(0, q, (chunks, context.n), dtype=np.uint64)
+                for q in context.data_moduli
+            ],
+            axis=1,
+        )
+
+    c1s, floods = residues(), residues()
+    if zero == "all":
+        c1s[:] = 0
+    elif zero == "tail":
+        c1s[1:] = 0
+    floods[0, :, :3] = 0  # zeros and the largest residues go through SEAL too
+    floods[0, :, 3] = np.array(context.data_moduli, dtype=np.uint64) - np.uint64(1)
     with _scratch_file() as scratch:
-        np.testing.assert_array_equal(share._seal_share(c1, flood, scratch), expected)
+        got = np.concatenate(
+            [
+                share._seal_shares(c1s[i : i + 16], floods[i : i + 16], scratch)
+                for i in range(0, chunks, 16)
+            ]
+        )
+    assert got.shape == (chunks, context.k, context.n)
+    for index in range(chunks):
+        expected_flood = context.data_ntt.forward(floods[index])
+        expected = np.stack(
+            [
+                (modmul(c1s[index][j], share._ntt[j], q) + expected_flood[j])
+                % np.uint64(q)
+                for j, q in enumerate(context.data_moduli)
+            ]
+        )
+        np.testing.assert_array_equal(got[index], expected)
+
+
+def test_a_zero_c1_gets_the_flood_alone(context):
+    """A hostile all-zero c1 is answered (c1 * s_i = 0: the flood alone, no
+    information about s_i), never a SEAL exception."""
+    share = T.SecretShare.generate(context)
+    zeros = np.zeros((context.k, context.n), np.uint64)
+    partials = share.partial_decrypt_all([zeros] * 17)
+    assert len(partials) == 17
+    assert all(np.any(p.share) for p in partials)

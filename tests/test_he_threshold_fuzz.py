@@ -180,6 +180,34 @@ def test_hostile_instructions_get_an_answer_or_an_error(
         assert set(answer.content.array_records) == {"public-share"}
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.integers(0, (1 << 60) - 1), min_size=0, max_size=40).filter(
+        lambda v: len(v) % 2 == 0
+    )
+)
+def test_60_bit_packing_round_trips(values):
+    from flwr_ext.he.threshold_protocol import pack_residues, unpack_residues
+
+    array = np.array(values, dtype=np.uint64)
+    packed = pack_residues(array)
+    assert packed.nbytes == 15 * len(values) // 2
+    np.testing.assert_array_equal(unpack_residues(packed.tobytes(), len(values)), array)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(max_size=64), count=st.integers(-3, 40))
+def test_60_bit_unpacking_refuses_wrong_lengths(data, count):
+    from flwr_ext.he.threshold import ThresholdError
+    from flwr_ext.he.threshold_protocol import unpack_residues
+
+    if count >= 0 and count % 2 == 0 and len(data) == 15 * count // 2:
+        assert unpack_residues(data, count).max(initial=0) < 1 << 60
+    else:
+        with pytest.raises(ThresholdError):
+            unpack_residues(data, count)
+
+
 @FUZZ
 @given(replacement=_arrays)
 def test_residue_records_refuse_anything_but_residues(replacement):

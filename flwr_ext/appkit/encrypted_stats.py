@@ -22,10 +22,17 @@ Three QUERY exchanges, all before training (round 0):
    ``scale = (|mu| + 1) * sqrt(pooled mean square)``, the pooled standard
    deviation, and keeps ``(mu, scale)`` in ``context.state`` for the run.
 
-The result equals the plaintext pooled standardisation up to CKKS precision
-(measured on the WDBC features with the default profile: means within 2e-7 and
-standard deviations within 2e-5, relative). A site that misses the round
-(joins later) has no scaler and answers train/evaluate with an error saying so.
+Every decryption here is flooded and rounded (:func:`flwr_ext.he.decrypt_record`,
+:mod:`flwr_ext.he.flooding`): the pooled statistics end up in the sites' models
+and in ``preprocessing.json``, which may be shared, and an exact CKKS decryption
+would reveal the key. The flooding noise is seeded by the key and the
+ciphertext, so every site - and :func:`decrypt_scaler` later - gets the same
+values. The result equals the plaintext pooled standardisation up to CKKS
+precision (measured on the WDBC features with the previous, unflooded default
+profile: means within 2e-7 and standard deviations within 2e-5, relative; the
+flooding noise of the current default profile is ~1e-12 absolute). A site that
+misses the round (joins later) has no scaler and answers train/evaluate with an
+error saying so.
 The server can write the two encrypted sums next to the encrypted model
 (:func:`save_encrypted_scaler`); a data owner decrypts them with
 :func:`decrypt_scaler`.

@@ -15,7 +15,10 @@
 ``flwr-ext keys decrypt --context SECRET MODEL --out OUT.npz``
     Decrypts an encrypted final model saved by the ServerApp
     (:func:`flwr_ext.he.save_encrypted_model`) into a plain ``.npz`` (mode 0600;
-    an existing OUT is kept unless ``--force``).
+    an existing OUT is kept unless ``--force``). Like every flwr-ext decryption
+    the values are flooded and rounded (:mod:`flwr_ext.he.flooding`), so the file
+    can be shared without revealing the key; decrypting the same model again
+    writes the same values.
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--profile",
         choices=sorted(PROFILES),
         default="default",
-        help="CKKS parameters: default (N=8192, [60, 40], 2^40, |aggregate| <= "
-        "2^18) or compact (N=4096, [45, 60], 2^35, |aggregate| <= 256)",
+        help="CKKS parameters: default (N=8192, [60, 60, 60], 2^100, |aggregate| "
+        "<= 2^18) or compact (N=4096, [47, 46, 16], 2^83, |aggregate| <= 256)",
     )
     create.add_argument(
         "--force",

@@ -5,11 +5,13 @@ TenSEAL is imported here and nowhere else in flwr-ext (lazily, on first use).
 - :mod:`~flwr_ext.he.profiles` - CKKS parameter profiles and their magnitude bounds.
 - :mod:`~flwr_ext.he.keys` - create, load (once, ``n_threads=1``) and fingerprint
   the data owners' secret context and the server's keyless context.
-- :mod:`~flwr_ext.he.wire` - three wire formats: packed raw SEAL (default), TenSEAL
-  vectors, seeded SEAL.
+- :mod:`~flwr_ext.he.wire` - three wire formats: packed SEAL, TenSEAL vectors,
+  seeded SEAL.
 - :mod:`~flwr_ext.he.codec` - ArrayRecord <-> encrypted ArrayRecord (weight slot,
   manifest, fingerprint).
 - :mod:`~flwr_ext.he.accumulate` - streaming in-place sum at the server.
+- :mod:`~flwr_ext.he.flooding` - the noise every released decryption carries
+  (sized for 30-bit statistical security), rounding, the per-run budget.
 - :mod:`~flwr_ext.he.model_file` - save the encrypted final model, decrypt it.
 
 The Flower pieces built on these live in :mod:`flwr_ext.mods.ckks` (client mod) and

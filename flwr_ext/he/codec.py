@@ -9,7 +9,7 @@ Encoding (data owner, secret key)
    ``[w * x_1, ..., w * x_d, w, 1]``. Summing such vectors over clients gives
    ``[sum w_i x_i, sum w_i, n]``; the key holder divides by the weight slot to get
    the weighted average (FedAvg) and reads the number of contributions from the
-   last slot. The server never multiplies, so one data prime suffices.
+   last slot. The server never multiplies, so no prime is consumed by rescaling.
 3. Check ``|w * x| <= bound / num_clients`` (the profile's magnitude bound, see
    :func:`flwr_ext.he.profiles.check_bound`) before anything is encrypted.
 4. Encrypt chunk by chunk (:mod:`flwr_ext.he.wire`) and put the ciphertext bytes in
@@ -27,6 +27,7 @@ weight slot, and :func:`flwr_ext.records.unflatten` to the original dtypes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import zlib
@@ -38,6 +39,16 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from ..records import Manifest, flatten, unflatten
+from ._seal_raw import data_moduli
+from .flooding import (
+    FRESH_ERROR_BOUND,
+    NoiseStream,
+    flooding_noise,
+    flooding_std,
+    noise_residues,
+    release_grid,
+    round_to_grid,
+)
 from .keys import CkksKeys
 from .meta import parse_meta
 from .profiles import check_bound
@@ -50,6 +61,7 @@ __all__ = [
     "DecryptedModel",
     "EncryptedHeader",
     "InvalidCiphertextError",
+    "decrypt_average",
     "decrypt_record",
     "encrypt_record",
     "is_encrypted",
@@ -220,13 +232,14 @@ def check_chunk_bytes(
     Runs before anything is loaded or allocated for the chunks: a decryption
     allocates ``N`` float64 values per ciphertext, so a record of many one-byte
     "ciphertexts" (a hostile server's global model, say) must not get that far.
-    A ciphertext has two polynomials of ``N`` coefficients in one data prime; the
-    seeded form ships one, and SEAL's zstd compresses 60-bit words little, so
-    ``2 N`` bytes is far below the smallest and ``16 N`` + 64 KiB far above the
-    largest in every wire format.
+    A ciphertext has two polynomials of ``N`` coefficients in each of the
+    profile's ``k`` data primes (8 bytes each); the seeded form ships one, and
+    SEAL's zstd compresses 60-bit words little, so ``2 N`` bytes is far below the
+    smallest and ``16 N k`` + 64 KiB above the largest in every wire format.
     """
     degree = keys.profile.poly_modulus_degree
-    low, high = 2 * degree, 16 * degree + 65536
+    data_primes = max(1, len(keys.profile.coeff_mod_bit_sizes) - 1)
+    low, high = 2 * degree, 16 * degree * data_primes + 65536
     for index, key in enumerate(chunk_keys(header.num_chunks)):
         size = len(record[key].data)
         if not low <= size <= high:
@@ -328,6 +341,9 @@ def encrypt_record(
 class DecryptedModel:
     """A decrypted record: the weighted average and what it was made of.
 
+    Every value here is *released*: flooded and rounded
+    (:func:`decrypt_record`), safe to hand to the server or to publish.
+
     Attributes
     ----------
     arrays : ArrayRecord
@@ -336,43 +352,134 @@ class DecryptedModel:
         ``sum(w_i)`` (the weight slot).
     contributions : int
         Number of client updates in the sum (the count slot).
+    noise_std : float
+        Standard deviation of the flooding noise on every decrypted *sum* slot
+        (value units); the average's is about ``noise_std / total_weight``.
     """
 
     arrays: ArrayRecord
     total_weight: float
     contributions: int
+    noise_std: float = 0.0
+
+
+#: Largest count slot a decryption accepts (it sizes the flooding noise).
+MAX_CONTRIBUTIONS = 2**20
 
 
 def decrypt_record(
     record: ArrayRecord, keys: CkksKeys, what: str = "the encrypted model"
 ) -> DecryptedModel:
-    """Decrypt an encrypted record with the secret key (data owner side).
+    """Decrypt an encrypted record with the secret key, flooded (data owner side).
+
+    Every decryption is *flooded* (:mod:`flwr_ext.he.flooding`): integer noise
+    sized from the profile's error bound is added to the plaintext before it is
+    decoded, so the result does not reveal the secret-dependent decryption
+    error (which would give away the key), and the average and the total weight
+    are then rounded to a power-of-two grid below the noise. See
+    :func:`decrypt_average` for the steps; this function shapes the average
+    like the original model (names, shapes, dtypes).
 
     Raises
     ------
     KeyMismatchError
         If it was encrypted under another key set or profile (names both).
     InvalidCiphertextError
-        If it is malformed or a ciphertext does not load.
+        If it is malformed, a ciphertext does not load, or its weight or count
+        slot is out of range.
     """
+    average, total_weight, contributions, noise_std, manifest = _release(
+        record, keys, what
+    )
+    return DecryptedModel(
+        unflatten(average, manifest), total_weight, contributions, noise_std
+    )
+
+
+def decrypt_average(
+    record: ArrayRecord, keys: CkksKeys, what: str = "the encrypted model"
+) -> tuple[np.ndarray, float, int, float]:
+    """Return the released weighted average as a flat float64 vector.
+
+    What :func:`decrypt_record` releases, before the cast to the model's dtypes
+    (for measurements). Steps:
+
+    1. decrypt the last ciphertext exactly, locally, to read the count slot
+       ``n`` (the error of a sum of ``n`` fresh ciphertexts is at most
+       ``21 n`` per coefficient);
+    2. ``tau = flooding_std(21 n, ciphertexts x N, profile.flood_releases,
+       profile.flood_security_bits)``;
+    3. draw the noise from SHAKE-256 seeded with a hash of the secret key and of
+       the ciphertexts, so the same ciphertext always releases the same value,
+       whoever decrypts it and however often;
+    4. decrypt every ciphertext with its noise polynomial added, divide by the
+       weight slot, round.
+
+    Returns
+    -------
+    tuple
+        ``(average, total_weight, contributions, noise_std)``: see
+        :class:`DecryptedModel`.
+    """
+    average, total_weight, contributions, noise_std, _ = _release(record, keys, what)
+    return average, total_weight, contributions, noise_std
+
+
+def _release(
+    record: ArrayRecord, keys: CkksKeys, what: str
+) -> tuple[np.ndarray, float, int, float, Manifest]:
     keys.require_secret()
     header = EncryptedHeader.from_record(record)
     header.check_keys(keys, what)
+    wire = get_wire(header.wire)
+    blobs = chunks(record, header)
+    sizes = wire.chunk_sizes(keys, header.num_values)
+    profile = keys.profile
+    degree = profile.poly_modulus_degree
     try:
-        values = get_wire(header.wire).decrypt(
-            keys, chunks(record, header), header.num_values
+        last = wire.decrypt(keys, blobs[-1:], sizes[-1], None)  # local, never released
+        count = float(last[-1])
+        if not (math.isfinite(count) and 0.5 <= count <= MAX_CONTRIBUTIONS):
+            raise InvalidCiphertextError(
+                f"{what} decrypts to a contribution count of {count:g}; the "
+                "aggregate overflowed the profile's bound or was made with another key"
+            )
+        tau = flooding_std(
+            FRESH_ERROR_BOUND * round(count),
+            len(blobs) * degree,
+            profile.flood_releases,
+            profile.flood_security_bits,
         )
+        seed = hashlib.blake2b(keys.seal().flood_key(), digest_size=32)
+        seed.update(keys.fingerprint.encode())
+        for blob in blobs:
+            seed.update(hashlib.blake2b(blob, digest_size=32).digest())
+        noise = flooding_noise(len(blobs) * degree, tau, NoiseStream(seed.digest()))
+        residues = noise_residues(
+            noise.reshape(len(blobs), degree), data_moduli(keys.seal())
+        ).transpose(1, 0, 2)
+        values = wire.decrypt(keys, blobs, header.num_values, residues)
     except (CiphertextError, InvalidCiphertextError) as err:
         raise InvalidCiphertextError(f"{what}: {err}") from err
+    except ValueError as err:  # the flooding does not fit the sampler
+        raise InvalidCiphertextError(f"{what}: {err}") from err
+    # The noise on each decoded real value: tau * sqrt(N / 2) / scale.
+    noise_std = tau * math.sqrt(degree / 2) / profile.scale
     size = header.manifest.size
     total_weight = float(values[size])
-    contributions = round(float(values[size + 1]))
     if not math.isfinite(total_weight) or total_weight <= 0:
         raise InvalidCiphertextError(
             f"{what} decrypts to a total weight of {total_weight:g}; the aggregate "
             "overflowed the profile's bound or was made with another key"
         )
-    average = values[:size] / total_weight
-    return DecryptedModel(
-        unflatten(average, header.manifest), total_weight, contributions
+    average = round_to_grid(
+        values[:size] / total_weight, release_grid(noise_std / total_weight)
+    )
+    total_weight = float(round_to_grid(total_weight, release_grid(noise_std)))
+    return (
+        average,
+        total_weight,
+        round(float(values[size + 1])),
+        noise_std,
+        (header.manifest),
     )

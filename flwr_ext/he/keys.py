@@ -191,10 +191,31 @@ class SealHandles:
         self.evaluator = sealapi.Evaluator(self.context)
         self.encryptor = None
         self.decryptor = None
+        self._flood_key: bytes | None = None
+        self._secret_key: Any = None
         if keys.has_secret:
             secret_key = keys.context.secret_key().data
+            self._secret_key = secret_key
             self.encryptor = sealapi.Encryptor(self.context, secret_key)
             self.decryptor = sealapi.Decryptor(self.context, secret_key)
+
+    def flood_key(self) -> bytes:
+        """32 secret bytes that seed the flooding noise (data owners only).
+
+        A hash of the secret key's coefficients: every data owner derives the same
+        bytes, the server (no secret key) cannot. Decrypting the same ciphertext
+        therefore floods it with the same noise everywhere
+        (:func:`flwr_ext.he.codec.decrypt_record`).
+        """
+        if self._secret_key is None:
+            raise ValueError("only a context with the secret key can seed flooding")
+        if self._flood_key is None:
+            plain = self._secret_key.data()
+            digest = hashlib.blake2b(b"flwr-ext flood key v1\x00", digest_size=32)
+            for index in range(plain.coeff_count()):
+                digest.update(int(plain[index]).to_bytes(8, "little"))
+            self._flood_key = digest.digest()
+        return self._flood_key
 
 
 # --------------------------------------------------------------------- creation

@@ -4,27 +4,38 @@ A profile is fixed when the keys are created (``flwr-ext keys create --profile``
 travels with every encrypted message, so a client and a server with different
 parameters fail with a clear error instead of producing garbage.
 
-Both profiles are *add-only*: the server never multiplies a ciphertext, so one data
-prime suffices (SEAL's last prime in ``coeff_mod_bit_sizes`` is the special prime
-used for key switching, not part of a ciphertext). A fresh ciphertext carries
-``poly_modulus_degree / 2`` real values at ``2**scale_bits`` fixed-point precision.
+Both profiles are *add-only*: the server never multiplies a ciphertext, so no prime
+is ever consumed by rescaling. SEAL's last prime in ``coeff_mod_bit_sizes`` is the
+special prime used for key switching (unused here) and not part of a ciphertext;
+the others are the *data primes*, whose product ``q`` a ciphertext lives in. A
+fresh ciphertext carries ``poly_modulus_degree / 2`` complex slots at
+``2**scale_bits`` fixed-point precision.
 
-Magnitude bound. A slot holds ``value * 2**scale_bits`` modulo the data prime
-``q0``; once the *aggregate* (sum over all clients) exceeds ``q0 / 2**(scale_bits + 1)``
-it wraps around and decrypts to garbage, silently. Each profile therefore declares
+Two data primes and a scale of 2^100 (default) are there for *flooding*
+(:mod:`flwr_ext.he.flooding`): every decryption that leaves a data owner adds
+integer noise of standard deviation up to ~2^57 to the plaintext's coefficients
+(sized for 30-bit statistical security over the profile's ``flood_releases``
+decryptions), and a scale far above that noise keeps the released values precise
+(about 1e-11 for a 1M-parameter model of 10 clients). With one 60-bit prime the
+noise would swamp every value.
+
+Magnitude bound. A slot holds ``value * 2**scale_bits`` modulo ``q``; once the
+*aggregate* (sum over all clients) exceeds ``q / 2**(scale_bits + 1)`` it wraps
+around and decrypts to garbage, silently. Each profile therefore declares
 ``bound`` - half that capacity, a factor of 2 of headroom for encoding and noise -
 and clients check ``|weight * value| <= bound / num_clients`` for every value
 *before* anything is encrypted (see :func:`check_bound`).
 
-==========  =====  ========  =====  =========  ==================================
-profile     N      moduli    scale  bound      measured uplink (packed / tenseal)
-==========  =====  ========  =====  =========  ==================================
-default     8192   [60, 40]  2^40   2^18       ~16 / ~32 B/param
-compact     4096   [45, 60]  2^35   2^8 = 256  ~13.5 / ~27 B/param
-==========  =====  ========  =====  =========  ==================================
+==========  =====  ============  =====  =========  =========================
+profile     N      moduli        scale  bound      uplink (packed / tenseal)
+==========  =====  ============  =====  =========  =========================
+default     8192   [60, 60, 60]  2^100  2^18       ~32 / ~64 B/param
+compact     4096   [47, 46, 16]  2^83   2^8 = 256  ~24 / ~48 B/param
+==========  =====  ============  =====  =========  =========================
 
 Both meet 128-bit security for these ring sizes and modulus sizes (SEAL's
-``CoeffModulus.MaxBitCount``: 218 bits for N=8192, 109 bits for N=4096).
+``CoeffModulus.MaxBitCount``, the HE standard's table: 218 bits for N=8192,
+109 bits for N=4096); ``compact``'s 47- and 46-bit primes compress (SEAL's zstd).
 """
 
 from __future__ import annotations
@@ -58,12 +69,20 @@ class Profile:
         last the special (key-switching) prime.
     scale_bits : int
         Fixed-point scale ``2**scale_bits``: the precision of every slot.
+    flood_security_bits : int
+        Statistical security (bits) of the flooding noise added to every
+        decryption that leaves a data owner (:mod:`flwr_ext.he.flooding`).
+    flood_releases : int
+        Number of released decryptions the flooding is sized for, over the key
+        set's lifetime (sites also cap the releases per run).
     """
 
     name: str
     poly_modulus_degree: int
     coeff_mod_bit_sizes: tuple[int, ...]
     scale_bits: int
+    flood_security_bits: int = 30
+    flood_releases: int = 2**20
 
     @property
     def slots(self) -> int:
@@ -77,8 +96,8 @@ class Profile:
 
     @property
     def data_prime_bits(self) -> int:
-        """Bits of the one data prime a fresh ciphertext lives in."""
-        return self.coeff_mod_bit_sizes[0]
+        """Bits of ``q``, the product of the data primes a ciphertext lives in."""
+        return sum(self.coeff_mod_bit_sizes[:-1])
 
     @property
     def bound(self) -> float:
@@ -100,12 +119,14 @@ class Profile:
             "poly_modulus_degree": self.poly_modulus_degree,
             "coeff_mod_bit_sizes": list(self.coeff_mod_bit_sizes),
             "scale_bits": self.scale_bits,
+            "flood_security_bits": self.flood_security_bits,
+            "flood_releases": self.flood_releases,
         }
 
 
 PROFILES: dict[str, Profile] = {
-    "default": Profile("default", 8192, (60, 40), 40),
-    "compact": Profile("compact", 4096, (45, 60), 35),
+    "default": Profile("default", 8192, (60, 60, 60), 100),
+    "compact": Profile("compact", 4096, (47, 46, 16), 83),
 }
 
 

@@ -45,6 +45,10 @@ node config                     environment variable                   meaning
 ``ckks-decrypt-min-clients``    ``FLWR_EXT_CKKS_DECRYPT_MIN_CLIENTS``  refuse sums
                                                                        of fewer
                                                                        updates
+``ckks-decrypt-budget``         ``FLWR_EXT_CKKS_DECRYPT_BUDGET``       most
+                                                                       decryptions
+                                                                       released per
+                                                                       run
 ==============================  =====================================  ============
 
 The site's minimum number of contributions for *any* decryption (the global model
@@ -99,6 +103,11 @@ ENV_DECRYPT_FOR_SERVER = "FLWR_EXT_CKKS_DECRYPT_FOR_SERVER"
 NODE_DECRYPT_MIN_CLIENTS = "ckks-decrypt-min-clients"
 ENV_DECRYPT_MIN_CLIENTS = "FLWR_EXT_CKKS_DECRYPT_MIN_CLIENTS"
 DEFAULT_DECRYPT_MIN_CLIENTS = 2
+NODE_DECRYPT_BUDGET = "ckks-decrypt-budget"
+ENV_DECRYPT_BUDGET = "FLWR_EXT_CKKS_DECRYPT_BUDGET"
+#: Decryptions a node releases to the server per run unless its config says less
+#: (or more, up to the profile's ``flood_releases``).
+DEFAULT_DECRYPT_BUDGET = 1024
 
 
 @dataclass(frozen=True)
@@ -233,11 +242,16 @@ class ClientSettings:
         Whether this node decrypts aggregates for the server on request.
     decrypt_min_clients : int
         Fewest contributions an aggregate must hold before this node decrypts it.
+    decrypt_budget : int
+        Most aggregates this node decrypts for the server per run (each release
+        is flooded; the flooding is sized for the profile's ``flood_releases``
+        over the key set's lifetime, see :mod:`flwr_ext.he.flooding`).
     """
 
     context_path: str | None
     decrypt_for_server: bool
     decrypt_min_clients: int
+    decrypt_budget: int = DEFAULT_DECRYPT_BUDGET
 
     @classmethod
     def from_node(
@@ -265,8 +279,31 @@ class ClientSettings:
             raise ValueError(
                 f"{NODE_DECRYPT_MIN_CLIENTS} must be >= 1, got {min_clients}"
             )
+        budget = _positive_int(
+            node_config.get(
+                NODE_DECRYPT_BUDGET,
+                env.get(ENV_DECRYPT_BUDGET, DEFAULT_DECRYPT_BUDGET),
+            ),
+            NODE_DECRYPT_BUDGET,
+        )
         return cls(
             context_path=str(path) if path not in (None, "") else None,
             decrypt_for_server=_truthy(opt_in),
             decrypt_min_clients=min_clients,
+            decrypt_budget=budget,
         )
+
+
+def _positive_int(value: object, name: str) -> int:
+    """``value`` as an int >= 1 (ints or their decimal strings only)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    else:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if number < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {number}")
+    return number

@@ -63,9 +63,14 @@ def modmul(a: np.ndarray, b: np.ndarray | int | np.integer, q: int) -> np.ndarra
 
 
 def add_mod(a: np.ndarray, b: np.ndarray, q: int) -> np.ndarray:
-    """Return ``a + b mod q`` for residues below ``q < 2**62``."""
-    total = a + b
-    return np.where(total >= np.uint64(q), total - np.uint64(q), total)
+    """Return ``a + b mod q`` for residues below ``q < 2**63``.
+
+    ``min(t, t - q)`` with wrapping ``uint64`` subtraction: when ``t < q`` the
+    difference wraps above ``t``; otherwise it is the reduced value.
+    """
+    total = np.add(a, b, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return np.minimum(total, total - np.uint64(q))
 
 
 def sub_mod(a: np.ndarray, b: np.ndarray, q: int) -> np.ndarray:
@@ -132,34 +137,68 @@ def sample_gaussian(n: int, sigma: float) -> np.ndarray:
 
 
 def sample_gaussian_residues(
-    n: int, sigma: float, moduli: tuple[int, ...]
+    n: int, sigma: float, moduli: tuple[int, ...], count: int | None = None
 ) -> np.ndarray:
-    """``n`` integer Gaussian samples of any ``sigma``, as ``(k, n)`` residues.
+    """Integer Gaussian samples of any ``sigma``, as residues modulo ``moduli``.
+
+    Returns ``(k, n)`` residues, or ``(count, k, n)`` for ``count`` independent
+    polynomials drawn at once (the flooding of many chunks in a few vector
+    operations rather than a Python loop).
 
     Flooding noise can exceed what ``int64`` holds (``sigma`` up to ``2**70``
-    here), so each sample ``f = step * j + d`` is never formed as an integer:
-    ``j = rint(sigma z / step)`` (``|j| < 2**47``) and the dither ``d`` uniform in
-    ``[-step/2, step/2)`` with ``step = 2**(bits(sigma) - 45)`` are reduced modulo
-    each prime and combined there. Same distribution as :func:`sample_gaussian`.
+    here), so a sample is never formed as one integer. With ``step = 2**t``,
+    ``t = bits(sigma) - 45``, it is ``f = step * j + d``: ``j = rint(sigma z /
+    step)`` on the float64 grid, ``d`` a uniform dither in ``[-step/2, step/2)``
+    (full integer resolution). Written as ``f = (2j - 1) * step/2 + d'`` with
+    ``d' = d + step/2`` uniform in ``[0, step)``, and with ``b = bits(min(moduli))
+    - 2`` (so ``2**b + step`` is below every prime), it splits exactly as
+    ``f = h * 2**b + l``: ``h = (2j - 1) >> (b - t + 1)``, a small signed integer,
+    and ``l = ((2j - 1) mod 2**(b-t+1)) * step/2 + d'`` in ``[0, 2**b + step)``,
+    already a residue. ``f mod q`` is then a table entry ``h * 2**b mod q`` (exact
+    Python integers, one per distinct ``h``) plus ``l``, with one conditional
+    subtraction. (For ``step = 1``: ``f = j``, ``l = j mod 2**b``.) Integer
+    operations only, no extended-precision product. Same distribution as
+    :func:`sample_gaussian`.
     """
     if not sigma >= 0 or not np.isfinite(sigma) or sigma > 2.0**70:
         raise ValueError(f"sigma must be a finite number in [0, 2**70], got {sigma!r}")
+    if not moduli:
+        raise ValueError("no moduli to reduce the samples to")
+    shape = (n,) if count is None else (int(count), n)
     seed = int.from_bytes(os.urandom(32), "little")
     generator = np.random.Generator(np.random.PCG64(seed))
     step_bits = max(0, math.ceil(math.log2(sigma)) - 45) if sigma > 0 else 0
-    step = 1 << step_bits
-    coarse = np.rint(generator.normal(0.0, sigma / step, size=n)).astype(np.int64)
-    dither = (
-        generator.integers(-(step // 2), step // 2, size=n, dtype=np.int64)
-        if step > 1
-        else np.zeros(n, dtype=np.int64)
-    )
-    rows = []
-    for q in moduli:
-        # f = coarse * step + dither, reduced without forming f (it may exceed int64)
-        scaled = modmul(reduce_signed(coarse, q), np.uint64(step % q), q)
-        rows.append(add_mod(scaled, reduce_signed(dither, q), q))
-    return np.stack(rows)
+    base = min(moduli).bit_length() - 2
+    if step_bits > base:
+        raise ValueError(f"sigma={sigma!r} is too large for primes of {base + 2} bits")
+    grid = generator.normal(0.0, sigma / (1 << step_bits), size=shape)
+    value = np.rint(grid, out=grid).astype(np.int64)  # j
+    if step_bits:
+        value <<= np.int64(1)
+        value -= np.int64(1)  # 2j - 1, in units of step/2
+        unit_bits = step_bits - 1
+    else:
+        unit_bits = 0
+    split = base - unit_bits  # value = high * 2**split + (value mod 2**split)
+    high = value >> np.int64(split)
+    value &= np.int64((1 << split) - 1)
+    value <<= np.int64(unit_bits)
+    if step_bits:
+        value += generator.integers(0, 1 << step_bits, size=shape, dtype=np.int64)
+    low = value.view(np.uint64)  # l in [0, 2**b + step): a residue of every prime
+    first = int(high.min()) if high.size else 0
+    last = int(high.max()) if high.size else 0
+    high -= np.int64(first)
+    out = np.empty((*shape[:-1], len(moduli), n), dtype=np.uint64)
+    for j, q in enumerate(moduli):
+        table = np.array(
+            [(h << base) % q for h in range(first, last + 1)], dtype=np.uint64
+        )
+        row = out[..., j, :]
+        np.add(table[high], low, out=row)
+        with np.errstate(over="ignore"):
+            np.minimum(row, row - np.uint64(q), out=row)  # add_mod, in place
+    return out
 
 
 def _bit_reverse(values: np.ndarray, bits: int) -> np.ndarray:

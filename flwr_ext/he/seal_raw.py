@@ -35,14 +35,17 @@ __all__ = [
     "RawCiphertext",
     "SealFormatError",
     "ciphertext_bytes",
+    "ciphertext_parts",
     "parse_ciphertext",
     "plaintext_bytes",
+    "uncompressed",
 ]
 
 _MAGIC = 0xA15E
 _HEADER = struct.Struct("<HBBBBHQ")
 _CIPHERTEXT_META = struct.Struct("<BQQQdQ")
 _PLAINTEXT_META = struct.Struct("<Qd")
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _MAX_DECOMPRESSED = 1 << 28  # 256 MiB: far above one N=32768 ciphertext
 
 
@@ -95,10 +98,15 @@ def _header(body_size: int) -> bytes:
     return _HEADER.pack(_MAGIC, 16, major, minor, 0, 0, 16 + body_size)
 
 
-def _dynarray(residues: np.ndarray) -> bytes:
+def _dynarray(residues: np.ndarray) -> tuple[bytes, bytes, memoryview]:
     flat = np.ascontiguousarray(residues, dtype="<u8").ravel()
-    body = struct.pack("<Q", flat.size) + flat.tobytes()
-    return _header(len(body)) + body
+    return _header(8 + flat.nbytes), struct.pack("<Q", flat.size), flat.data
+
+
+def _object(meta: bytes, array: tuple[bytes, bytes, memoryview]) -> bytes:
+    """Header, metadata and data array joined in one copy of the residues."""
+    size = len(meta) + sum(len(part) for part in array[:2]) + array[2].nbytes
+    return b"".join([_header(size), meta, *array])
 
 
 def ciphertext_bytes(
@@ -109,28 +117,41 @@ def ciphertext_bytes(
     ntt_form: bool = True,
 ) -> bytes:
     """SEAL ``Ciphertext`` (or ``PublicKey``) bytes for ``(size, k, N)`` residues."""
+    return b"".join(ciphertext_parts(parms_id, polys, scale=scale, ntt_form=ntt_form))
+
+
+def ciphertext_parts(
+    parms_id: tuple[int, ...] | list[int],
+    polys: np.ndarray,
+    *,
+    scale: float = 1.0,
+    ntt_form: bool = True,
+) -> list[bytes | memoryview]:
+    """:func:`ciphertext_bytes` as buffers whose concatenation is the object.
+
+    The last is a view of the residues themselves: written with one
+    ``os.pwritev``, several megabytes reach SEAL without an extra copy.
+    """
     size, k, n = polys.shape
-    body = (
-        struct.pack("<4Q", *parms_id)
-        + _CIPHERTEXT_META.pack(int(ntt_form), size, n, k, float(scale), 1)
-        + _dynarray(polys)
+    meta = struct.pack("<4Q", *parms_id) + _CIPHERTEXT_META.pack(
+        int(ntt_form), size, n, k, float(scale), 1
     )
-    return _header(len(body)) + body
+    array = _dynarray(polys)
+    body = len(meta) + sum(len(part) for part in array[:2]) + array[2].nbytes
+    return [_header(body), meta, *array]
 
 
 def plaintext_bytes(
     parms_id: tuple[int, ...] | list[int], residues: np.ndarray, *, scale: float
 ) -> bytes:
     """SEAL ``Plaintext`` bytes for ``(k, N)`` NTT-form residues at ``parms_id``."""
-    body = (
-        struct.pack("<4Q", *parms_id)
-        + _PLAINTEXT_META.pack(residues.size, float(scale))
-        + _dynarray(residues)
+    meta = struct.pack("<4Q", *parms_id) + _PLAINTEXT_META.pack(
+        residues.size, float(scale)
     )
-    return _header(len(body)) + body
+    return _object(meta, _dynarray(residues))
 
 
-def _body(data: bytes, what: str) -> bytes:
+def _body(data: bytes | memoryview, what: str) -> bytes | memoryview:
     if len(data) < _HEADER.size:
         raise SealFormatError(f"{what}: {len(data)} bytes, shorter than a SEAL header")
     magic, header_size, _major, _minor, compression, _reserved, total = (
@@ -140,7 +161,7 @@ def _body(data: bytes, what: str) -> bytes:
         raise SealFormatError(f"{what}: not a SEAL object (bad magic or header)")
     if total != len(data):
         raise SealFormatError(f"{what}: header says {total} bytes, got {len(data)}")
-    payload = data[16:]
+    payload = memoryview(data)[16:]  # no copy of the residues
     try:
         if compression == 0:
             return payload
@@ -151,6 +172,11 @@ def _body(data: bytes, what: str) -> bytes:
                 raise SealFormatError(f"{what}: decompresses beyond the size limit")
             return body
         if compression == 2:
+            stored = _zstd_raw_blocks(payload)
+            if stored is not None:
+                if len(stored) > _MAX_DECOMPRESSED:
+                    raise SealFormatError(f"{what}: beyond the size limit")
+                return stored
             import zstandard  # the one module that needs it: SEAL's default format
 
             reader = zstandard.ZstdDecompressor().decompressobj()
@@ -167,12 +193,76 @@ def _body(data: bytes, what: str) -> bytes:
     raise SealFormatError(f"{what}: unknown compression mode {compression}")
 
 
-def parse_ciphertext(
-    data: bytes, *, expected_k: int, expected_n: int, what: str = "ciphertext"
-) -> RawCiphertext:
-    """Parse SEAL ``Ciphertext`` bytes of size 2 at the expected level and degree.
+def _zstd_raw_blocks(frame: bytes | memoryview) -> bytes | None:
+    """Return the content of a zstd frame of *raw* (stored) blocks only, else None.
 
-    Anything else raises :class:`SealFormatError`.
+    A ciphertext's 60-bit residues do not compress, so SEAL's zstd output is a
+    frame header followed by raw blocks: 3-byte block headers (last-block bit,
+    type 0 = raw, size) each followed by that many bytes of content. Reading them
+    is a copy; a frame with a checksum or dictionary, or any other block type,
+    returns ``None`` (the caller then runs the zstd decoder). Every length is
+    checked against the bytes present; nothing is allocated beyond the input.
+    """
+    frame = memoryview(frame)
+    if len(frame) < 6 or bytes(frame[:4]) != _ZSTD_MAGIC:
+        return None
+    descriptor = frame[4]
+    if descriptor & 0b111 or descriptor & 0b1000:  # checksum, dictionary, reserved
+        return None
+    single_segment = (descriptor >> 5) & 1
+    position = 5 + (0 if single_segment else 1)  # window descriptor
+    position += (single_segment, 2, 4, 8)[descriptor >> 6]  # content size field
+    parts = []
+    while True:
+        if position + 3 > len(frame):
+            return None
+        block = int.from_bytes(frame[position : position + 3], "little")
+        kind, size = (block >> 1) & 3, block >> 3
+        if kind != 0 or position + 3 + size > len(frame):
+            return None
+        parts.append(frame[position + 3 : position + 3 + size])
+        position += 3 + size
+        if block & 1:
+            break
+    if position != len(frame):
+        return None
+    return b"".join(parts)
+
+
+def uncompressed(data: bytes) -> bytes:
+    """Return a SEAL object saved with zstd as the same object, compression none.
+
+    ``sealapi`` always saves with zstd, which stores ciphertext residues as raw
+    blocks; SEAL still runs the zstd decoder on every load. Dropping the frame
+    (a copy, :func:`_zstd_raw_blocks`) gives bytes SEAL loads faster and that are
+    a few bytes shorter. Anything that is not a zstd object of raw blocks is
+    returned unchanged.
+    """
+    if len(data) < _HEADER.size + 6:
+        return data
+    magic, header_size, major, minor, compression, reserved, total = (
+        _HEADER.unpack_from(data)
+    )
+    if magic != _MAGIC or header_size != 16 or compression != 2 or total != len(data):
+        return data
+    body = _zstd_raw_blocks(memoryview(data)[16:])
+    if body is None:
+        return data
+    return _HEADER.pack(_MAGIC, 16, major, minor, 0, reserved, 16 + len(body)) + body
+
+
+def parse_ciphertext(
+    data: bytes,
+    *,
+    expected_k: int,
+    expected_n: int,
+    expected_size: int = 2,
+    what: str = "ciphertext",
+) -> RawCiphertext:
+    """Parse SEAL ``Ciphertext`` bytes of ``expected_size`` polynomials.
+
+    At the expected level (``expected_k`` primes) and degree; anything else raises
+    :class:`SealFormatError`. ``polys`` is ``(expected_size, k, N)``.
     """
     body = _body(data, what)
     head = 32 + _CIPHERTEXT_META.size
@@ -180,20 +270,20 @@ def parse_ciphertext(
         raise SealFormatError(f"{what}: body too short")
     parms_id = struct.unpack_from("<4Q", body)
     ntt, size, n, k, scale, _correction = _CIPHERTEXT_META.unpack_from(body, 32)
-    if (size, k, n) != (2, expected_k, expected_n):
+    if (size, k, n) != (expected_size, expected_k, expected_n):
         raise SealFormatError(
             f"{what}: shape (size={size}, primes={k}, N={n}), expected "
-            f"(2, {expected_k}, {expected_n})"
+            f"({expected_size}, {expected_k}, {expected_n})"
         )
-    array = _body(body[head:], f"{what} data")
+    array = _body(memoryview(body)[head:], f"{what} data")
     (count,) = struct.unpack_from("<Q", array) if len(array) >= 8 else (-1,)
-    expected = 2 * expected_k * expected_n
+    expected = expected_size * expected_k * expected_n
     if count != expected or len(array) != 8 + 8 * expected:
         raise SealFormatError(f"{what}: {count} residues, expected {expected}")
-    polys = np.frombuffer(array, dtype="<u8", offset=8).astype(np.uint64)
+    polys = np.frombuffer(array, dtype="<u8", offset=8).astype(np.uint64, copy=False)
     return RawCiphertext(
         parms_id=parms_id,
         ntt_form=bool(ntt),
         scale=float(scale),
-        polys=polys.reshape(2, expected_k, expected_n),
+        polys=polys.reshape(expected_size, expected_k, expected_n),
     )

@@ -8,17 +8,20 @@ clients.
 ``"packed"`` (default)
     Raw SEAL through the bindings TenSEAL ships (``tenseal.sealapi``): two reals per
     slot (the real and imaginary part of each complex slot, so ``N`` values per
-    ciphertext) and full symmetric ciphertexts. About 16 B/param in both
-    directions - half of ``"tenseal"`` - and half the ciphertexts for the server
-    to load and add, which makes it the fastest format at the server.
+    ciphertext) and full symmetric ciphertexts. About 32 B/param in both
+    directions with the two data primes of profile ``default`` - half of
+    ``"tenseal"`` - and half the ciphertexts for the server to load and add,
+    which makes it the fastest format at the server. SEAL's zstd frame is
+    unwrapped when it only holds raw blocks (random residues never compress), so
+    the server's SEAL loads the residues without a zstd pass.
 ``"tenseal"``
     One TenSEAL ``CKKSVector`` per ``N / 2`` values, serialised with
     ``CKKSVector.serialize()``: each chunk loads with plain TenSEAL
     (``ts.ckks_vector_from``), for tools that expect TenSEAL objects. About
-    32 B/param (profile ``default``) and 27 B/param (``compact``) in both directions.
+    64 B/param (profile ``default``) and 55 B/param (``compact``) in both directions.
 ``"seeded"``
     ``"packed"`` with *seeded* uplink ciphertexts, whose second polynomial is
-    replaced on the wire by the 64-byte seed that generates it: about 8 B/param up
+    replaced on the wire by the 64-byte seed that generates it: about 16 B/param up
     (the smallest), but the server pays for expanding every seed when it loads a
     reply. The summed model that goes back down is a full (unseeded) ciphertext,
     as in ``"packed"``.
@@ -27,8 +30,8 @@ clients.
 use one private temporary file per call (in ``/dev/shm`` when available), deleted
 afterwards.
 
-Every ciphertext a server loads is checked against the profile (ring size, one
-data prime, two polynomials, the profile's scale, the expected number of values)
+Every ciphertext a server loads is checked against the profile (ring size, the
+data primes, two polynomials, the profile's scale, the expected number of values)
 before it may touch an aggregate: SEAL itself rejects truncated data and data whose
 coefficients are out of range, and these checks reject well-formed ciphertexts made
 with other parameters.
@@ -45,7 +48,9 @@ from typing import Any
 import numpy as np
 
 from ._native import quiet_native_stdout, tenseal
+from ._seal_raw import add_polynomial
 from .keys import CkksKeys
+from .seal_raw import uncompressed
 
 __all__ = [
     "WIRES",
@@ -130,9 +135,48 @@ class Wire:
         raise NotImplementedError
 
     def decrypt(
-        self, keys: CkksKeys, blobs: Sequence[bytes], num_values: int
+        self,
+        keys: CkksKeys,
+        blobs: Sequence[bytes],
+        num_values: int,
+        noise: np.ndarray | None,
     ) -> np.ndarray:
-        """Decrypt ``blobs`` into the first ``num_values`` float64 values."""
+        """Decrypt ``blobs`` into the first ``num_values`` float64 values.
+
+        ``noise`` holds one flooding polynomial per ciphertext, as residues mod
+        each data prime, shape ``(len(blobs), k, N)`` (see
+        :mod:`flwr_ext.he.flooding`): each is added to the plaintext before it is
+        decoded. ``None`` decrypts exactly - only for values that never leave
+        the data owner (:func:`flwr_ext.he.codec.decrypt_record` reads the count
+        slot this way to size the noise).
+        """
+        keys.require_secret()
+        sizes = self.chunk_sizes(keys, num_values)
+        if len(blobs) != len(sizes):
+            raise CiphertextError(
+                f"expected {len(sizes)} ciphertexts, got {len(blobs)}"
+            )
+        if noise is not None and noise.shape[0] != len(blobs):
+            raise ValueError(f"{noise.shape[0]} noise polynomials for {len(blobs)}")
+        out = np.empty(num_values, dtype=np.float64)
+        pos = 0
+        with _scratch_file() as scratch, quiet_native_stdout():
+            for index, (blob, size) in enumerate(zip(blobs, sizes, strict=True)):
+                ciphertext = self.seal_ciphertext(keys, blob, size, scratch)
+                if noise is not None:
+                    add_polynomial(keys.seal(), ciphertext, noise[index], scratch)
+                out[pos : pos + size] = self.decode(keys, ciphertext)[:size]
+                pos += size
+        return out
+
+    def seal_ciphertext(
+        self, keys: CkksKeys, blob: bytes, num_values: int, scratch: _ScratchFile
+    ) -> Any:
+        """Load ``blob`` (checked) as a raw SEAL ciphertext (native stdout quiet)."""
+        raise NotImplementedError
+
+    def decode(self, keys: CkksKeys, ciphertext: Any) -> np.ndarray:
+        """Decrypt a raw SEAL ciphertext with the secret key; all its real values."""
         raise NotImplementedError
 
     def num_chunks(self, keys: CkksKeys, num_values: int) -> int:
@@ -216,20 +260,23 @@ class TensealWire(Wire):
         """``CKKSVector.serialize()`` for each."""
         return [c.serialize() for c in ciphertexts]
 
-    def decrypt(
-        self, keys: CkksKeys, blobs: Sequence[bytes], num_values: int
-    ) -> np.ndarray:
-        """Decrypt each vector with the secret key and concatenate."""
-        keys.require_secret()
-        out = np.empty(num_values, dtype=np.float64)
-        pos = 0
-        sizes = self.chunk_sizes(keys, num_values)
-        with quiet_native_stdout():
-            for blob, size in zip(blobs, sizes, strict=True):
-                vector = self.load(keys, blob, size, quiet=False)
-                out[pos : pos + size] = vector.decrypt()
-                pos += size
-        return out
+    def seal_ciphertext(
+        self, keys: CkksKeys, blob: bytes, num_values: int, scratch: _ScratchFile
+    ) -> Any:
+        """Return the SEAL ciphertext inside a checked TenSEAL vector (via ``save``)."""
+        vector = self.load(keys, blob, num_values, quiet=False)
+        vector.ciphertext()[0].save(scratch.path)
+        ciphertext = keys.seal().sealapi.Ciphertext()
+        ciphertext.load(keys.seal().context, scratch.path)
+        return ciphertext
+
+    def decode(self, keys: CkksKeys, ciphertext: Any) -> np.ndarray:
+        """Decrypt and decode the ``N / 2`` real slots."""
+        seal = keys.seal()
+        plain = seal.sealapi.Plaintext()
+        assert seal.decryptor is not None  # a data owner's context
+        seal.decryptor.decrypt(ciphertext, plain)
+        return np.asarray(seal.encoder.decode_double(plain), dtype=np.float64)
 
 
 # ------------------------------------------------------------- raw SEAL
@@ -268,7 +315,7 @@ class PackedWire(Wire):
                     ciphertext = seal.sealapi.Ciphertext()
                     seal.encryptor.encrypt_symmetric(plain, ciphertext)
                     ciphertext.save(scratch.path)
-                blobs.append(scratch.read())
+                blobs.append(uncompressed(scratch.read()))
         return blobs
 
     def load(
@@ -329,31 +376,23 @@ class PackedWire(Wire):
         with _scratch_file() as scratch:
             for ciphertext in ciphertexts:
                 ciphertext.save(scratch.path)
-                out.append(scratch.read())
+                out.append(uncompressed(scratch.read()))
         return out
 
-    def decrypt(
-        self, keys: CkksKeys, blobs: Sequence[bytes], num_values: int
-    ) -> np.ndarray:
+    def seal_ciphertext(
+        self, keys: CkksKeys, blob: bytes, num_values: int, scratch: _ScratchFile
+    ) -> Any:
+        """``Ciphertext.load`` plus the profile checks."""
+        return self._load_from(keys, blob, scratch, False)
+
+    def decode(self, keys: CkksKeys, ciphertext: Any) -> np.ndarray:
         """Decrypt, decode the complex slots and unpack real/imaginary halves."""
-        keys.require_secret()
         seal = keys.seal()
-        half = keys.profile.slots
-        per = 2 * half
-        expected = len(self.chunk_sizes(keys, num_values))
-        if len(blobs) != expected:
-            raise CiphertextError(f"expected {expected} ciphertexts, got {len(blobs)}")
-        out = np.empty(expected * per, dtype=np.float64)
-        ciphertexts = self.load_many(keys, blobs, self.chunk_sizes(keys, num_values))
-        with quiet_native_stdout():
-            for i, ciphertext in enumerate(ciphertexts):
-                plain = seal.sealapi.Plaintext()
-                assert seal.decryptor is not None  # a data owner's context
-                seal.decryptor.decrypt(ciphertext, plain)
-                slots = np.asarray(seal.encoder.decode_complex(plain))
-                out[i * per : i * per + half] = slots.real
-                out[i * per + half : (i + 1) * per] = slots.imag
-        return out[:num_values]
+        plain = seal.sealapi.Plaintext()
+        assert seal.decryptor is not None  # a data owner's context
+        seal.decryptor.decrypt(ciphertext, plain)
+        slots = np.asarray(seal.encoder.decode_complex(plain))
+        return np.concatenate([slots.real, slots.imag])
 
 
 class SeededWire(PackedWire):
@@ -372,8 +411,9 @@ def _check_seal_ciphertext(ciphertext: Any, keys: CkksKeys) -> None:
             f"ring size {ciphertext.poly_modulus_degree()} != "
             f"{profile.poly_modulus_degree}"
         )
-    if int(ciphertext.coeff_modulus_size()) != 1:
-        problems.append(f"{ciphertext.coeff_modulus_size()} primes instead of 1")
+    primes = len(profile.coeff_mod_bit_sizes) - 1
+    if int(ciphertext.coeff_modulus_size()) != primes:
+        problems.append(f"{ciphertext.coeff_modulus_size()} primes instead of {primes}")
     if int(ciphertext.size()) != 2:
         problems.append(f"{ciphertext.size()} polynomials instead of 2")
     if float(ciphertext.scale) != profile.scale:

@@ -38,7 +38,10 @@ What it does, per message:
 - A **decryption request** from ``HomomorphicAggregation(mode="decrypt-aggregate")``
   is answered by the mod itself, only on nodes that opted in
   (``ckks-decrypt-for-server=true``) and only for sums of at least
-  ``ckks-decrypt-min-clients`` updates (default 2); the ClientApp never sees it.
+  ``ckks-decrypt-min-clients`` updates (default 2), at most
+  ``ckks-decrypt-budget`` times per run (default 1024); the released average and
+  total weight are flooded and rounded (:mod:`flwr_ext.he.flooding`), so they do
+  not reveal the secret key. The ClientApp never sees the request.
 
 Order of mods: ``ckks_mod`` must be the *first* (outermost) mod, so that every other
 mod (e.g. ``distributed_dp_mod``, which clips and adds a noise share) sees and
@@ -81,6 +84,7 @@ from ..he import (
     load_keys,
 )
 from ..he.codec import EncryptedHeader, check_chunk_bytes
+from ..he.flooding import BudgetExhaustedError, charge_release
 from ..he.protocol import (
     AGGREGATE_REJECTED,
     ENV_CONTEXT,
@@ -404,11 +408,26 @@ def _answer_decrypt_request(msg: Message, context: Context) -> Message:
         )
     except (InvalidCiphertextError, KeyMismatchError) as err:
         raise CkksModError(str(err)) from err
+    # decrypt_record flooded and rounded the values; count the release.
+    if settings.decrypt_budget > keys.profile.flood_releases:
+        raise CkksModError(
+            f"ckks-decrypt-budget={settings.decrypt_budget} exceeds the "
+            f"{keys.profile.flood_releases} releases profile "
+            f"{keys.profile.name!r} floods for"
+        )
+    try:
+        used = charge_release(context.state, settings.decrypt_budget)
+    except BudgetExhaustedError as err:
+        raise CkksModError(str(err)) from err
     log(
         INFO,
-        "%s: decrypted an aggregate of %d updates for the server",
+        "%s: decrypted an aggregate of %d updates for the server (flooded, noise "
+        "std %.1e per summed value; release %d of %d this run)",
         _NAME,
         decrypted.contributions,
+        decrypted.noise_std,
+        used,
+        settings.decrypt_budget,
     )
     return Message(content=_decryption_content(decrypted), reply_to=msg)
 

@@ -296,7 +296,7 @@ def _decrypt(msg: Message, context: Context, config: ConfigRecord) -> Message:
         )
     c1s = read_residue_record(ctx, record, "c1", expected=count)
     share.claim_round(int(server_round))  # type: ignore[arg-type]
-    partials = [share.partial_decrypt(c1) for c1 in c1s]
+    partials = share.partial_decrypt_all(c1s)
     log(
         INFO,
         "%s: partial decryption %d of an aggregate (%d updates, %d chunks)",
