@@ -251,8 +251,8 @@ def loss_specs(seed: int) -> list[Spec]:
 def unavailable(overrides: Mapping[str, Any]) -> str | None:
     """Return why the app cannot run ``overrides`` here (None if it can).
 
-    DP-FedAvg and DP-SGD are wired into the app through flwr_ext.appkit as they
-    land; until then their runs are listed as unavailable, with the reason.
+    A setting the app refuses (e.g. Krum with too few banks) is listed in the
+    table with the app's own reason instead of being run.
     """
     from bank_fraud.settings import SCHEMA, load_settings
 
@@ -392,15 +392,15 @@ def _centralised(settings: Mapping[str, Any]) -> Trained:
     federated run. The threshold is chosen by the app's rule on the pooled
     validation rows.
     """
+    from bank_fraud.losses import loss_from_settings
     from bank_fraud.task import make_model
-
-    from flwr_ext.appkit.losses import loss_from_settings
-    from flwr_ext.appkit.metrics import BinaryStats
-    from flwr_ext.appkit.standardisation import FeatureStats, Standardizer
-    from flwr_ext.appkit.thresholds import (
+    from bank_fraud.thresholds import (
         choose_threshold,
         threshold_rule_from_settings,
     )
+
+    from flwr_ext.appkit.metrics import BinaryStats
+    from flwr_ext.appkit.standardisation import FeatureStats, Standardizer
     from flwr_ext.appkit.torch_train import predict_proba, train_binary
 
     banks = [_bank(settings, b) for b in range(NUM_BANKS)]
@@ -465,9 +465,9 @@ def _metrics(
 def _score(trained: Trained, settings: Mapping[str, Any], spec: Spec) -> dict:
     """Exact metrics of a model on each evaluated bank's test period, and pooled."""
     from bank_fraud.generator import LEGIT
+    from bank_fraud.splits import temporal_split
     from bank_fraud.task import generated_bank, make_model
 
-    from flwr_ext.appkit.splits import temporal_split
     from flwr_ext.appkit.standardisation import Standardizer
     from flwr_ext.appkit.torch_train import predict_proba
 

@@ -90,7 +90,7 @@ class Spec:
 
 
 def specs(seed: int) -> list[Spec]:
-    """Every setting at one seed (unavailable protections are skipped later)."""
+    """Every setting at one seed."""
     honest = tuple(s for s in range(NUM_SITES) if s != BYZANTINE_SITE)
     attack = {
         "attack": "scaling",
@@ -141,23 +141,6 @@ def size_specs(seed: int, num_sites: int) -> list[Spec]:
         Spec(f"federated{suffix}", seed, {"min-nodes": num_sites},
              evaluate_on=everyone, num_sites=num_sites),
     ]  # fmt: skip
-
-
-def unavailable(spec: Spec) -> str | None:
-    """Why this installation cannot run ``spec`` (a defence not built yet)."""
-    if spec.overrides.get("dp-sgd"):
-        try:
-            from flwr_ext.appkit.torch_train import dp_sgd_available
-        except ImportError:
-            return "record-level DP-SGD is not wired into appkit yet"
-        if not dp_sgd_available():
-            return "flwr_ext.privacy has no DP-SGD helper yet"
-    if spec.overrides.get("strategy") == "dp-fedavg":
-        try:
-            from flwr_ext.strategy import DPFedAvg  # noqa: F401
-        except ImportError:
-            return "flwr_ext.strategy.DPFedAvg is not available yet"
-    return None
 
 
 # ------------------------------------------------------------------ running
@@ -410,7 +393,7 @@ def _cell(values: Iterable[float], digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def table(runs: list[dict], skipped: Mapping[str, str]) -> str:
+def table(runs: list[dict]) -> str:
     """Return the Markdown table of every setting (mean ± std over seeds)."""
     names = list(dict.fromkeys(r["name"] for r in runs))
     rows = [
@@ -432,8 +415,6 @@ def table(runs: list[dict], skipped: Mapping[str, str]) -> str:
             f"| {_cell((r['seconds'] for r in group), 2)} "
             f"| {sizes} |"
         )
-    for name, reason in skipped.items():
-        rows.append(f"| {name} | not run: {reason} | | | | | | |")
     return "\n".join(rows)
 
 
@@ -668,7 +649,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         _settings({"num-server-rounds": 1}).to_dict(), list(range(NUM_SITES)), None
     )
     runs: list[dict] = []
-    skipped: dict[str, str] = {}
     started = time.perf_counter()
     for seed in args.seeds:
         todo = specs(seed) + [
@@ -676,10 +656,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         for spec in todo:
             if args.only and spec.name not in args.only:
-                continue
-            reason = unavailable(spec)
-            if reason is not None:
-                skipped[spec.name] = reason
                 continue
             run = run_spec(spec, keys)
             runs.append(run)
@@ -702,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{time.perf_counter() - started:.0f} s; load average at the end "
         f"{_load()}: other processes shared the cores, so times are upper bounds).",
         "",
-        table(runs, skipped),
+        table(runs),
         "",
         claims(runs),
     ]

@@ -28,6 +28,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from ._flower import message_with_metadata
+
 __all__ = ["InProcessGrid", "NodeHandler", "SERVER_NODE_ID"]
 
 #: A node: anything called like a ClientApp, ``handler(message, context) -> reply``.
@@ -44,9 +46,11 @@ def _wire_copy(message: Message) -> tuple[Message, int]:
     """
     metadata = copy(message.metadata)
     if message.has_error():
-        return Message(message.error, metadata=metadata), 0
+        return message_with_metadata(message.error, metadata), 0
     proto = recorddict_to_proto(message.content)
-    return Message(recorddict_from_proto(proto), metadata=metadata), proto.ByteSize()
+    return message_with_metadata(
+        recorddict_from_proto(proto), metadata
+    ), proto.ByteSize()
 
 
 class InProcessGrid(Grid):

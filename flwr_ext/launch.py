@@ -31,6 +31,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -287,8 +288,6 @@ def _wait_healthy(process: FlowerProcess, port: int, timeout: float, tls: bool) 
                 f"{process.tail()}"
             )
         try:
-            import ssl
-
             context = ssl._create_unverified_context() if tls else None
             with urllib.request.urlopen(
                 f"{scheme}://127.0.0.1:{port}/health", timeout=2, context=context

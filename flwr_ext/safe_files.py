@@ -145,7 +145,7 @@ def atomic_open(
     *,
     overwrite: bool = False,
     file_mode: int = FILE_MODE,
-) -> contextlib.AbstractContextManager[IO]:  # type: ignore[type-arg]
+) -> contextlib.AbstractContextManager[IO]:
     r"""Open a private temporary file that becomes ``path`` when the block ends.
 
     Use it for writers that need a file object (``csv``, ``numpy.savez``,
@@ -179,7 +179,7 @@ def atomic_open(
 
 
 @contextlib.contextmanager
-def _atomic(target: Path, mode: str, overwrite: bool, file_mode: int) -> Iterator[IO]:  # type: ignore[type-arg]
+def _atomic(target: Path, mode: str, overwrite: bool, file_mode: int) -> Iterator[IO]:
     folder = target.parent
     name = target.name
     if not name or name in (".", ".."):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install flwr-ext into a fresh virtualenv (.venv) and run the whole test suite:
-# ruff (lint + format check), then pytest - unit tests and the end-to-end tests
+# ruff (lint + format check), the import-layer contracts (import-linter) and
+# the type check (mypy), then pytest - unit tests and the end-to-end tests
 # that start Flower's Simulation and Deployment Engines.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not e2e"`.
 set -euo pipefail
@@ -20,6 +21,12 @@ PY="$VENV/bin/python"
 echo "==> ruff"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
+
+echo "==> import layers (lint-imports) and types (mypy)"
+# The contracts in pyproject.toml cover the two apps too: put them on the path.
+PYTHONPATH="$PWD/apps/bank-fraud:$PWD/apps/hospital-diagnostics${PYTHONPATH:+:$PYTHONPATH}" \
+    "$VENV/bin/lint-imports" --no-cache
+"$VENV/bin/mypy"
 
 echo "==> pytest"
 # pytest exits 5 when it collects no test: set -e turns that into a failure.

@@ -3,16 +3,18 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from flwr_ext.appkit.config import ConfigError, ConfigSchema, Option
-from flwr_ext.appkit.secure import secure_aggregation_mod, site_requires_ckks
-from flwr_ext.appkit.strategies import (
+from flwr_ext.appkit.strategies import BUILDERS, build_strategy
+from flwr_ext.appkit.strategy_options import (
     ATTACK_OPTIONS,
-    ROBUST_NAMES,
     STRATEGY_CHOICES,
     STRATEGY_OPTIONS,
-    build_strategy,
     check_strategy_settings,
 )
-from flwr_ext.strategy import ROBUST_STRATEGIES, HomomorphicAggregation
+from flwr_ext.mods.secure_aggregation import (
+    secure_aggregation_mod,
+    site_requires_ckks,
+)
+from flwr_ext.strategy import ROBUST_STRATEGIES, DPFedAvg, HomomorphicAggregation
 
 SCHEMA = ConfigSchema(
     [*STRATEGY_OPTIONS, *ATTACK_OPTIONS,
@@ -26,18 +28,29 @@ def settings(**overrides):
     return SCHEMA.validate(values)
 
 
-def test_every_robust_rule_and_flower_base_is_a_choice():
-    assert set(ROBUST_NAMES) == set(ROBUST_STRATEGIES)
+def test_every_choice_has_exactly_one_builder():
     assert set(ROBUST_STRATEGIES) <= set(STRATEGY_CHOICES)
     assert {"fedavg", "fedprox", "fedadam", "dp-fedavg"} <= set(STRATEGY_CHOICES)
+    assert list(BUILDERS) == list(STRATEGY_CHOICES)
 
 
 @pytest.mark.parametrize("name", sorted(ROBUST_STRATEGIES))
 def test_robust_rules_wrap_fedavg_with_run_config_parameters(name):
-    strategy = build_strategy(settings(strategy=name, num_byzantine=1))
+    strategy = build_strategy(
+        settings(strategy=name, num_byzantine=1, trim_beta=0.3, min_nodes=7)
+    )
     assert isinstance(strategy, ROBUST_STRATEGIES[name])
     assert isinstance(strategy.strategy, FedAvg)
-    assert strategy.strategy.min_available_nodes == 5
+    assert strategy.strategy.min_available_nodes == 7
+    assert strategy.num_byzantine == 1
+    assert strategy.pre_aggregation is None
+    if name == "trimmed-mean":  # trim-beta reaches the rule, not its default 0.2
+        assert strategy.rule.beta == 0.3 and strategy.trimmed_per_side(7) == 2
+    nnm = build_strategy(
+        settings(strategy=name, num_byzantine=1, robust_pre_aggregation="nnm",
+                 min_nodes=7)
+    )  # fmt: skip
+    assert type(nnm.pre_aggregation).__name__ == "NearestNeighborMixing"
 
 
 def test_flower_base_strategies_and_their_parameters():
@@ -50,8 +63,6 @@ def test_flower_base_strategies_and_their_parameters():
 
 
 def test_dp_fedavg_uses_the_federation_size_and_target_epsilon():
-    from flwr_ext.strategy import DPFedAvg
-
     strategy = build_strategy(
         settings(strategy="dp-fedavg", num_server_rounds=10, min_nodes=4,
                  dp_fedavg_epsilon=8.0, dp_fedavg_clipping_norm=0.5)
@@ -83,16 +94,37 @@ def test_metric_aggregators_reach_the_base_strategy():
          "needs 7 valid replies per round but min-nodes=3"),
         ({"strategy": "trimmed-mean", "trim_beta": 0.2, "min_nodes": 3},
          "trims no update with min-nodes=3"),
-        ({"strategy": "median", "secure_aggregation": "ckks"},
-         "robust rule must compare individual updates"),
-        ({"strategy": "dp-fedavg", "secure_aggregation": "ckks"},
-         "cannot clip or noise encrypted updates"),
         ({"secure_aggregation": "ckks"}, "needs ckks-server-context"),
     ],
 )  # fmt: skip
 def test_unsound_or_no_op_combinations_fail_at_start_up(overrides, message):
     with pytest.raises(ConfigError, match=message):
         check_strategy_settings(settings(**overrides))
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("median", "HomomorphicAggregation cannot wrap Median: a robust rule must "
+                   "compare individual updates"),
+        ("dp-fedavg", "HomomorphicAggregation cannot wrap DPFedAvg: a DP wrapper "
+                      "inside homomorphic aggregation"),
+    ],
+)  # fmt: skip
+def test_the_app_surfaces_the_library_refusal_of_a_defence_over_ckks(
+    tmp_path, name, message
+):
+    # The refusal is composition.check_composition's own text, not an app copy.
+    from flwr_ext.he import create_keys
+
+    files = create_keys(tmp_path / "keys")
+    with pytest.raises(ConfigError, match=message) as err:
+        build_strategy(
+            settings(strategy=name, secure_aggregation="ckks",
+                     ckks_server_context=str(files.server), num_server_rounds=3)
+        )  # fmt: skip
+    if name == "dp-fedavg":
+        assert "dp-sgd=true" in str(err.value)
 
 
 def test_ckks_builds_homomorphic_aggregation_from_a_real_key_set(tmp_path):

@@ -11,8 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flwr_ext.appkit.splits import temporal_split
-
 APP = Path(__file__).resolve().parents[1] / "apps" / "bank-fraud"
 sys.path.insert(0, str(APP))
 
@@ -25,6 +23,7 @@ from bank_fraud.generator import (  # noqa: E402
     bank_profile,
     generate_bank,
 )
+from bank_fraud.splits import temporal_split  # noqa: E402
 
 BANK_SETS = [generate_bank(i, seed=42) for i in range(4)]
 

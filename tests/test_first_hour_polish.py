@@ -45,6 +45,9 @@ MODULES = (
     "flwr_ext.privacy",
     "flwr_ext.mods",
     "flwr_ext.appkit.strategies",
+    # The package front files are lazy: these import Opacus themselves.
+    "flwr_ext.strategy.dp_fedavg",
+    "flwr_ext.privacy.dpsgd",
 )
 
 

@@ -77,7 +77,7 @@ def centred_gram(
     with np.errstate(over="ignore", invalid="ignore"):
         for start in range(0, d, BLOCK_COLUMNS):
             stop = min(start + BLOCK_COLUMNS, d)
-            block = updates[:, start:stop].astype(dtype)
+            block: np.ndarray = updates[:, start:stop].astype(dtype)
             block -= centre[start:stop]
             gram += block @ block.T
     return gram

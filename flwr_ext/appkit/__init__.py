@@ -7,9 +7,13 @@ lands in both. One concept per module:
 - :mod:`~flwr_ext.appkit.config` - typed run/node-config schemas
   (:class:`ConfigSchema`, :class:`Option`); validation at start-up lists every
   problem and the valid choices.
-- :mod:`~flwr_ext.appkit.strategies` - the server strategy from run config
+- :mod:`~flwr_ext.appkit.strategy_options` - the strategy's run-config options
   (``fedavg``/``fedprox``/``fedadam``, the robust rules, ``dp-fedavg``,
-  ``secure-aggregation``), refusing unsound or no-op combinations.
+  ``secure-aggregation``) and the checks of the run config itself (light: every
+  ClientApp validates them).
+- :mod:`~flwr_ext.appkit.strategies` - the ServerApp's strategy chain from run
+  config, one builder per name; unsound chains are refused by
+  :mod:`flwr_ext.strategy.composition`, whose reason the run's error carries.
 - :mod:`~flwr_ext.appkit.site` - a site's identity and data source from its
   node config (``partition-id`` in simulation, ``data-path`` in deployment).
 - :mod:`~flwr_ext.appkit.tabular` - CSV loading against a schema with clear
@@ -20,15 +24,16 @@ lands in both. One concept per module:
   the server adds ciphertexts, only the sites decrypt the pooled scaler.
 - :mod:`~flwr_ext.appkit.scaling` - the ServerApp's scaling step before round 1:
   plaintext or encrypted statistics round, as the run config asks.
-- :mod:`~flwr_ext.appkit.secure` - ``secure_aggregation_mod``: ``ckks_mod`` when
-  the run asks for CKKS or the site holds a secret context.
 - :mod:`~flwr_ext.appkit.torch_train` - the local training loop (SGD, FedProx
   term, DP-SGD) and scoring for a binary PyTorch model.
 - :mod:`~flwr_ext.appkit.metrics` - binary metrics per site and pooled from
   summable statistics (AUROC, sensitivity, specificity, accuracy, precision, F1,
-  AUPRC, recall at 1 % FPR), as Flower metric aggregators.
+  AUPRC, recall at 1 % FPR), as Flower metric aggregators; confusion counts and
+  rates at a threshold (:class:`~flwr_ext.appkit.metrics.OperatingPoint`) and
+  along all bin edges (:func:`~flwr_ext.appkit.metrics.operating_curve`).
 - :mod:`~flwr_ext.appkit.recorder` - :class:`RecordingGrid`, a Grid wrapper that
-  keeps per-site metrics per round and names sites that drop out.
+  keeps per-site metrics per round (and, on request, chosen list metrics such
+  as score histograms) and names sites that drop out.
 - :mod:`~flwr_ext.appkit.results` - the results folder (absolute ``output-dir``
   with a documented default), metrics JSON/CSV, final model, summary line.
 - :mod:`~flwr_ext.appkit.liveness` - :class:`DeadlineGrid`: waiting for sites
@@ -42,17 +47,11 @@ lands in both. One concept per module:
   rejoin a CKKS run after its SuperNode restarts.
 - :mod:`~flwr_ext.appkit.plots` - PNG plots on matplotlib's Agg canvas.
 
-Brought by the bank-fraud template, for rare positive classes:
-
-- :mod:`~flwr_ext.appkit.losses` - weighted cross-entropy and focal loss.
-- :mod:`~flwr_ext.appkit.splits` - train/validation/test by time or per class.
-- :mod:`~flwr_ext.appkit.thresholds` - the decision threshold chosen on pooled
-  (or per-site) validation histograms; exact precision/recall/F1 at it.
-- :mod:`~flwr_ext.appkit.histogram_recorder` - a RecordingGrid that also keeps
-  sites' score histograms (per-site curves and thresholds after the run).
-- :mod:`~flwr_ext.appkit.pr_curves` - precision-recall curves as a PNG.
 - :mod:`~flwr_ext.appkit.ckks_results` - a data owner decrypts a CKKS run's
   model and scaler.
+
+What only one template uses lives in that template (the bank app's losses,
+time splits, thresholds and PR curves are in ``apps/bank-fraud/bank_fraud/``).
 
 Nothing here reads files or environment variables at import time.
 """

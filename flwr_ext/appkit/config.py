@@ -23,13 +23,14 @@ An app declares its keys once, as :class:`Option` objects, and groups them in a
 
 :meth:`ConfigSchema.validate` reports *every* problem at once, one line each.
 Schemas are combined with ``+`` (shared groups such as
-:data:`flwr_ext.appkit.strategies.STRATEGY_OPTIONS` plus an app's own keys), and
+:data:`flwr_ext.appkit.strategy_options.STRATEGY_OPTIONS` plus an app's own keys), and
 :meth:`ConfigSchema.markdown_table` renders the documentation table for a README,
 so the documented defaults are the validated ones.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -246,7 +247,9 @@ class ConfigSchema:
         extra = other.options.values() if isinstance(other, ConfigSchema) else other
         return ConfigSchema([*self.options.values(), *extra], where=self.where)
 
-    def with_defaults(self, defaults: Mapping[str, object]) -> ConfigSchema:
+    def with_defaults(
+        self, defaults: Mapping[str, bool | int | float | str | None]
+    ) -> ConfigSchema:
         """Return a copy whose options named in ``defaults`` get new defaults.
 
         Lets an app reuse a shared option group with its own defaults, e.g.
@@ -348,7 +351,5 @@ def _toml(value: object) -> str:
 
 
 def _did_you_mean(name: str, known: Mapping[str, Option]) -> str:
-    import difflib
-
     close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
     return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""

@@ -38,7 +38,7 @@ The server can write the two encrypted sums next to the encrypted model
 :func:`decrypt_scaler`.
 
 Messages are plain QUERY messages that
-:func:`flwr_ext.appkit.secure.secure_aggregation_mod` passes straight to the
+:func:`flwr_ext.mods.secure_aggregation.secure_aggregation_mod` passes straight to the
 ClientApp (``ckks_mod`` would otherwise decrypt the ciphertexts as a global model
 and strip the encrypted reply).
 """
@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from flwr.app import (
@@ -62,6 +63,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from ..mods.secure_aggregation import ENCRYPTED_STATS_QUERY, is_encrypted_stats_query
 from .standardisation import Standardizer, _wait_for_nodes, site_label
 
 __all__ = [
@@ -74,8 +76,6 @@ __all__ = [
     "scaler_from_state",
 ]
 
-#: Value of ``config["query"]`` in the three QUERY messages.
-ENCRYPTED_STATS_QUERY = "feature-stats-ckks"
 STEP_MEAN, STEP_SPREAD, STEP_FINISH = "mean", "spread", "finish"
 STATE_KEY = "flwr-ext-feature-scaler"
 _POOLED = "pooled"
@@ -83,12 +83,6 @@ _MIN_SITES = 2
 
 
 # ------------------------------------------------------------------- client
-def is_encrypted_stats_query(msg: Message) -> bool:
-    """Return True if ``msg`` is one of this module's QUERY messages."""
-    config = msg.content.config_records.get("config")
-    return config is not None and config.get("query") == ENCRYPTED_STATS_QUERY
-
-
 def scaler_from_state(context: Context) -> Standardizer | None:
     """Return the scaler the encrypted statistics round left in ``context.state``."""
     record = context.state.config_records.get(STATE_KEY)
@@ -131,7 +125,7 @@ def reply_encrypted_stats(
     )
     x = np.asarray(x_train, dtype=np.float64)
     weight = x.shape[0] / float(config["ckks-weight-unit"])  # type: ignore[arg-type]
-    num_clients = int(config["ckks-num-clients"])  # type: ignore[call-overload]
+    num_clients = int(cast(int, config["ckks-num-clients"]))
     wire = str(config["ckks-wire"])
 
     def encrypt(name: str, values: np.ndarray) -> RecordDict:

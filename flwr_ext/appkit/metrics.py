@@ -48,7 +48,12 @@ __all__ = [
     "STAT_KEYS",
     "BinaryMetric",
     "BinaryStats",
+    "OperatingCurve",
+    "OperatingPoint",
+    "counts_at",
     "make_metrics_aggregator",
+    "operating_curve",
+    "ratio",
     "score_bin_edges",
     "site_metrics",
     "tie_bound",
@@ -149,6 +154,11 @@ class BinaryStats:
         """Rows with label 0."""
         return self.tn + self.fp
 
+    @property
+    def point(self) -> OperatingPoint:
+        """The confusion counts at the site's decision threshold (not stored: NaN)."""
+        return OperatingPoint(math.nan, self.tp, self.fp, self.tn, self.fn)
+
     def __add__(self, other: BinaryStats) -> BinaryStats:
         if self.num_bins != other.num_bins:
             raise ValueError(
@@ -217,6 +227,187 @@ class BinaryStats:
         return stats
 
 
+# ------------------------------------------------ counts at a threshold
+def ratio(num: float, den: float) -> float:
+    """Return ``num / den``, or NaN when ``den`` is 0 (a rate with no rows)."""
+    return float(num) / float(den) if den > 0 else math.nan
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Confusion counts and rates of ``score >= threshold`` on some rows.
+
+    ``threshold`` is NaN where it is not known (e.g. counts summed over sites
+    that each used their own threshold).
+    """
+
+    threshold: float
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+
+    @property
+    def precision(self) -> float:
+        """TP / (TP + FP); NaN when nothing is flagged."""
+        return ratio(self.tp, self.tp + self.fp)
+
+    @property
+    def recall(self) -> float:
+        """TP / (TP + FN): the share of positives caught (sensitivity)."""
+        return ratio(self.tp, self.tp + self.fn)
+
+    @property
+    def specificity(self) -> float:
+        """TN / (TN + FP): the share of negatives left alone."""
+        return ratio(self.tn, self.tn + self.fp)
+
+    @property
+    def fpr(self) -> float:
+        """FP / (FP + TN): the share of negatives flagged."""
+        return ratio(self.fp, self.fp + self.tn)
+
+    @property
+    def accuracy(self) -> float:
+        """(TP + TN) / rows."""
+        return ratio(self.tp + self.tn, self.tp + self.tn + self.fp + self.fn)
+
+    @property
+    def f1(self) -> float:
+        """2 TP / (2 TP + FP + FN): harmonic mean of precision and recall."""
+        return ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn)
+
+    @property
+    def alert_rate(self) -> float:
+        """(TP + FP) / rows: alerts per row scored."""
+        return ratio(self.tp + self.fp, self.tp + self.fp + self.tn + self.fn)
+
+    def __add__(self, other: OperatingPoint) -> OperatingPoint:
+        """Sum the counts (the threshold becomes NaN unless both agree)."""
+        same = self.threshold == other.threshold
+        return OperatingPoint(
+            self.threshold if same else math.nan,
+            self.tp + other.tp,
+            self.fp + other.fp,
+            self.tn + other.tn,
+            self.fn + other.fn,
+        )
+
+    def counts(self) -> dict[str, float]:
+        """Return ``tp``, ``fp``, ``tn``, ``fn`` (as floats, like recorded metrics)."""
+        return {k: float(getattr(self, k)) for k in ("tp", "fp", "tn", "fn")}
+
+    def metrics(self) -> dict[str, float]:
+        """Return the finite threshold, precision, recall, f1, alert-rate and fpr."""
+        values = {
+            "threshold": self.threshold,
+            "precision": self.precision,
+            "recall": self.recall,
+            "f1": self.f1,
+            "alert-rate": self.alert_rate,
+            "fpr": self.fpr,
+        }
+        return {k: float(v) for k, v in values.items() if math.isfinite(v)}
+
+
+def counts_at(stats: BinaryStats, index: int) -> OperatingPoint:
+    """Exact counts of ``score >= edges[index]`` from the histograms.
+
+    ``index`` is an inner edge of :func:`score_bin_edges` (1 ... bins - 1): a
+    score is in bin ``i`` exactly when ``edges[i] <= score < edges[i + 1]``, so
+    it is at or above ``edges[index]`` exactly when ``i >= index``.
+    """
+    bins = stats.num_bins
+    if not 1 <= index <= bins - 1:
+        raise ValueError(f"index must be an inner bin edge in [1, {bins - 1}]")
+    tp = int(stats.hist_pos[index:].sum())
+    fp = int(stats.hist_neg[index:].sum())
+    return OperatingPoint(
+        float(score_bin_edges(bins)[index]),
+        tp,
+        fp,
+        stats.negatives - fp,
+        stats.positives - tp,
+    )
+
+
+@dataclass(frozen=True)
+class OperatingCurve:
+    """Counts at every inner bin edge, thresholds increasing.
+
+    Attributes
+    ----------
+    thresholds : np.ndarray
+        ``(bins - 1,)`` inner edges.
+    tp, fp : np.ndarray
+        ``(bins - 1,)`` rows of each class with ``score >= threshold``.
+    positives, negatives : int
+        Rows of each class.
+    """
+
+    thresholds: np.ndarray
+    tp: np.ndarray
+    fp: np.ndarray
+    positives: int
+    negatives: int
+
+    @property
+    def recall(self) -> np.ndarray:
+        """Recall per threshold (NaN without positives)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (
+                self.tp / float(self.positives) if self.positives else self.tp * np.nan
+            )
+
+    @property
+    def precision(self) -> np.ndarray:
+        """Precision per threshold (NaN where nothing is flagged)."""
+        flagged = self.tp + self.fp
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(flagged > 0, self.tp / np.maximum(flagged, 1), np.nan)
+
+    @property
+    def fpr(self) -> np.ndarray:
+        """False-positive rate per threshold (NaN without negatives)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (
+                self.fp / float(self.negatives) if self.negatives else self.fp * np.nan
+            )
+
+    @property
+    def f1(self) -> np.ndarray:
+        """F1 per threshold."""
+        den = self.tp + self.positives + self.fp
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, 2 * self.tp / np.maximum(den, 1), np.nan)
+
+
+def _flagged(stats: BinaryStats) -> tuple[np.ndarray, np.ndarray]:
+    """``(tp, fp)``: rows of each class with ``score >= edges[i]``, i = 0..bins-1."""
+    tp = np.cumsum(stats.hist_pos[::-1])[::-1].astype(np.float64)
+    fp = np.cumsum(stats.hist_neg[::-1])[::-1].astype(np.float64)
+    return tp, fp
+
+
+def _flagged_high_to_low(stats: BinaryStats) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_flagged` with thresholds decreasing (the last entry flags all)."""
+    tp, fp = _flagged(stats)
+    return tp[::-1], fp[::-1]
+
+
+def operating_curve(stats: BinaryStats) -> OperatingCurve:
+    """Return the counts of ``stats`` at every inner bin edge (a PR/ROC curve)."""
+    bins = stats.num_bins
+    tp, fp = _flagged(stats)
+    return OperatingCurve(
+        thresholds=score_bin_edges(bins)[1:bins],
+        tp=tp[1:bins],
+        fp=fp[1:bins],
+        positives=stats.positives,
+        negatives=stats.negatives,
+    )
+
+
 def _count(value: object, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"'{key}' must hold counts, got {value!r}")
@@ -275,28 +466,17 @@ def _exact_auprc(labels: np.ndarray, scores: np.ndarray, _threshold: float) -> f
     return float(np.sum(steps * precision))
 
 
-def _ratio(num: float, den: float) -> float:
-    return float(num) / float(den) if den > 0 else math.nan
-
-
 def _auroc(stats: BinaryStats) -> float:
     """AUROC from the histograms: P(score_pos > score_neg) + 0.5 P(same bin)."""
     pos, neg = stats.hist_pos.astype(np.float64), stats.hist_neg.astype(np.float64)
     below = np.cumsum(neg) - neg  # negatives in lower bins
     wins = float(np.sum(pos * (below + 0.5 * neg)))
-    return _ratio(wins, pos.sum() * neg.sum())
-
-
-def _threshold_curve(stats: BinaryStats) -> tuple[np.ndarray, np.ndarray]:
-    """Cumulative (tp, fp) for thresholds at each bin's lower edge, high to low."""
-    tp = np.cumsum(stats.hist_pos[::-1]).astype(np.float64)
-    fp = np.cumsum(stats.hist_neg[::-1]).astype(np.float64)
-    return tp, fp
+    return ratio(wins, pos.sum() * neg.sum())
 
 
 def _auprc(stats: BinaryStats) -> float:
     """Average precision from the histograms (as sklearn's, with bins as ties)."""
-    tp, fp = _threshold_curve(stats)
+    tp, fp = _flagged_high_to_low(stats)
     if tp[-1] == 0:
         return math.nan
     recall = tp / tp[-1]
@@ -310,7 +490,7 @@ def recall_at_fpr(max_fpr: float) -> Callable[[BinaryStats], float]:
     """Return a metric: the highest recall at a bin threshold with FPR <= max_fpr."""
 
     def metric(stats: BinaryStats) -> float:
-        tp, fp = _threshold_curve(stats)
+        tp, fp = _flagged_high_to_low(stats)
         if tp[-1] == 0 or fp[-1] == 0:
             return math.nan
         ok = fp / fp[-1] <= max_fpr
@@ -363,27 +543,27 @@ METRICS: dict[str, BinaryMetric] = {
         ),
         BinaryMetric(
             "sensitivity",
-            lambda st: _ratio(st.tp, st.tp + st.fn),
+            lambda st: st.point.recall,
             help="recall of the positive class, TP / (TP + FN)",
         ),
         BinaryMetric(
             "specificity",
-            lambda st: _ratio(st.tn, st.tn + st.fp),
+            lambda st: st.point.specificity,
             help="recall of the negative class, TN / (TN + FP)",
         ),
         BinaryMetric(
             "accuracy",
-            lambda st: _ratio(st.tp + st.tn, st.tp + st.tn + st.fp + st.fn),
+            lambda st: st.point.accuracy,
             help="(TP + TN) / all",
         ),
         BinaryMetric(
             "precision",
-            lambda st: _ratio(st.tp, st.tp + st.fp),
+            lambda st: st.point.precision,
             help="TP / (TP + FP)",
         ),
         BinaryMetric(
             "f1",
-            lambda st: _ratio(2 * st.tp, 2 * st.tp + st.fp + st.fn),
+            lambda st: st.point.f1,
             help="harmonic mean of precision and sensitivity",
         ),
         BinaryMetric(

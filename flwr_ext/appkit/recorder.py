@@ -15,8 +15,11 @@ For each ``send_and_receive`` call it:
 
 - notes the phase (the message type: ``train``, ``evaluate``, ``query``) and the
   round (``server-round`` in the instructions' config), and where they went;
-- records every reply's scalar metrics by node (list values such as histograms
-  are left out) and how long the phase took;
+- records every reply's scalar metrics by node and how long the phase took;
+  list values (histograms) are left out of :attr:`RecordingGrid.phases` - they
+  would flood ``metrics.json`` - and kept apart, in :attr:`RecordingGrid.lists`,
+  only for the keys named in ``keep_lists`` (e.g. the bank app's score
+  histograms, for per-site curves and thresholds after the run);
 - logs one WARNING per node that replied with an error or did not reply within the
   timeout, naming the node id and, once known, the site's name;
 - learns site names from a ``ConfigRecord`` named ``"site"`` (key ``"name"``) that
@@ -36,7 +39,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
@@ -91,6 +94,8 @@ class RecordingGrid(Grid):
     ----------
     grid : Grid
         The grid the ServerApp was given.
+    keep_lists : sequence of str, optional
+        MetricRecord keys whose list values to keep in :attr:`lists`.
 
     Attributes
     ----------
@@ -99,12 +104,17 @@ class RecordingGrid(Grid):
         ``server-round`` (e.g. a query before training) are round 0.
     site_names : dict[int, str]
         Node id -> site name reported by the site.
+    lists : dict[str, dict[int, dict[int, dict[str, list]]]]
+        Phase -> round -> node id -> key -> the reply's list, for the keys in
+        ``keep_lists`` (successful replies only).
     """
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, *, keep_lists: Sequence[str] = ()) -> None:
         self.grid = grid
+        self.keep_lists = tuple(keep_lists)
         self.phases: dict[str, dict[int, PhaseRecord]] = {}
         self.site_names: dict[int, str] = {}
+        self.lists: dict[str, dict[int, dict[int, dict[str, list]]]] = {}
 
     # --------------------------------------------------------------- Grid API
     def set_run(self, run: Run) -> None:
@@ -218,11 +228,17 @@ class RecordingGrid(Grid):
                 continue
             self._learn_name(reply)
             scalars: dict[str, float] = {}
+            lists: dict[str, list] = {}
             for metrics in reply.content.metric_records.values():
                 for key, value in metrics.items():
                     if isinstance(value, (int, float)) and not isinstance(value, bool):
                         scalars[key] = float(value)
+                    elif isinstance(value, list) and key in self.keep_lists:
+                        lists[key] = list(value)
             record.per_node[node_id] = scalars
+            if lists:
+                kept = self.lists.setdefault(phase, {}).setdefault(server_round, {})
+                kept[node_id] = lists
         record.missing = [n for n in record.sampled if n not in replied]
         failed = len(record.failed) + len(record.missing)
         log(
@@ -260,6 +276,10 @@ class RecordingGrid(Grid):
                 self.label(node_id),
                 "the timeout" if timeout is None else f"{timeout:.0f} s",
             )
+
+    def node_lists(self, phase: str, server_round: int) -> dict[int, dict[str, list]]:
+        """Return node id -> kept lists of one phase and round (empty if none)."""
+        return dict(self.lists.get(phase, {}).get(server_round, {}))
 
     def dropouts(self) -> list[dict[str, object]]:
         """Every failed or missing reply: round, phase, node id, site, reason."""

@@ -179,7 +179,7 @@ class ResultsWriter:
         """Absolute path of ``name`` inside the results folder."""
         return self.directory / name
 
-    def open(self, name: str, mode: str = "wb") -> AbstractContextManager[IO]:  # type: ignore[type-arg]
+    def open(self, name: str, mode: str = "wb") -> AbstractContextManager[IO]:
         """Open ``name`` for writing: private, atomic, never through a symlink.
 
         For writers that need a file object::
@@ -240,7 +240,8 @@ class ResultsWriter:
         """Save an ArrayRecord as a ``.npz`` archive (array name -> array)."""
         path = self.path(name)
         with self.open(name) as handle:
-            np.savez(handle, **{key: array.numpy() for key, array in arrays.items()})
+            named: dict[str, Any] = {key: a.numpy() for key, a in arrays.items()}
+            np.savez(handle, **named)
         return path
 
 

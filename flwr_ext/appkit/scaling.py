@@ -21,15 +21,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from logging import INFO
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from ..strategy.robust_strategies import ROBUST_STRATEGIES
 from .encrypted_stats import request_encrypted_feature_stats, save_encrypted_scaler
 from .standardisation import combine, request_feature_stats
-from .strategies import ROBUST_NAMES
 
 __all__ = ["prepare_feature_scaling"]
 
@@ -82,6 +82,8 @@ def prepare_feature_scaling(
         min_nodes=settings["min-nodes"],
         timeout=settings["round-timeout"],
     )
-    method = "median" if settings["strategy"] in ROBUST_NAMES else "pooled"
+    method: Literal["median", "pooled"] = (
+        "median" if settings["strategy"] in ROBUST_STRATEGIES else "pooled"
+    )
     combine([s for _, s in stats], method).to_config(config)
     log(INFO, "feature scaling: %s of %d %s' statistics", method, len(stats), sites)

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import ERROR
 from pathlib import Path
+from typing import cast
 
 from flwr.app import Context
 from flwr.supercore import log
@@ -106,8 +107,9 @@ def site_from_context(context: Context, *, name_prefix: str = "site") -> SiteSpe
     """
     config: Mapping[str, object] = context.node_config
     settings = _validate(config)
-    data_path = settings.get("data-path")
-    pid, num = settings.get("partition-id"), settings.get("num-partitions")
+    data_path = cast(str | None, settings.get("data-path"))
+    pid = cast(int | None, settings.get("partition-id"))
+    num = cast(int | None, settings.get("num-partitions"))
     if data_path is None:
         if pid is None or num is None:
             raise _node_config_error(
@@ -126,7 +128,7 @@ def site_from_context(context: Context, *, name_prefix: str = "site") -> SiteSpe
         name = (
             f"{name_prefix}-{pid}" if data_path is None else f"node-{context.node_id}"
         )
-    schema = settings.get("schema-path")
+    schema = cast(str | None, settings.get("schema-path"))
     return SiteSpec(
         name=str(name),
         data_path=Path(data_path).expanduser() if data_path else None,

@@ -76,7 +76,7 @@ def site_errors_mod(name_prefix: str = "site") -> Mod:
             name = site_name(context, name_prefix)
             log(ERROR, "%s: the ClientApp failed", name, exc_info=err)
             return _error(msg, f"site '{name}': {type(err).__name__}: {err}")
-        if reply.has_error() and not reply.error.reason.startswith("site '"):
+        if reply.has_error() and not (reply.error.reason or "").startswith("site '"):
             name = site_name(context, name_prefix)
             return _error(
                 msg, f"site '{name}': {reply.error.reason}", code=reply.error.code

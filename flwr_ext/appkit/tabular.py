@@ -39,7 +39,6 @@ from flwr.supercore import log
 __all__ = [
     "SchemaError",
     "site_data_error",
-    "check_feature_count",
     "summarise",
     "TabularData",
     "TabularSchema",
@@ -93,7 +92,7 @@ class SchemaError(ValueError):
         """The message that may leave the site (what ``str()`` returns)."""
         return str(self)
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self):
         return (_rebuild_schema_error, (str(self), self.code, self.detail,
                                         self.line, self.column))  # fmt: skip
 
@@ -558,15 +557,6 @@ def dirichlet_partition(
         f"site {min_per_class} rows of each class in {max_tries} draws; use a "
         "larger alpha or fewer partitions"
     )
-
-
-def check_feature_count(data: TabularData, expected: int, where: str = "data") -> None:
-    """Raise ``SchemaError`` if ``data`` does not have ``expected`` features."""
-    if data.x.shape[1] != expected:
-        raise SchemaError(
-            f"{where} has {data.x.shape[1]} feature columns but the model expects "
-            f"{expected}; every site must use the consortium's schema"
-        )
 
 
 def summarise(

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from .config import Option
 
@@ -32,7 +33,6 @@ __all__ = [
     "TRAINING_OPTIONS",
     "TrainResult",
     "arrays_to_model",
-    "dp_sgd_available",
     "loss_of",
     "model_to_arrays",
     "predict_proba",
@@ -168,7 +168,7 @@ def train_binary(
         weights the round started from.
     loss_fn : callable, optional
         ``(logits (n,), float targets (n,)) -> mean loss``, e.g. a weighted or
-        focal loss from :mod:`flwr_ext.appkit.losses` for rare positives.
+        focal loss for rare positives (the bank app's ``bank_fraud.losses``).
         Default: unweighted binary cross-entropy.
     """
     torch.set_num_threads(1)
@@ -203,15 +203,6 @@ def train_binary(
             rows += len(batch)
         last_epoch_loss = total / max(rows, 1)
     return TrainResult(last_epoch_loss, steps, {})
-
-
-def dp_sgd_available() -> bool:
-    """Return True if :func:`flwr_ext.privacy.make_private` can be imported."""
-    try:
-        from ..privacy import make_private  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def train_binary_dp(
@@ -252,9 +243,10 @@ def train_binary_dp(
         ``loss`` is the mean loss of the last epoch's (noised-model) batches; it
         is computed from the data outside DP-SGD, so it is not covered by epsilon.
     """
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from ..privacy import make_private, silo_privacy_metrics
+    # Imported here, not at the top: Opacus adds ~1.4 s to every ClientApp
+    # process (a SuperNode starts one per message), and only dp-sgd=true runs
+    # need it.
+    from ..privacy.dpsgd import make_private, silo_privacy_metrics
 
     torch.set_num_threads(1)
     dataset = TensorDataset(

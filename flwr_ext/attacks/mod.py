@@ -73,6 +73,7 @@ import time
 from collections.abc import Callable, Mapping
 from logging import WARNING
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from flwr.app import (
@@ -292,7 +293,7 @@ def _inflate(reply: Message, factor: float) -> Message:
         inflated = MetricRecord(dict(metrics.items()))
         if "num-examples" in inflated:
             inflated["num-examples"] = attack_fns.inflate_weight(
-                float(inflated["num-examples"]), factor
+                float(cast(float, inflated["num-examples"])), factor
             )
         content[key] = inflated
     reply.content = content
@@ -314,7 +315,8 @@ def _share_dir(context: Context, msg: Message) -> Path | None:
 
 
 def _server_round(msg: Message) -> int:
-    raw = msg.content.config_records.get("config", {}).get("server-round", 0)
+    config = msg.content.config_records.get("config")
+    raw = config.get("server-round", 0) if config is not None else 0
     if isinstance(raw, bool) or not isinstance(raw, int):
         return 0
     return int(raw)
@@ -394,9 +396,10 @@ def _attack_arrays(
         [np.asarray(sent[k].numpy(), dtype=np.float64).ravel() for k in manifest.keys]
     )
     seed = _attack_source(context)[0].get("attack-seed")
-    round_ = msg.content.config_records.get("config", {}).get("server-round", 0)
+    config = msg.content.config_records.get("config")
+    round_ = config.get("server-round", 0) if config is not None else 0
     rng = np.random.default_rng(
-        None if seed is None else [int(seed), int(round_)]  # type: ignore[arg-type]
+        None if seed is None else [int(cast(int, seed)), int(cast(int, round_))]
     )
     own = model_vec - global_vec
     if share is not None:

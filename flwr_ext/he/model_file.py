@@ -22,6 +22,7 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -131,5 +132,6 @@ def decrypt_model_file(
         target = Path(out_path)
         create_private_dir(target.parent)
         with atomic_open(target, "wb", overwrite=overwrite) as handle:
-            np.savez(handle, **{k: v.numpy() for k, v in decrypted.arrays.items()})
+            named: dict[str, Any] = {k: v.numpy() for k, v in decrypted.arrays.items()}
+            np.savez(handle, **named)
     return decrypted

@@ -45,7 +45,7 @@ __all__ = [
 _EXTENDED = np.finfo(np.longdouble).nmant >= 63
 
 
-def modmul(a: np.ndarray, b: np.ndarray | int, q: int) -> np.ndarray:
+def modmul(a: np.ndarray, b: np.ndarray | int | np.integer, q: int) -> np.ndarray:
     """Return ``a * b mod q`` elementwise for residues below ``q < 2**61``."""
     a = np.asarray(a, dtype=np.uint64)
     b = np.asarray(b, dtype=np.uint64)

@@ -98,12 +98,12 @@ def _header(body_size: int) -> bytes:
     return _HEADER.pack(_MAGIC, 16, major, minor, 0, 0, 16 + body_size)
 
 
-def _dynarray(residues: np.ndarray) -> list[bytes | memoryview]:
+def _dynarray(residues: np.ndarray) -> tuple[bytes, bytes, memoryview]:
     flat = np.ascontiguousarray(residues, dtype="<u8").ravel()
-    return [_header(8 + flat.nbytes), struct.pack("<Q", flat.size), memoryview(flat)]
+    return _header(8 + flat.nbytes), struct.pack("<Q", flat.size), flat.data
 
 
-def _object(meta: bytes, array: list[bytes | memoryview]) -> bytes:
+def _object(meta: bytes, array: tuple[bytes, bytes, memoryview]) -> bytes:
     """Header, metadata and data array joined in one copy of the residues."""
     size = len(meta) + sum(len(part) for part in array[:2]) + array[2].nbytes
     return b"".join([_header(size), meta, *array])

@@ -453,7 +453,7 @@ class SecretShare:
         self._persist_counter()
         from flwr_ext.he.wire import _scratch_file
 
-        out = []
+        out: list[Any] = []
         with _scratch_file() as scratch:
             for start in range(0, len(checked), _BATCH):
                 batch = np.stack(checked[start : start + _BATCH])

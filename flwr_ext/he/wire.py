@@ -42,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -105,7 +105,7 @@ class Wire:
         sizes: Sequence[int],
         *,
         full_check: bool = True,
-    ) -> Iterator[Any]:
+    ) -> Generator[Any, None, None]:
         """Load ciphertexts one at a time (see :meth:`load`), for streaming."""
         with quiet_native_stdout():
             for blob, size in zip(blobs, sizes, strict=True):
@@ -274,6 +274,7 @@ class TensealWire(Wire):
         """Decrypt and decode the ``N / 2`` real slots."""
         seal = keys.seal()
         plain = seal.sealapi.Plaintext()
+        assert seal.decryptor is not None  # a data owner's context
         seal.decryptor.decrypt(ciphertext, plain)
         return np.asarray(seal.encoder.decode_double(plain), dtype=np.float64)
 
@@ -307,6 +308,7 @@ class PackedWire(Wire):
                     slots.imag[: chunk.shape[0] - half] = chunk[half:]
                 plain = seal.sealapi.Plaintext()
                 seal.encoder.encode(slots.tolist(), scale, plain)
+                assert seal.encryptor is not None  # a data owner's context
                 if self.seeded:
                     seal.encryptor.encrypt_symmetric(plain).save(scratch.path)
                 else:
@@ -354,7 +356,7 @@ class PackedWire(Wire):
         sizes: Sequence[int],
         *,
         full_check: bool = True,
-    ) -> Iterator[Any]:
+    ) -> Generator[Any, None, None]:
         """Load ciphertexts one at a time through one scratch file."""
         with _scratch_file() as scratch, quiet_native_stdout():
             for blob in blobs:
@@ -387,6 +389,7 @@ class PackedWire(Wire):
         """Decrypt, decode the complex slots and unpack real/imaginary halves."""
         seal = keys.seal()
         plain = seal.sealapi.Plaintext()
+        assert seal.decryptor is not None  # a data owner's context
         seal.decryptor.decrypt(ciphertext, plain)
         slots = np.asarray(seal.encoder.decode_complex(plain))
         return np.concatenate([slots.real, slots.imag])

@@ -275,7 +275,7 @@ def _decrypt(msg: Message, context: Context, config: ConfigRecord) -> Message:
     minimum = _min_contributions(context)
     if contributions < minimum:  # type: ignore[operator]
         raise ThresholdError(
-            f"refusing to help decrypt an aggregate of {contributions} update(s): "
+            f"refusing to help decrypt an aggregate of {contributions!r} update(s): "
             f"this site's policy needs at least {minimum} "
             f"(node config {NODE_MIN_CONTRIBUTIONS})"
         )

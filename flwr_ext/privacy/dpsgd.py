@@ -208,7 +208,7 @@ def make_private(
     steps_per_round = epochs_per_round * batches
     planned_steps = num_rounds * steps_per_round
 
-    settings = {
+    settings: dict[str, float | int | str] = {
         "target-epsilon": target_epsilon,
         "target-delta": target_delta,
         "max-grad-norm": max_grad_norm,
@@ -312,13 +312,13 @@ def silo_privacy_metrics(context: Context) -> dict[str, float | int]:
 
 # ----------------------------------------------------------------- internals
 def _load(
-    context: Context, settings: Mapping[str, object]
+    context: Context, settings: Mapping[str, float | int | str]
 ) -> tuple[PrivacyAccountant, ConfigRecord | None]:
     state = context.state.config_records.get(STATE_KEY)
     if state is None:
         account = PrivacyAccountant(
             str(settings["accountant"]),
-            delta=float(settings["target-delta"]),  # type: ignore[arg-type]
+            delta=float(settings["target-delta"]),
             unit=PrivacyUnit.RECORD,
             neighbouring=Neighbouring.ADD_OR_REMOVE_ONE,
         )
@@ -326,7 +326,7 @@ def _load(
     for key, value in settings.items():
         saved = state.get(key)
         same = (
-            math.isclose(float(saved), float(value), rel_tol=1e-12)  # type: ignore[arg-type]
+            math.isclose(float(saved), float(value), rel_tol=1e-12)
             if isinstance(value, float | int) and isinstance(saved, float | int)
             else saved == value
         )
@@ -344,7 +344,7 @@ def _load(
 def _history_state(
     account: PrivacyAccountant, history: list[tuple[float, float, int]]
 ) -> dict[str, object]:
-    state = account.state_dict()
+    state: dict[str, object] = dict(account.state_dict())
     state["noise-multipliers"] = [float(z) for z, _, _ in history]
     state["sampling-rates"] = [float(q) for _, q, _ in history]
     state["counts"] = [int(n) for _, _, n in history]
@@ -352,7 +352,7 @@ def _history_state(
 
 
 def _state_record(
-    settings: Mapping[str, object],
+    settings: Mapping[str, float | int | str],
     noise_multiplier: float,
     rounds: int,
     account: PrivacyAccountant,
@@ -363,5 +363,5 @@ def _state_record(
             **settings,
             "noise-multiplier": float(noise_multiplier),
             "rounds": int(rounds),
-        }  # type: ignore[arg-type]
+        }
     )

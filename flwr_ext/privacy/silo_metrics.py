@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from logging import INFO, WARNING
 
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
@@ -53,7 +53,7 @@ def aggregate_silo_metrics(
     for index, record in enumerate(records):
         metric_records = list(record.metric_records.items())
         has_epsilon = False
-        cleaned: dict[str, MetricRecord] = {}
+        cleaned: dict[str, ArrayRecord | ConfigRecord | MetricRecord] = {}
         for name, metrics in metric_records:
             kept = MetricRecord()
             for key, value in metrics.items():

@@ -55,12 +55,12 @@ What ε protects, and the assumptions (stated in every log line and in
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from ..privacy import keys
@@ -73,14 +73,13 @@ from ..privacy.validation import (
     check_positive,
 )
 from ..records import InvalidReplyError
-from .composition import Role, check_composition
-from .dp_fedavg import _DPWrapper
+from .dp_base import DPWrapper
 from .round_report import ConfigurationError
 
 __all__ = ["DistributedDP"]
 
 
-class DistributedDP(_DPWrapper):
+class DistributedDP(DPWrapper):
     """Server side of distributed DP: clients clip and add shares of the noise.
 
     Parameters
@@ -127,6 +126,8 @@ class DistributedDP(_DPWrapper):
     ``dp-sampling-rate`` (always 1.0: no amplification is claimed).
     """
 
+    summary_title = "User-level DP (flwr-ext DistributedDP, noise by clients)"
+
     def __init__(
         self,
         strategy: Strategy,
@@ -140,8 +141,7 @@ class DistributedDP(_DPWrapper):
         max_epsilon: float | None = None,
         accountant: str = "prv",
     ) -> None:
-        super().__init__()
-        check_composition(type(self).__name__, Role.DIFFERENTIAL_PRIVACY, strategy)
+        super().__init__(strategy)
         clipping_norm = check_positive("clipping_norm", clipping_norm)
         min_clients = check_int("min_clients", min_clients, 1)
         delta = check_open_unit("delta", delta)
@@ -163,7 +163,6 @@ class DistributedDP(_DPWrapper):
             accountant=accountant,
         )
         self._init_privacy(
-            strategy,
             noise_multiplier=z,
             sampling_rate=1.0,
             delta=delta,
@@ -196,69 +195,23 @@ class DistributedDP(_DPWrapper):
             f"noise_multiplier={self.noise_multiplier:.4g})"
         )
 
-    def summary(self) -> None:
-        """Log the DP configuration, then the inner strategy's."""
-        log(INFO, "\t├──> User-level DP (flwr-ext DistributedDP, noise by clients):")
-        log(INFO, "\t│\t├── Protects: one client's update (zero-out-one-client)")
-        log(INFO, "\t│\t├── Sampling: by the inner strategy, no amplification")
-        log(
-            INFO,
-            "\t│\t├── Clipping norm C: %g; per-client noise std z*C/sqrt(t): %.4g",
-            self.clipping_norm,
-            self.client_noise_stddev,
-        )
-        log(
-            INFO,
-            "\t│\t├── Noise multiplier z of the sum: %.4g%s; min clients t: %d",
-            self.noise_multiplier,
+    def summary_lines(self) -> list[str]:
+        """Return the protected unit, C, the noise shares, z, t and the budget."""
+        calibrated = (
             f" (calibrated: epsilon={self.target_epsilon} over {self.num_rounds} "
             "rounds)"
             if self.target_epsilon is not None
-            else "",
-            self.min_clients,
+            else ""
         )
-        log(
-            INFO,
-            "\t│\t├── Accountant: %s (Opacus), delta=%g, max_epsilon=%s",
-            self.accountant.accountant.upper(),
-            self.delta,
-            self.max_epsilon,
-        )
-        log(INFO, "\t│\t└── Spent so far: %s", self.accountant.spent().describe())
-        log(INFO, "\t├──> Inner strategy: %s", type(self.strategy).__name__)
-        self.strategy.summary()
-
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-    ) -> Result:
-        """Run Flower's loop; log the budget plan first and the ε spent at the end.
-
-        Rounds discarded for too few replies cost nothing, so the number of
-        released rounds is not known in advance: the budget is enforced round by
-        round in :meth:`configure_train` (a round that would exceed it is not
-        configured, nor is any later one, and the last released model is kept).
-        """
-        self._log_budget_plan(num_rounds)
-        result = super().start(
-            grid,
-            initial_arrays,
-            num_rounds=num_rounds,
-            timeout=timeout,
-            train_config=train_config,
-            evaluate_config=evaluate_config,
-            evaluate_fn=evaluate_fn,
-        )
-        if len(result.arrays) == 0:
-            result.arrays = initial_arrays
-        self._log_final()
-        return result
+        return [
+            "Protects: one client's update (zero-out-one-client)",
+            "Sampling: by the inner strategy, no amplification",
+            f"Clipping norm C: {self.clipping_norm:g}; per-client noise std "
+            f"z*C/sqrt(t): {self.client_noise_stddev:.4g}",
+            f"Noise multiplier z of the sum: {self.noise_multiplier:.4g}"
+            f"{calibrated}; min clients t: {self.min_clients}",
+            *self._privacy_summary_lines(),
+        ]
 
     # ----------------------------------------------------------------- train
     def configure_train(
@@ -306,24 +259,10 @@ class DistributedDP(_DPWrapper):
                 "without configure_train for that round"
             )
         report = self._round_report(server_round, len(replies))
-        valid: list[Message] = []
-        dropped = 0
-        seen: set[int] = set()
-        for reply in replies:
-            try:
-                self._check_reply(reply, sampled, seen)
-            except InvalidReplyError as err:
-                dropped += 1
-                report.drop(err.reason)
-                log(
-                    WARNING,
-                    "[DistributedDP] round %d: dropped reply from node %d: %s",
-                    server_round,
-                    err.node_id,
-                    err.reason,
-                )
-                continue
-            valid.append(reply)
+        valid, rejected = self._screen_replies(
+            report, replies, sampled, self._check_markers
+        )
+        dropped = len(rejected)
 
         counts: dict[str, float | int] = {
             keys.CLIPPING_NORM: self.clipping_norm,
@@ -340,10 +279,11 @@ class DistributedDP(_DPWrapper):
             )
             log(
                 WARNING,
-                "[DistributedDP] round %d discarded: %d valid replies, fewer than "
+                "[%s] round %d discarded: %d valid replies, fewer than "
                 "min_clients=%d, so their sum would carry noise std %.4g < z*C = "
                 "%.4g. Keeping the previous global model; nothing was released, "
                 "so no privacy is spent.",
+                self.name,
                 server_round,
                 len(valid),
                 self.min_clients,
@@ -365,13 +305,14 @@ class DistributedDP(_DPWrapper):
                 f"min_clients={self.min_clients}",
             )
 
-        arrays, metrics = self.strategy.aggregate_train(server_round, valid)
+        arrays, inner_metrics = self.strategy.aggregate_train(server_round, valid)
         summed = getattr(self.strategy, "summed_contributions", None)
         if arrays is None:
             log(
                 WARNING,
-                "[DistributedDP] round %d: the inner strategy released no model; "
+                "[%s] round %d: the inner strategy released no model; "
                 "nothing was released, so no privacy is spent",
+                self.name,
                 server_round,
             )
             released = False
@@ -380,19 +321,21 @@ class DistributedDP(_DPWrapper):
         elif summed == 0:
             log(
                 WARNING,
-                "[DistributedDP] round %d: the inner strategy rolled back to an "
+                "[%s] round %d: the inner strategy rolled back to an "
                 "earlier global model; nothing new was released, so no privacy is "
                 "spent",
+                self.name,
                 server_round,
             )
             released = False
         else:
             log(
                 WARNING,
-                "[DistributedDP] round %d discarded: the inner strategy summed %d "
+                "[%s] round %d discarded: the inner strategy summed %d "
                 "updates (%d replies passed the checks), fewer than min_clients=%d, "
                 "so the sum carries noise std %.4g < z*C = %.4g; it is not released "
                 "and no privacy is spent",
+                self.name,
                 server_round,
                 summed,
                 len(valid),
@@ -402,7 +345,7 @@ class DistributedDP(_DPWrapper):
             )
             arrays, released = None, False
         spent = self._record_release() if released else self.accountant.spent()
-        metrics = MetricRecord() if metrics is None else metrics
+        metrics = MetricRecord() if inner_metrics is None else inner_metrics
         for key in (keys.DDP_CLIPPING_NORM, keys.DDP_NOISE_STDDEV):
             if key in metrics:
                 del metrics[key]
@@ -414,9 +357,10 @@ class DistributedDP(_DPWrapper):
             metrics[key] = value
         log(
             INFO,
-            "[DistributedDP] round %d: epsilon=%.4g delta=%g per client (%s, %s, "
+            "[%s] round %d: epsilon=%.4g delta=%g per client (%s, %s, "
             "no sampling amplification) | z=%.4g C=%g per-client noise std=%.4g | "
             "sampled %d, valid %d (t=%d), dropped %d",
+            self.name,
             server_round,
             spent.epsilon,
             spent.delta,
@@ -432,18 +376,8 @@ class DistributedDP(_DPWrapper):
         )
         return report.finish(arrays, metrics, "the inner strategy returned no model")
 
-    def _check_reply(self, reply: Message, sampled: set[int], seen: set[int]) -> None:
-        """Validate a reply without looking at its arrays."""
-        node_id = int(reply.metadata.src_node_id)
-        if reply.has_error():
-            raise InvalidReplyError(
-                node_id, f"client error {reply.error.code}: {reply.error.reason}"
-            )
-        if node_id not in sampled:
-            raise InvalidReplyError(node_id, "node was not sampled this round")
-        if node_id in seen:
-            raise InvalidReplyError(node_id, "second reply from the same node")
-        seen.add(node_id)
+    def _check_markers(self, reply: Message, node_id: int, index: int) -> Message:
+        """Check a screened reply's DP markers and weight, never its arrays."""
         metric_records = list(reply.content.metric_records.values())
         markers = {
             keys.DDP_CLIPPING_NORM: self.clipping_norm,
@@ -475,3 +409,4 @@ class DistributedDP(_DPWrapper):
                     f"claims {self.weight_key}={weight!r}; distributed DP needs a "
                     "uniform mean (distributed_dp_mod sets it to 1)",
                 )
+        return reply

@@ -46,8 +46,7 @@ wrappers.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from copy import copy
+from collections.abc import Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Literal
@@ -58,16 +57,13 @@ from flwr.app import (
     ConfigRecord,
     Message,
     MetricRecord,
-    RecordDict,
 )
-from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAvg,
     FedXgbBagging,
     FedXgbCyclic,
     QFedAvg,
-    Result,
     Strategy,
 )
 from flwr.supercore import log
@@ -76,9 +72,6 @@ from ..privacy import keys
 from ..privacy.accountant import (
     ACCOUNTANTS,
     Neighbouring,
-    PrivacyAccountant,
-    PrivacySpent,
-    PrivacyUnit,
 )
 from ..privacy.calibration import (
     effective_noise_multiplier,
@@ -95,18 +88,13 @@ from ..privacy.validation import (
     check_rate,
 )
 from ..records import (
-    InvalidReplyError,
     Manifest,
     ValidReply,
-    aggregate_client_metrics,
-    conform_to_manifest,
     flatten,
     unflatten,
-    validate_evaluate_replies,
     validate_train_reply,
 )
-from .composition import Role, check_composition
-from .round_report import RoundReporting
+from .dp_base import DPWrapper
 
 __all__ = ["DPFedAvg"]
 
@@ -122,178 +110,6 @@ _NOT_MEAN_BASED: dict[type, str] = {
 }
 
 
-class _DPWrapper(RoundReporting):
-    """Privacy budget, accounting and reporting shared by the DP wrappers."""
-
-    flwr_ext_role = Role.DIFFERENTIAL_PRIVACY
-
-    def _init_privacy(
-        self,
-        strategy: Strategy,
-        *,
-        noise_multiplier: float,
-        sampling_rate: float,
-        delta: float,
-        max_epsilon: float | None,
-        accountant: str,
-        neighbouring: Neighbouring,
-    ) -> None:
-        self.strategy = strategy
-        self.noise_multiplier = noise_multiplier
-        self.sampling_rate = sampling_rate
-        self.delta = delta
-        self.max_epsilon = (
-            None if max_epsilon is None else check_positive("max_epsilon", max_epsilon)
-        )
-        self.accountant = PrivacyAccountant(
-            accountant,
-            delta=delta,
-            unit=PrivacyUnit.CLIENT,
-            neighbouring=neighbouring,
-        )
-        self.budget_exhausted = False
-        self.weight_key: str = getattr(strategy, "weighted_by_key", "num-examples")
-        self.arrayrecord_key: str = getattr(strategy, "arrayrecord_key", "arrays")
-
-    # --------------------------------------------------------------- budget
-    def privacy_spent(self) -> PrivacySpent:
-        """Cumulative client-level privacy spent so far, with its assumptions."""
-        return self.accountant.spent()
-
-    def rounds_within_budget(self, limit: int) -> int:
-        """How many more rounds (at most ``limit``) fit under ``max_epsilon``."""
-        if self.max_epsilon is None:
-            return limit
-        return self.accountant.releases_within(
-            self.max_epsilon, self.noise_multiplier, self.sampling_rate, limit
-        )
-
-    def _next_release_allowed(self, server_round: int) -> bool:
-        """Return False (and say why, once) if this round would bust the cap."""
-        if self.budget_exhausted:
-            return False
-        if self.max_epsilon is None:
-            return True
-        after = self.accountant.epsilon_after(self.noise_multiplier, self.sampling_rate)
-        if after <= self.max_epsilon:
-            return True
-        self.budget_exhausted = True
-        log(
-            WARNING,
-            "[%s] privacy budget reached: round %d would take epsilon from %.4g to "
-            "%.4g > max_epsilon=%g (delta=%g, per client). Training stops; the "
-            "global model of the last released round is kept.",
-            type(self).__name__,
-            server_round,
-            self.accountant.get_epsilon(),
-            after,
-            self.max_epsilon,
-            self.delta,
-        )
-        return False
-
-    def _log_budget_plan(self, num_rounds: int) -> int:
-        """Log how many of ``num_rounds`` fit the budget; return that number."""
-        allowed = self.rounds_within_budget(num_rounds)
-        if allowed < num_rounds:
-            log(
-                WARNING,
-                "[%s] max_epsilon=%g (delta=%g, per client) allows %d more "
-                "round%s at noise_multiplier=%.4g, sampling_rate=%g; %d were "
-                "requested. Training will stop after %d released round%s.",
-                type(self).__name__,
-                self.max_epsilon,
-                self.delta,
-                allowed,
-                "" if allowed == 1 else "s",
-                self.noise_multiplier,
-                self.sampling_rate,
-                num_rounds,
-                allowed,
-                "" if allowed == 1 else "s",
-            )
-        elif self.max_epsilon is not None:
-            planned = self.accountant.epsilon_after(
-                self.noise_multiplier, self.sampling_rate, max(num_rounds, 1)
-            )
-            log(
-                INFO,
-                "[%s] %d rounds will spend epsilon=%.4g of max_epsilon=%g "
-                "(delta=%g, per client)",
-                type(self).__name__,
-                num_rounds,
-                planned,
-                self.max_epsilon,
-                self.delta,
-            )
-        return allowed
-
-    def _record_release(self) -> PrivacySpent:
-        self.accountant.compose(self.noise_multiplier, self.sampling_rate)
-        return self.accountant.spent()
-
-    def _privacy_metrics(self, spent: PrivacySpent) -> dict[str, float | int]:
-        return {
-            keys.CLIENT_EPSILON: spent.epsilon,
-            keys.CLIENT_DELTA: spent.delta,
-            keys.NOISE_MULTIPLIER: self.noise_multiplier,
-            keys.SAMPLING_RATE: self.sampling_rate,
-            keys.RELEASES: spent.releases,
-        }
-
-    # ---------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, object]:
-        """Privacy state to save with the run (flat: fits a ConfigRecord or JSON).
-
-        Holds the accountant's history and whether the budget is exhausted;
-        restore it with :meth:`load_state_dict` into an identically configured
-        wrapper to continue a run without resetting its ε.
-        """
-        return {
-            **self.accountant.state_dict(),
-            "budget-exhausted": bool(self.budget_exhausted),
-        }
-
-    def load_state_dict(self, state: dict[str, object] | ConfigRecord) -> None:
-        """Restore :meth:`state_dict` output (e.g. from ``context.state``)."""
-        self.accountant.load_state_dict(state)
-        self.budget_exhausted = bool(state.get("budget-exhausted", False))
-
-    # ------------------------------------------------------------- evaluate
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate to the inner strategy (nothing to evaluate once stopped)."""
-        if self.budget_exhausted:
-            return []
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Drop malformed replies; aggregate with the inner's metric function.
-
-        The replies are not handed to the inner strategy: Flower's
-        ``aggregate_evaluate`` raises on one inconsistent reply.
-        """
-        who = type(self).__name__
-        valid = validate_evaluate_replies(replies, self.weight_key, who, server_round)
-        if not valid:
-            return None
-        return aggregate_client_metrics(
-            valid,
-            [reply.weight for reply in valid],
-            self.weight_key,
-            getattr(self.strategy, "evaluate_metrics_aggr_fn", None),
-            who,
-            server_round,
-        )
-
-    def _log_final(self) -> None:
-        spent = self.accountant.spent()
-        log(INFO, "[%s] privacy spent: %s", type(self).__name__, spent.describe())
-
-
 @dataclass
 class _Round:
     """What configure_train hands to aggregate_train for one round."""
@@ -306,7 +122,7 @@ class _Round:
     template: Message | None
 
 
-class DPFedAvg(_DPWrapper):
+class DPFedAvg(DPWrapper):
     """User-level central DP (DP-FedAvg) around FedAvg, FedAdam and friends.
 
     Parameters
@@ -376,6 +192,9 @@ class DPFedAvg(_DPWrapper):
         result = strategy.start(grid, initial_arrays, num_rounds=50)
     """
 
+    releases_every_round = True
+    summary_title = "User-level DP (flwr-ext DPFedAvg, central)"
+
     def __init__(
         self,
         strategy: Strategy | None = None,
@@ -395,9 +214,8 @@ class DPFedAvg(_DPWrapper):
         accountant: str = "prv",
         client_metrics: ClientMetrics = "aggregate",
     ) -> None:
-        super().__init__()
         strategy = FedAvg() if strategy is None else strategy
-        check_composition(type(self).__name__, Role.DIFFERENTIAL_PRIVACY, strategy)
+        super().__init__(strategy)
         _check_inner(type(self).__name__, strategy)
         num_clients = check_int("num_clients", num_clients, 1)
         clipping_norm = check_positive("clipping_norm", clipping_norm)
@@ -428,7 +246,6 @@ class DPFedAvg(_DPWrapper):
             accountant=accountant,
         )
         self._init_privacy(
-            strategy,
             noise_multiplier=z,
             sampling_rate=q,
             delta=delta,
@@ -487,100 +304,38 @@ class DPFedAvg(_DPWrapper):
             f"adaptive_clipping={self.adaptive is not None})"
         )
 
-    def summary(self) -> None:
-        """Log the DP configuration, then the inner strategy's."""
-        log(INFO, "\t├──> User-level DP (flwr-ext DPFedAvg, central):")
-        log(
-            INFO,
-            "\t│\t├── Protects: one client's whole data (add-or-remove-one-client)",
-        )
-        log(
-            INFO,
-            "\t│\t├── Sampling: %s",
+    def summary_lines(self) -> list[str]:
+        """Return the protected unit, sampling, m, z, clipping and the budget."""
+        sampling = (
             f"Poisson q={self.sampling_rate:g} of num_clients={self.num_clients}"
             if self.poisson
             else f"full participation of num_clients={self.num_clients} "
-            "(no amplification)",
+            "(no amplification)"
         )
-        log(
-            INFO,
-            "\t│\t├── Fixed denominator m: %g (sensitivity C/m)",
-            self.expected_clients,
-        )
-        log(
-            INFO,
-            "\t│\t├── Noise multiplier z: %.4g%s",
-            self.noise_multiplier,
+        calibrated = (
             f" (calibrated: epsilon={self.target_epsilon} over {self.num_rounds} "
             "rounds)"
             if self.target_epsilon is not None
-            else "",
+            else ""
         )
         if self.adaptive is not None:
-            log(
-                INFO,
-                "\t│\t├── Adaptive clipping: start C=%.4g, target quantile %g, "
-                "lr %g, count noise std %.4g, update z %.4g",
-                self.adaptive.value,
-                self.adaptive.target_quantile,
-                self.adaptive.learning_rate,
-                self.adaptive.count_noise_stddev,
-                self.update_noise_multiplier,
+            clipping = (
+                f"Adaptive clipping: start C={self.adaptive.value:.4g}, target "
+                f"quantile {self.adaptive.target_quantile:g}, lr "
+                f"{self.adaptive.learning_rate:g}, count noise std "
+                f"{self.adaptive.count_noise_stddev:.4g}, update z "
+                f"{self.update_noise_multiplier:.4g}"
             )
         else:
-            log(INFO, "\t│\t├── Clipping norm C: %.4g (fixed)", self.clipping_norm)
-        log(
-            INFO,
-            "\t│\t├── Accountant: %s (Opacus), delta=%g, max_epsilon=%s",
-            self.accountant.accountant.upper(),
-            self.delta,
-            self.max_epsilon,
-        )
-        log(INFO, "\t│\t└── Spent so far: %s", self.accountant.spent().describe())
-        log(INFO, "\t├──> Inner strategy: %s", type(self.strategy).__name__)
-        self.strategy.summary()
-
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-    ) -> Result:
-        """Run Flower's loop for as many of ``num_rounds`` as the budget allows.
-
-        Every DPFedAvg round is released and costs the same, so the number of
-        rounds that fit under ``max_epsilon`` is known before round 1; the loop
-        runs exactly those, and the result holds the last released model.
-        """
-        rounds = self._log_budget_plan(num_rounds)
-        result = super().start(
-            grid,
-            initial_arrays,
-            num_rounds=rounds,
-            timeout=timeout,
-            train_config=train_config,
-            evaluate_config=evaluate_config,
-            evaluate_fn=evaluate_fn,
-        )
-        if len(result.arrays) == 0:
-            result.arrays = initial_arrays
-        if rounds < num_rounds:
-            self.budget_exhausted = True
-            log(
-                WARNING,
-                "[DPFedAvg] stopped after %d of %d rounds: the next round would "
-                "exceed max_epsilon=%g. The result holds the model of round %d.",
-                rounds,
-                num_rounds,
-                self.max_epsilon,
-                rounds,
-            )
-        self._log_final()
-        return result
+            clipping = f"Clipping norm C: {self.clipping_norm:.4g} (fixed)"
+        return [
+            "Protects: one client's whole data (add-or-remove-one-client)",
+            f"Sampling: {sampling}",
+            f"Fixed denominator m: {self.expected_clients:g} (sensitivity C/m)",
+            f"Noise multiplier z: {self.noise_multiplier:.4g}{calibrated}",
+            clipping,
+            *self._privacy_summary_lines(),
+        ]
 
     # ----------------------------------------------------------------- train
     def configure_train(
@@ -611,7 +366,8 @@ class DPFedAvg(_DPWrapper):
         )
         log(
             INFO,
-            "[DPFedAvg] round %d: %s %d of %d available nodes (expected m=%g)",
+            "[%s] round %d: %s %d of %d available nodes (expected m=%g)",
+            self.name,
             server_round,
             f"Poisson sampling q={self.sampling_rate:g} selected"
             if self.poisson
@@ -643,40 +399,20 @@ class DPFedAvg(_DPWrapper):
         clip_norm = self.current_clipping_norm
         total = np.zeros(manifest.size, dtype=np.float64)
         buffer = np.empty(manifest.size, dtype=np.float64)
-        valid: list[ValidReply] = []
-        dropped = 0
         unclipped = 0
-        seen: set[int] = set()
-        for reply in replies:
-            try:
-                node_id = int(reply.metadata.src_node_id)
-                if node_id not in current.sampled:
-                    raise InvalidReplyError(node_id, "node was not sampled this round")
-                if node_id in seen:
-                    raise InvalidReplyError(node_id, "second reply from the same node")
-                seen.add(node_id)
-                checked = validate_train_reply(
-                    reply,
-                    manifest,
-                    self.weight_key,
-                    out=buffer,
-                    reference=global_vector,
-                )
-            except InvalidReplyError as err:
-                dropped += 1
-                report.drop(err.reason)
-                log(
-                    WARNING,
-                    "[DPFedAvg] round %d: dropped reply from node %d: %s",
-                    server_round,
-                    err.node_id,
-                    err.reason,
-                )
-                continue
+
+        def accept(reply: Message, node_id: int, index: int) -> ValidReply:
+            nonlocal unclipped
+            checked = validate_train_reply(
+                reply, manifest, self.weight_key, out=buffer, reference=global_vector
+            )
             _, norm = clip_to_norm(buffer, clip_norm)  # buffer holds the update
             unclipped += int(norm <= clip_norm)
-            total += buffer
-            valid.append(checked)
+            total[:] += buffer
+            return checked
+
+        valid, rejected = self._screen_replies(report, replies, current.sampled, accept)
+        dropped = len(rejected)
 
         if not valid:  # a misconfigured federation stops before any release
             report.check_configuration()
@@ -705,15 +441,20 @@ class DPFedAvg(_DPWrapper):
         round_metrics.update(self._privacy_metrics(spent))
 
         candidate = unflatten(global_vector + noised_mean, manifest)
-        arrays = self._inner_step(server_round, candidate, current)
-        metrics = self._client_metrics(valid, server_round)
+        arrays = self._inner_step(server_round, candidate, manifest, current.template)
+        metrics = (
+            MetricRecord()
+            if self.client_metrics == "drop"
+            else self._aggregate_client_metrics(server_round, valid, [1.0] * len(valid))
+        )
         for key, value in round_metrics.items():
             metrics[key] = value
         log(
             INFO,
-            "[DPFedAvg] round %d: epsilon=%.4g delta=%g per client (%s, %s, %s) | "
+            "[%s] round %d: epsilon=%.4g delta=%g per client (%s, %s, %s) | "
             "z=%.4g C=%.4g noise std=%.4g | sampled %d, participated %d, dropped "
             "%d, m=%g",
+            self.name,
             server_round,
             spent.epsilon,
             spent.delta,
@@ -728,7 +469,12 @@ class DPFedAvg(_DPWrapper):
             dropped,
             self.expected_clients,
         )
-        return report.finish(arrays, metrics, "the inner strategy returned no model")
+        return report.finish(
+            arrays,
+            metrics,
+            "the inner strategy returned no model (the round's privacy cost stays "
+            "accounted)",
+        )
 
     # --------------------------------------------------------------- helpers
     def _check_population(self, server_round: int, available: int) -> None:
@@ -737,58 +483,15 @@ class DPFedAvg(_DPWrapper):
         self._warned_population = available
         log(
             WARNING,
-            "[DPFedAvg] round %d: %d nodes available but num_clients=%d. Privacy "
+            "[%s] round %d: %d nodes available but num_clients=%d. Privacy "
             "is unaffected (the denominator m=%g is fixed), but the mean update is "
             "scaled by about %.2f.",
+            self.name,
             server_round,
             available,
             self.num_clients,
             self.expected_clients,
             available / self.num_clients,
-        )
-
-    def _inner_step(
-        self, server_round: int, candidate: ArrayRecord, current: _Round
-    ) -> ArrayRecord | None:
-        """Hand the inner strategy one reply holding the noised model."""
-        content = RecordDict(
-            {
-                self.arrayrecord_key: candidate,
-                "metrics": MetricRecord({self.weight_key: 1}),
-            }
-        )
-        if current.template is not None:
-            metadata = copy(current.template.metadata)
-            synthetic = Message(content=content, metadata=metadata)
-        else:  # no node was available at all: a bare train message will do
-            synthetic = Message(
-                content=content, dst_node_id=0, message_type=MessageType.TRAIN
-            )
-        arrays, _ = self.strategy.aggregate_train(server_round, [synthetic])
-        if arrays is None:
-            log(
-                WARNING,
-                "[DPFedAvg] round %d: the inner strategy returned no model; keeping "
-                "the previous global model (the round's privacy cost stays "
-                "accounted)",
-                server_round,
-            )
-            return None
-        return conform_to_manifest(arrays, current.manifest, "DPFedAvg", server_round)
-
-    def _client_metrics(
-        self, valid: list[ValidReply], server_round: int
-    ) -> MetricRecord:
-        """Average clients' metrics uniformly (claimed weights are not trusted)."""
-        if self.client_metrics == "drop" or not valid:
-            return MetricRecord()
-        return aggregate_client_metrics(
-            valid,
-            [1.0] * len(valid),
-            self.weight_key,
-            getattr(self.strategy, "train_metrics_aggr_fn", None),
-            "DPFedAvg",
-            server_round,
         )
 
     def state_dict(self) -> dict[str, object]:

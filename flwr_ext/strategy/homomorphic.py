@@ -55,9 +55,8 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from copy import copy
 from logging import INFO, WARNING
-from typing import Literal, TypeVar
+from typing import Literal
 
 import numpy as np
 from flwr.app import (
@@ -72,7 +71,6 @@ from flwr.common.constant import SType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, QFedAvg, Result, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
 from ..he import (
@@ -96,17 +94,16 @@ from ..he.wire import get_wire
 from ..records import (
     InvalidReplyError,
     Manifest,
-    conform_to_manifest,
+    ValidReply,
     flatten,
     validate_metrics,
 )
-from .composition import Role, check_composition
-from .round_report import RoundReporting
+from .base import StrategyWrapper
+from .composition import Role
 
 __all__ = ["HomomorphicAggregation", "Mode"]
 
 Mode = Literal["encrypted", "decrypt-aggregate"]
-_T = TypeVar("_T")
 _MODES = ("encrypted", "decrypt-aggregate")
 
 #: Keys this wrapper adds to the round's train MetricRecord.
@@ -128,7 +125,7 @@ FIRST_ROUND_WEIGHT_UNIT = DEFAULT_WEIGHT_UNIT
 _NEEDS_PLAINTEXT: tuple[type, ...] = (FedOpt, FedAvgM, QFedAvg)
 
 
-class HomomorphicAggregation(RoundReporting):
+class HomomorphicAggregation(StrategyWrapper):
     """Add-only CKKS secure aggregation around a Flower strategy.
 
     Parameters
@@ -193,6 +190,7 @@ class HomomorphicAggregation(RoundReporting):
     """
 
     flwr_ext_role = Role.HOMOMORPHIC
+    summary_title = "Homomorphic aggregation (flwr-ext, CKKS)"
 
     def __init__(
         self,
@@ -205,7 +203,7 @@ class HomomorphicAggregation(RoundReporting):
         min_replies: int = 2,
         decrypt_timeout: float = 600.0,
     ) -> None:
-        check_composition(type(self).__name__, Role.HOMOMORPHIC, strategy)
+        super().__init__(strategy)
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         if mode == "encrypted":
@@ -227,15 +225,12 @@ class HomomorphicAggregation(RoundReporting):
             raise ValueError(f"decrypt_timeout must be > 0, got {decrypt_timeout!r}")
         keys = context if isinstance(context, CkksKeys) else load_keys(context)
         keys.require_no_secret()
-        self.strategy = strategy
         self.keys = keys
         self.mode: Mode = mode
         self.wire = wire
         self.weight_unit = weight_unit
         self.min_replies = min_replies
         self.decrypt_timeout = float(decrypt_timeout)
-        self.weight_key: str = getattr(strategy, "weighted_by_key", "num-examples")
-        self.arrayrecord_key: str = getattr(strategy, "arrayrecord_key", "arrays")
         self._unit = DEFAULT_WEIGHT_UNIT if weight_unit is None else float(weight_unit)
         self._manifest: Manifest | None = None
         self._sampled: set[int] = set()
@@ -272,21 +267,16 @@ class HomomorphicAggregation(RoundReporting):
         )
 
     # ------------------------------------------------------------------ set-up
-    def summary(self) -> None:
-        """Log the homomorphic configuration, then the inner strategy's."""
-        log(INFO, "\t├──> Homomorphic aggregation (flwr-ext, CKKS):")
-        log(INFO, "\t│\t├── Mode: %s", self.mode)
-        log(INFO, "\t│\t├── Profile: %s", self.keys.profile.describe())
-        log(INFO, "\t│\t├── Key fingerprint: %s", self.keys.fingerprint)
-        log(INFO, "\t│\t├── Wire format: %s", self.wire)
-        log(
-            INFO,
-            "\t│\t├── Weight unit: %s",
-            f"{self._unit:g} examples (fixed for the run)",
-        )
-        log(INFO, "\t│\t└── Min valid replies per round: %d", self.min_replies)
-        log(INFO, "\t├──> Inner strategy: %s", type(self.strategy).__name__)
-        self.strategy.summary()
+    def summary_lines(self) -> list[str]:
+        """Return the mode, profile, key, wire, weight unit and replies needed."""
+        return [
+            f"Mode: {self.mode}",
+            f"Profile: {self.keys.profile.describe()}",
+            f"Key fingerprint: {self.keys.fingerprint}",
+            f"Wire format: {self.wire}",
+            f"Weight unit: {self._unit:g} examples (fixed for the run)",
+            f"Min valid replies per round: {self.min_replies}",
+        ]
 
     def start(
         self,
@@ -420,24 +410,17 @@ class HomomorphicAggregation(RoundReporting):
         replies = list(replies)
         report = self._round_report(server_round, len(replies))
         total = CiphertextSum(self.keys, self._manifest, self.wire)
-        valid: list[tuple[Message, MetricRecord, float]] = []
         decryptors: list[int] = []
-        seen: set[int] = set()
-        for reply in replies:
-            node_id = int(reply.metadata.src_node_id)
-            try:
-                metrics, weight, header = self._check_reply(reply, seen, total)
-            except InvalidReplyError as err:
-                self._log_drop(server_round, err.node_id, err.reason)
-                report.drop(err.reason)
-                continue
-            except (InvalidCiphertextError, KeyMismatchError) as err:
-                self._log_drop(server_round, node_id, str(err))
-                report.drop(str(err))
-                continue
-            valid.append((reply, metrics, weight))
+
+        def accept(
+            reply: Message, node_id: int, index: int
+        ) -> tuple[Message, MetricRecord, float]:
+            metrics, weight, header = self._check_reply(reply, node_id, total)
             if header.decryptor:
                 decryptors.append(node_id)
+            return reply, metrics, weight
+
+        valid, _ = self._screen_replies(report, replies, self._sampled or None, accept)
         counts = {
             METRIC_RECEIVED: len(replies),
             METRIC_DROPPED: len(replies) - len(valid),
@@ -583,25 +566,9 @@ class HomomorphicAggregation(RoundReporting):
         self._produced[_checksums(model)] = (claims, origin)
 
     def _check_reply(
-        self, reply: Message, seen: set[int], total: CiphertextSum
+        self, reply: Message, node_id: int, total: CiphertextSum
     ) -> tuple[MetricRecord, float, EncryptedHeader]:
-        """Validate one reply and add it to ``total``; raise to drop it."""
-        node_id = int(reply.metadata.src_node_id)
-        if self._sampled and node_id not in self._sampled:
-            if reply.has_error():  # the SuperLink (node 1) answers for a lost node
-                raise InvalidReplyError(
-                    node_id,
-                    "the SuperLink's reply for a sampled node that is unavailable "
-                    f"(no heartbeat): {reply.error.reason}",
-                )
-            raise InvalidReplyError(node_id, "node was not sampled in this round")
-        if node_id in seen:
-            raise InvalidReplyError(node_id, "second reply from the same node")
-        seen.add(node_id)
-        if reply.has_error():
-            raise InvalidReplyError(
-                node_id, f"client error {reply.error.code}: {reply.error.reason}"
-            )
+        """Validate one screened reply and add it to ``total``; raise to drop it."""
         records = reply.content.array_records
         if len(records) != 1:
             raise InvalidReplyError(
@@ -626,18 +593,11 @@ class HomomorphicAggregation(RoundReporting):
                 "the update is not encrypted (is ckks_mod the first mod of the "
                 "node's ClientApp?); it was not looked at",
             )
-        header = total.add(record, f"the reply from node {node_id}")
+        try:
+            header = total.add(record, f"the reply from node {node_id}")
+        except (InvalidCiphertextError, KeyMismatchError) as err:
+            raise InvalidReplyError(node_id, str(err)) from None
         return metrics, weight, header
-
-    def _log_drop(self, server_round: int, node_id: int, reason: str) -> None:
-        log(
-            WARNING,
-            "[%s] round %d: dropped reply from node %d: %s",
-            type(self).__name__,
-            server_round,
-            node_id,
-            reason[:500],
-        )
 
     # ------------------------------------------------------ decrypt-aggregate
     def _decrypt_and_step(
@@ -654,22 +614,8 @@ class HomomorphicAggregation(RoundReporting):
         )
         if average is None:
             return None
-        synthetic = Message(
-            content=RecordDict(
-                {
-                    self.arrayrecord_key: average,
-                    "metrics": MetricRecord({self.weight_key: 1}),
-                }
-            ),
-            metadata=copy(valid[0][0].metadata),
-        )
-        arrays, _ = self.strategy.aggregate_train(server_round, [synthetic])
-        if arrays is None:
-            return None
         assert self._manifest is not None
-        return conform_to_manifest(
-            arrays, self._manifest, "HomomorphicAggregation", server_round
-        )
+        return self._inner_step(server_round, average, self._manifest, valid[0][0])
 
     def _request_decryption(
         self,
@@ -797,32 +743,21 @@ class HomomorphicAggregation(RoundReporting):
         counts: dict[str, int],
         started: float,
     ) -> MetricRecord:
-        consistent = _same_metric_keys(
-            valid, lambda v: v[1], lambda v: v[0], type(self).__name__, server_round,
-            "train",
-        )  # fmt: skip
-        metrics = _aggregate_metrics(
-            [(m, w) for _, m, w in consistent],
-            self.weight_key,
-            getattr(self.strategy, "train_metrics_aggr_fn", None),
-            type(self).__name__,
+        replies = [
+            ValidReply(int(r.metadata.src_node_id), np.empty(0), w, m, r)
+            for r, m, w in valid
+        ]
+        metrics = self._aggregate_client_metrics(
+            server_round, replies, [r.weight for r in replies]
         )
-        for key, value in counts.items():
-            metrics[key] = value
-        seconds = time.perf_counter() - started
-        metrics[METRIC_SECONDS] = seconds
-        log(
-            INFO,
-            "[%s] round %d: received %d, dropped %d, summed %d ciphertext updates "
-            "in %.3f s",
-            type(self).__name__,
+        return self._add_counters(
             server_round,
-            counts[METRIC_RECEIVED],
-            counts[METRIC_DROPPED],
-            counts[METRIC_SUMMED],
-            seconds,
+            metrics,
+            counts,
+            METRIC_SECONDS,
+            started,
+            f"summed {counts[METRIC_SUMMED]} ciphertext updates",
         )
-        return metrics
 
     # ------------------------------------------------------------- evaluate
     def configure_evaluate(
@@ -838,50 +773,6 @@ class HomomorphicAggregation(RoundReporting):
             config = ConfigRecord(dict(config))
             produced[0].write(config)
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Drop malformed evaluation replies, then delegate to the inner strategy."""
-        valid = []
-        for reply in replies:
-            node_id = int(reply.metadata.src_node_id)
-            try:
-                if reply.has_error():
-                    raise InvalidReplyError(
-                        node_id,
-                        f"client error {reply.error.code}: {reply.error.reason}",
-                    )
-                validate_metrics(reply, self.weight_key, node_id)
-            except InvalidReplyError as err:
-                log(
-                    WARNING,
-                    "[%s] round %d: dropped evaluate reply from node %d: %s",
-                    type(self).__name__,
-                    server_round,
-                    node_id,
-                    err.reason,
-                )
-                continue
-            valid.append(reply)
-        valid = _same_metric_keys(
-            valid, lambda r: next(iter(r.content.metric_records.values())),
-            lambda r: r, type(self).__name__, server_round, "evaluate",
-        )  # fmt: skip
-        if not valid:
-            return None
-        try:
-            return self.strategy.aggregate_evaluate(server_round, valid)
-        except Exception as err:  # a client's metrics never crash the server
-            log(
-                WARNING,
-                "[%s] round %d: the evaluate metrics could not be aggregated (%s: %s)",
-                type(self).__name__,
-                server_round,
-                type(err).__name__,
-                str(err)[:200],
-            )
-            return None
 
 
 def _check_encrypted_inner(strategy: Strategy) -> None:
@@ -907,31 +798,6 @@ def _check_encrypted_inner(strategy: Strategy) -> None:
             "mode='decrypt-aggregate' to run "
             f"{name}.aggregate_train on the decrypted aggregate."
         )
-
-
-def _aggregate_metrics(
-    valid: list[tuple[MetricRecord, float]],
-    weight_key: str,
-    aggr_fn: object,
-    who: str,
-) -> MetricRecord:
-    """Aggregate clients' MetricRecords (plaintext in every mode)."""
-    if not valid:
-        return MetricRecord()
-    records = [RecordDict({"metrics": metrics}) for metrics, _ in valid]
-    fn = aggr_fn if callable(aggr_fn) else aggregate_metricrecords
-    try:
-        return fn(records, weight_key)
-    except Exception as err:  # a client's metrics never crash the server
-        log(
-            WARNING,
-            "[%s] client metrics could not be aggregated (%s: %s); reporting the "
-            "ckks counters only",
-            who,
-            type(err).__name__,
-            err,
-        )
-        return MetricRecord()
 
 
 def _checksums(arrays: ArrayRecord | None) -> tuple[int, ...]:
@@ -968,39 +834,3 @@ def _describe_plain_mismatch(record: ArrayRecord, manifest: Manifest) -> str | N
         if tuple(array.shape) != spec.shape:
             return f"array '{spec.key}' has shape {tuple(array.shape)[:8]}"
     return None
-
-
-def _same_metric_keys(
-    items: list[_T],
-    metrics_of: Callable[[_T], MetricRecord],
-    node_of: Callable[[_T], Message],
-    who: str,
-    server_round: int,
-    phase: str,
-) -> list[_T]:
-    """Keep the items whose MetricRecord has the most common set of keys.
-
-    Flower's metric aggregation raises on records with different keys, so one
-    client adding or omitting a metric would crash the round's aggregation; the
-    odd ones out are left out of the *metrics* (their update still counts) and
-    named in a WARNING.
-    """
-    if not items:
-        return items
-    key_sets = [frozenset(metrics_of(item).keys()) for item in items]
-    common = max(set(key_sets), key=lambda keys: (key_sets.count(keys), sorted(keys)))
-    kept = [item for item, keys in zip(items, key_sets, strict=True) if keys == common]
-    for item, keys in zip(items, key_sets, strict=True):
-        if keys != common:
-            log(
-                WARNING,
-                "[%s] round %d: %s metrics of node %d left out of the aggregate: "
-                "keys %s differ from the other clients' %s",
-                who,
-                server_round,
-                phase,
-                int(node_of(item).metadata.src_node_id),
-                sorted(keys)[:10],
-                sorted(common)[:10],
-            )
-    return kept

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from copy import copy
 from logging import INFO, WARNING
 from typing import Literal
 
@@ -49,7 +48,6 @@ from flwr.app import (
     ConfigRecord,
     Message,
     MetricRecord,
-    RecordDict,
 )
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -58,18 +56,15 @@ from flwr.supercore import log
 from ..aggregation import AggregationRule, NearestNeighborMixing, PreAggregation
 from ..aggregation.base import check_fraction, check_int
 from ..records import (
-    InvalidReplyError,
     Manifest,
     ValidReply,
-    aggregate_client_metrics,
-    conform_to_manifest,
     flatten,
     unflatten,
-    validate_evaluate_replies,
     validate_train_reply,
 )
-from .composition import Role, check_composition
-from .round_report import ConfigurationError, RoundReporting, cohort_problem
+from .base import StrategyWrapper
+from .composition import Role
+from .round_report import ConfigurationError, cohort_problem
 
 __all__ = ["RobustAggregation", "Weighting"]
 
@@ -85,7 +80,7 @@ METRIC_SECONDS = "robust-aggregation-s"
 _STATE_KEY = "rule-state"
 
 
-class RobustAggregation(RoundReporting):
+class RobustAggregation(StrategyWrapper):
     """Byzantine-robust aggregation in front of any Flower strategy.
 
     Parameters
@@ -125,6 +120,7 @@ class RobustAggregation(RoundReporting):
     """
 
     flwr_ext_role = Role.ROBUST
+    summary_title = "Robust aggregation (flwr-ext)"
 
     def __init__(
         self,
@@ -137,7 +133,7 @@ class RobustAggregation(RoundReporting):
         weight_cap: float = 2.0,
         discount_rejected: bool = True,
     ) -> None:
-        check_composition(type(self).__name__, Role.ROBUST, strategy)
+        super().__init__(strategy)
         if not isinstance(rule, AggregationRule):
             raise TypeError(
                 "rule must be an flwr_ext.aggregation.AggregationRule, "
@@ -163,7 +159,6 @@ class RobustAggregation(RoundReporting):
             raise ValueError(
                 f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}"
             )
-        self.strategy = strategy
         self.rule = rule
         self.pre_aggregation: PreAggregation | None = pre_aggregation
         self.num_byzantine = num_byzantine
@@ -176,8 +171,6 @@ class RobustAggregation(RoundReporting):
                 f"discount_rejected must be True or False, got {discount_rejected!r}"
             )
         self.discount_rejected = discount_rejected
-        self.weight_key: str = getattr(strategy, "weighted_by_key", "num-examples")
-        self.arrayrecord_key: str = getattr(strategy, "arrayrecord_key", "arrays")
         self._global: ArrayRecord | None = None
         self._manifest: Manifest | None = None
         self._sampled: set[int] = set()
@@ -248,20 +241,17 @@ class RobustAggregation(RoundReporting):
         """
         return _min_valid(self.rule, self.pre_aggregation)
 
-    def summary(self) -> None:
-        """Log the robust configuration, then the inner strategy's."""
-        log(INFO, "\t├──> Robust aggregation (flwr-ext):")
-        log(INFO, "\t│\t├── Rule: %r", self.rule)
-        log(INFO, "\t│\t├── Pre-aggregation: %r", self.pre_aggregation)
-        log(
-            INFO,
-            "\t│\t├── Weighting: %s%s",
-            self.weighting,
-            f" (cap {self.weight_cap:g}x median)" if self.weighting == "capped" else "",
+    def summary_lines(self) -> list[str]:
+        """Return the rule, pre-aggregation, weighting and replies needed per round."""
+        cap = (
+            f" (cap {self.weight_cap:g}x median)" if self.weighting == "capped" else ""
         )
-        log(INFO, "\t│\t└── Min valid replies per round: %d", self.min_valid_replies())
-        log(INFO, "\t├──> Inner strategy: %s", type(self.strategy).__name__)
-        self.strategy.summary()
+        return [
+            f"Rule: {self.rule!r}",
+            f"Pre-aggregation: {self.pre_aggregation!r}",
+            f"Weighting: {self.weighting}{cap}",
+            f"Min valid replies per round: {self.min_valid_replies()}",
+        ]
 
     # ------------------------------------------------------------------ train
     def configure_train(
@@ -300,35 +290,25 @@ class RobustAggregation(RoundReporting):
         replies = list(replies)
         report = self._round_report(server_round, len(replies))
         manifest = self._manifest
-        matrix = np.empty((len(replies), manifest.size), dtype=_work_dtype(manifest))
+        matrix: np.ndarray = np.empty(
+            (len(replies), manifest.size), dtype=_work_dtype(manifest)
+        )
         global_vector = _flatten_global(self._global, manifest, matrix.dtype)
-        valid: list[ValidReply] = []
-        dropped: list[InvalidReplyError] = []
-        seen: set[int] = set()
-        for reply in replies:
-            try:
-                self._check_sender(reply, seen)
-                # Each row becomes an update (model - global) while it is still
-                # in cache. Our own buffer: the replies stay untouched.
-                checked = validate_train_reply(
-                    reply,
-                    manifest,
-                    self.weight_key,
-                    out=matrix[len(valid)],
-                    reference=global_vector,
-                )
-                valid.append(checked)
-            except InvalidReplyError as err:
-                dropped.append(err)
-                report.drop(err.reason)
-                log(
-                    WARNING,
-                    "[%s] round %d: dropped reply from node %d: %s",
-                    type(self).__name__,
-                    server_round,
-                    err.node_id,
-                    err.reason,
-                )
+
+        def accept(reply: Message, node_id: int, index: int) -> ValidReply:
+            # Each row becomes an update (model - global) while it is still in
+            # cache. Our own buffer: the replies stay untouched.
+            return validate_train_reply(
+                reply,
+                manifest,
+                self.weight_key,
+                out=matrix[index],
+                reference=global_vector,
+            )
+
+        valid, dropped = self._screen_replies(
+            report, replies, self._sampled or None, accept
+        )
 
         counts = {
             METRIC_RECEIVED: len(replies),
@@ -404,29 +384,11 @@ class RobustAggregation(RoundReporting):
             )
 
         self._rule_state = rule_state
-        arrays = self._inner_step(server_round, unflatten(candidate, manifest), valid)
+        arrays = self._inner_step(
+            server_round, unflatten(candidate, manifest), manifest, valid[0].message
+        )
         metrics = self._round_metrics(server_round, valid, counts, started)
         return report.finish(arrays, metrics, "the inner strategy returned no model")
-
-    def _check_sender(self, reply: Message, seen: set[int]) -> None:
-        node_id = int(reply.metadata.src_node_id)
-        if self._sampled and node_id not in self._sampled:
-            if reply.has_error():  # the SuperLink (node 1) answers for a lost node
-                raise InvalidReplyError(
-                    node_id,
-                    "the SuperLink's reply for a sampled node that is unavailable "
-                    f"(no heartbeat): {reply.error.reason}",
-                    proves_faulty=False,
-                )
-            raise InvalidReplyError(
-                node_id, "node was not sampled in this round", proves_faulty=False
-            )
-        if node_id in seen:
-            # The node's first reply is among the valid ones: no row is removed.
-            raise InvalidReplyError(
-                node_id, "second reply from the same node", proves_faulty=False
-            )
-        seen.add(node_id)
 
     def _weights(self, claimed: list[float]) -> np.ndarray:
         """Weights the rule uses (see the module docstring)."""
@@ -436,27 +398,6 @@ class RobustAggregation(RoundReporting):
         cap = self.weight_cap * float(np.median(claimed_arr))
         return np.minimum(claimed_arr, cap) if cap > 0 else np.ones(len(claimed_arr))
 
-    def _inner_step(
-        self, server_round: int, aggregate: ArrayRecord, valid: list[ValidReply]
-    ) -> ArrayRecord | None:
-        """Give the inner strategy one reply with the robust aggregate."""
-        synthetic = Message(
-            content=RecordDict(
-                {
-                    self.arrayrecord_key: aggregate,
-                    "metrics": MetricRecord({self.weight_key: 1}),
-                }
-            ),
-            metadata=copy(valid[0].message.metadata),
-        )
-        arrays, _ = self.strategy.aggregate_train(server_round, [synthetic])
-        if arrays is None:
-            return None
-        assert self._manifest is not None
-        return conform_to_manifest(
-            arrays, self._manifest, type(self).__name__, server_round
-        )
-
     def _round_metrics(
         self,
         server_round: int,
@@ -465,61 +406,22 @@ class RobustAggregation(RoundReporting):
         started: float,
     ) -> MetricRecord:
         metrics = self._aggregate_client_metrics(
-            valid, getattr(self.strategy, "train_metrics_aggr_fn", None), server_round
+            server_round, valid, self._evaluate_weights(valid)
         )
-        for key, value in counts.items():
-            metrics[key] = value
-        seconds = time.perf_counter() - started
-        metrics[METRIC_SECONDS] = seconds
-        log(
-            INFO,
-            "[%s] round %d: received %d, dropped %d, selected %d, aggregated in "
-            "%.3f s (%s then receives the robust aggregate as 1 result)",
-            type(self).__name__,
+        return self._add_counters(
             server_round,
-            counts[METRIC_RECEIVED],
-            counts[METRIC_DROPPED],
-            counts[METRIC_SELECTED],
-            seconds,
-            type(self.strategy).__name__,
-        )
-        return metrics
-
-    def _aggregate_client_metrics(
-        self, valid: list[ValidReply], aggr_fn: object, server_round: int
-    ) -> MetricRecord:
-        """Aggregate clients' MetricRecords with the policy's weights."""
-        weights = self._weights([r.weight for r in valid]) if valid else []
-        return aggregate_client_metrics(
-            valid,
-            weights,
-            self.weight_key,
-            aggr_fn,
-            type(self).__name__,
-            server_round,
+            metrics,
+            counts,
+            METRIC_SECONDS,
+            started,
+            f"selected {counts[METRIC_SELECTED]}, aggregated",
+            note=f" ({type(self.strategy).__name__} then receives the robust "
+            "aggregate as 1 result)",
         )
 
-    # ------------------------------------------------------------- evaluate
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate to the inner strategy."""
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Drop malformed evaluation replies, then aggregate like train metrics."""
-        valid = validate_evaluate_replies(
-            replies, self.weight_key, type(self).__name__, server_round
-        )
-        if not valid:
-            return None
-        return self._aggregate_client_metrics(
-            valid,
-            getattr(self.strategy, "evaluate_metrics_aggr_fn", None),
-            server_round,
-        )
+    def _evaluate_weights(self, valid: list[ValidReply]) -> list[float]:
+        """Return the policy's weights (claims are not trusted), train and eval."""
+        return [float(w) for w in self._weights([r.weight for r in valid])]
 
 
 def _min_valid(rule: AggregationRule, pre_aggregation: PreAggregation | None) -> int:
@@ -538,6 +440,8 @@ def _work_dtype(manifest: Manifest) -> type:
     return np.float64
 
 
-def _flatten_global(record: ArrayRecord, manifest: Manifest, dtype: type) -> np.ndarray:
+def _flatten_global(
+    record: ArrayRecord, manifest: Manifest, dtype: np.dtype | type
+) -> np.ndarray:
     vector, _ = flatten(record, manifest, dtype=dtype)
     return vector

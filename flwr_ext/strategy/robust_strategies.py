@@ -23,6 +23,7 @@ from ..aggregation import (
     PreAggregation,
     TrimmedMeanRule,
 )
+from ..aggregation.trimmed_mean import num_trimmed
 from .robust import RobustAggregation, Weighting
 
 __all__ = [
@@ -156,6 +157,14 @@ class TrimmedMean(RobustAggregation):
             weight_cap=weight_cap,
             discount_rejected=discount_rejected,
         )
+        self.beta = beta
+
+    def trimmed_per_side(self, num_replies: int) -> int:
+        """Return how many updates each end of a coordinate loses for ``num_replies``.
+
+        ``0`` means the rule would be plain averaging for that many replies.
+        """
+        return num_trimmed(self.beta, num_replies)
 
 
 class Median(RobustAggregation):

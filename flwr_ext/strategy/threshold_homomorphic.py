@@ -40,7 +40,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from copy import copy
 from logging import INFO, WARNING
 from typing import Any
 
@@ -49,7 +48,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
 from ..he.threshold import (
@@ -91,12 +89,12 @@ from ..he.wire import _scratch_file
 from ..records import (
     InvalidReplyError,
     Manifest,
-    conform_to_manifest,
+    ValidReply,
     unflatten,
     validate_metrics,
 )
-from .composition import Role, check_composition
-from .round_report import RoundReporting
+from .base import StrategyWrapper
+from .composition import Role
 
 __all__ = ["ThresholdHomomorphicAggregation"]
 
@@ -106,7 +104,7 @@ METRIC_SUMMED = "ckks-summed"
 METRIC_SECONDS = "ckks-aggregation-s"
 
 
-class ThresholdHomomorphicAggregation(RoundReporting):
+class ThresholdHomomorphicAggregation(StrategyWrapper):
     """Multiparty (N-of-N) CKKS secure aggregation around any Flower strategy.
 
     Parameters
@@ -134,6 +132,7 @@ class ThresholdHomomorphicAggregation(RoundReporting):
     """
 
     flwr_ext_role = Role.HOMOMORPHIC
+    summary_title = "Threshold homomorphic aggregation (flwr-ext, multiparty CKKS)"
 
     def __init__(
         self,
@@ -146,7 +145,7 @@ class ThresholdHomomorphicAggregation(RoundReporting):
         decrypt_timeout: float = 600.0,
         profile: ThresholdProfile = THRESHOLD_PROFILE,
     ) -> None:
-        check_composition(type(self).__name__, Role.HOMOMORPHIC, strategy)
+        super().__init__(strategy)
         if isinstance(weight_unit, bool) or not (
             isinstance(weight_unit, int | float)
             and math.isfinite(weight_unit)
@@ -161,25 +160,24 @@ class ThresholdHomomorphicAggregation(RoundReporting):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        for name, value in (
+        for name, seconds in (
             ("setup_timeout", setup_timeout),
             ("decrypt_timeout", decrypt_timeout),
         ):
             if not (
-                isinstance(value, int | float) and math.isfinite(value) and value > 0
+                isinstance(seconds, int | float)
+                and math.isfinite(seconds)
+                and seconds > 0
             ):
                 raise ValueError(
-                    f"{name} must be a number of seconds > 0, got {value!r}"
+                    f"{name} must be a number of seconds > 0, got {seconds!r}"
                 )
-        self.strategy = strategy
         self.weight_unit = float(weight_unit)
         self.min_sites = min_sites
         self.min_replies = min_replies
         self.setup_timeout = float(setup_timeout)
         self.decrypt_timeout = float(decrypt_timeout)
         self.profile = profile
-        self.weight_key: str = getattr(strategy, "weighted_by_key", "num-examples")
-        self.arrayrecord_key: str = getattr(strategy, "arrayrecord_key", "arrays")
         self._context: ThresholdContext | None = None
         self._keyset = ""
         self._public_key = b""
@@ -196,29 +194,16 @@ class ThresholdHomomorphicAggregation(RoundReporting):
         )
 
     # ------------------------------------------------------------------ set-up
-    def summary(self) -> None:
-        """Log the threshold configuration, then the inner strategy's."""
+    def summary_lines(self) -> list[str]:
+        """Return the ring, flooding and weight unit."""
         profile = self.profile
-        log(
-            INFO,
-            "\t├──> Threshold homomorphic aggregation (flwr-ext, multiparty CKKS):",
-        )
-        log(
-            INFO,
-            "\t│\t├── Ring N=%d, primes %s, scale 2^%d",
-            profile.poly_modulus_degree,
-            list(profile.coeff_mod_bit_sizes),
-            profile.scale_bits,
-        )
-        log(
-            INFO,
-            "\t│\t├── Flooding: %d-bit statistical security over %d decryptions",
-            profile.security_bits,
-            profile.max_decryptions,
-        )
-        log(INFO, "\t│\t└── Weight unit: %g examples", self.weight_unit)
-        log(INFO, "\t├──> Inner strategy: %s", type(self.strategy).__name__)
-        self.strategy.summary()
+        return [
+            f"Ring N={profile.poly_modulus_degree}, primes "
+            f"{list(profile.coeff_mod_bit_sizes)}, scale 2^{profile.scale_bits}",
+            f"Flooding: {profile.security_bits}-bit statistical security over "
+            f"{profile.max_decryptions} decryptions",
+            f"Weight unit: {self.weight_unit:g} examples",
+        ]
 
     def start(
         self,
@@ -393,26 +378,24 @@ class ThresholdHomomorphicAggregation(RoundReporting):
         context = self._context
         evaluator = context.sealapi.Evaluator(context.context)
         total: list[Any] | None = None
-        valid: list[tuple[Message, float]] = []
-        seen: set[int] = set()
         with _scratch_file() as scratch:
-            for reply in replies:
-                node_id = int(reply.metadata.src_node_id)
+
+            def accept(
+                reply: Message, node_id: int, index: int
+            ) -> tuple[Message, float]:
+                nonlocal total
                 try:
-                    weight, ciphertexts = self._check_reply(reply, seen, scratch)
-                except (InvalidReplyError, ThresholdError) as err:
-                    reason = (
-                        err.reason if isinstance(err, InvalidReplyError) else str(err)
-                    )
-                    self._log_drop(server_round, node_id, reason)
-                    report.drop(reason)
-                    continue
+                    weight, ciphertexts = self._check_reply(reply, node_id, scratch)
+                except ThresholdError as err:
+                    raise InvalidReplyError(node_id, str(err)) from None
                 if total is None:
                     total = ciphertexts
                 else:
                     for accumulator, ciphertext in zip(total, ciphertexts, strict=True):
                         evaluator.add_inplace(accumulator, ciphertext)
-                valid.append((reply, weight))
+                return reply, weight
+
+            valid, _ = self._screen_replies(report, replies, self._sampled, accept)
             blobs = []
             for ciphertext in total or []:
                 ciphertext.save(scratch.path)
@@ -448,11 +431,10 @@ class ThresholdHomomorphicAggregation(RoundReporting):
         )
 
     def _check_reply(
-        self, reply: Message, seen: set[int], scratch: Any
+        self, reply: Message, node_id: int, scratch: Any
     ) -> tuple[float, list[Any]]:
         assert self._context is not None and self._manifest is not None
-        node_id = int(reply.metadata.src_node_id)
-        _, weight = self._screen(reply, seen, self._sampled, needs_weight=True)
+        _, weight = validate_metrics(reply, self.weight_key, node_id)
         records = reply.content.array_records
         if len(records) != 1:
             raise InvalidReplyError(
@@ -465,30 +447,6 @@ class ThresholdHomomorphicAggregation(RoundReporting):
         )
         ciphertexts = self._load_update(update, scratch, self._context.scale)
         return weight, ciphertexts
-
-    def _screen(
-        self,
-        reply: Message,
-        seen: set[int],
-        expected: set[int] | dict[int, str],
-        *,
-        needs_weight: bool,
-    ) -> tuple[int, float]:
-        """Drop replies from unexpected nodes, second replies and error replies."""
-        node_id = int(reply.metadata.src_node_id)
-        if node_id not in expected:
-            raise InvalidReplyError(
-                node_id, "a reply from a node this round did not sample"
-            )
-        if node_id in seen:
-            raise InvalidReplyError(node_id, "second reply from the same node")
-        seen.add(node_id)
-        if reply.has_error():
-            raise InvalidReplyError(node_id, f"client error: {reply.error.reason}")
-        if not needs_weight:
-            return node_id, 0.0
-        _, weight = validate_metrics(reply, self.weight_key, node_id)
-        return node_id, weight
 
     def _load_update(self, update: Any, scratch: Any, scale: float) -> list[Any]:
         """Load and check an update's ciphertexts (SEAL validates each)."""
@@ -518,15 +476,9 @@ class ThresholdHomomorphicAggregation(RoundReporting):
             ciphertexts.append(ciphertext)
         return ciphertexts
 
-    def _log_drop(self, server_round: int, node_id: int, reason: str) -> None:
-        log(
-            WARNING,
-            "[%s] round %d: dropped reply from %s: %s",
-            type(self).__name__,
-            server_round,
-            self._sites.get(node_id, f"node {node_id}"),
-            reason,
-        )
+    def _who(self, node_id: int) -> str:
+        """Name a node in log lines by its site name, learned at set-up."""
+        return self._sites.get(node_id, f"node {node_id}")
 
     # ------------------------------------------------------ decryption
     def _decrypt(
@@ -683,7 +635,7 @@ class ThresholdHomomorphicAggregation(RoundReporting):
             for reply in replies:
                 node_id = int(reply.metadata.src_node_id)
                 try:
-                    self._screen(reply, seen, self._sites, needs_weight=False)
+                    self._screen(reply, set(self._sites), seen)
                     config_record = reply.content.config_records.get("config")
                     record = reply.content.array_records.get("sum")
                     if config_record is None or record is None:
@@ -792,21 +744,10 @@ class ThresholdHomomorphicAggregation(RoundReporting):
         self, server_round: int, average: np.ndarray, valid: list[tuple[Message, float]]
     ) -> ArrayRecord | None:
         assert self._manifest is not None
-        synthetic = Message(
-            content=RecordDict(
-                {
-                    self.arrayrecord_key: unflatten(average, self._manifest),
-                    "metrics": MetricRecord({self.weight_key: 1}),
-                }
-            ),
-            metadata=copy(valid[0][0].metadata),
-        )
-        arrays, _ = self.strategy.aggregate_train(server_round, [synthetic])
-        if arrays is None:
-            return None
-        return conform_to_manifest(
-            arrays, self._manifest, type(self).__name__, server_round
-        )
+        return self._inner_step(
+            server_round, unflatten(average, self._manifest), self._manifest,
+            valid[0][0],
+        )  # fmt: skip
 
     def _round_metrics(
         self,
@@ -815,40 +756,27 @@ class ThresholdHomomorphicAggregation(RoundReporting):
         counts: dict[str, int],
         started: float,
     ) -> MetricRecord:
-        metrics = MetricRecord()
-        if valid:
-            records = [
-                RecordDict({"metrics": next(iter(m.content.metric_records.values()))})
-                for m, _ in valid
-            ]
-            metrics = aggregate_metricrecords(records, self.weight_key)
-        for key, value in counts.items():
-            metrics[key] = value
-        metrics[METRIC_SECONDS] = time.perf_counter() - started
-        log(
-            INFO,
-            "[%s] round %d: received %d, dropped %d, summed %d encrypted updates",
-            type(self).__name__,
-            server_round,
-            counts[METRIC_RECEIVED],
-            counts[METRIC_DROPPED],
-            counts[METRIC_SUMMED],
+        replies = [
+            ValidReply(
+                int(m.metadata.src_node_id),
+                np.empty(0),
+                w,
+                next(iter(m.content.metric_records.values())),
+                m,
+            )
+            for m, w in valid
+        ]
+        metrics = self._aggregate_client_metrics(
+            server_round, replies, [r.weight for r in replies]
         )
-        return metrics
-
-    # ------------------------------------------------------------- evaluate
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate: the global model is plaintext (only updates are secret)."""
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Drop error replies, then delegate to the inner strategy."""
-        valid = [r for r in replies if not r.has_error()]
-        return self.strategy.aggregate_evaluate(server_round, valid) if valid else None
+        return self._add_counters(
+            server_round,
+            metrics,
+            counts,
+            METRIC_SECONDS,
+            started,
+            f"summed {counts[METRIC_SUMMED]} encrypted updates",
+        )
 
 
 def _same_secret(

@@ -7,13 +7,13 @@
 - ``train``: standardises its rows with the scaler the server sent (or its own,
   under ``standardisation="site"``), trains the received model for
   ``local-epochs`` with the class-imbalance loss of the run config
-  (:mod:`flwr_ext.appkit.losses`) - with record-level DP-SGD if ``dp-sgd`` -
+  (:mod:`bank_fraud.losses`) - with record-level DP-SGD if ``dp-sgd`` -
   and replies with the new weights, ``num-examples`` and ``train-loss`` (and
   under DP-SGD the bank's cumulative ``dp-record-epsilon``...).
 - ``evaluate``: scores its validation and test rows with the received model and
   replies with its own AUPRC, recall at 1 % FPR and AUROC (exact, from its
   scores), per-class histograms of its test scores and of its validation scores
-  (:mod:`flwr_ext.appkit.metrics`, :mod:`flwr_ext.appkit.thresholds`) - counts
+  (:mod:`flwr_ext.appkit.metrics`, :mod:`bank_fraud.validation_histograms`) - counts
   per score bin, never a score or a transaction - and its bank name. The server
   chooses the decision threshold from the validation histograms and computes
   precision, recall and F1 at it from the test histograms.
@@ -53,10 +53,8 @@ from flwr_ext.appkit.encrypted_stats import (
     reply_encrypted_stats,
     scaler_from_state,
 )
-from flwr_ext.appkit.losses import loss_from_settings
 from flwr_ext.appkit.metrics import site_metrics
 from flwr_ext.appkit.recorder import SITE_RECORD_KEY, site_record
-from flwr_ext.appkit.secure import secure_aggregation_mod
 from flwr_ext.appkit.site import site_from_context
 from flwr_ext.appkit.site_errors import site_errors_mod
 from flwr_ext.appkit.site_state import (
@@ -71,7 +69,6 @@ from flwr_ext.appkit.standardisation import (
     is_stats_query,
     reply_feature_stats,
 )
-from flwr_ext.appkit.thresholds import validation_metrics
 from flwr_ext.appkit.torch_train import (
     arrays_to_model,
     model_to_arrays,
@@ -80,10 +77,13 @@ from flwr_ext.appkit.torch_train import (
     train_binary_dp,
 )
 from flwr_ext.attacks import byzantine_mod, flip_labels_if_attacking
+from flwr_ext.mods.secure_aggregation import secure_aggregation_mod
 from flwr_ext.mods.site_policy import ShareableError, site_policy_mod
 
+from .losses import loss_from_settings
 from .settings import EVALUATION_METRICS, load_settings
 from .task import SiteData, describe_rows, load_site_data, make_model
+from .validation_histograms import validation_metrics
 
 # Outermost first: every error reply names the site; the site's policy checks
 # every instruction and every reply before CKKS and the attack mod.

@@ -114,6 +114,7 @@ bank index)``: the same seed gives the same rows on every machine.
 
 from __future__ import annotations
 
+import argparse
 import csv
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -564,8 +565,6 @@ def write_transactions_csv(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Write one CSV per generated bank (``python -m bank_fraud.generator``)."""
-    import argparse
-
     parser = argparse.ArgumentParser(
         description="Write each generated bank's transactions as its own CSV file "
         "(the app's 'transactions' format), e.g. to try a deployment."

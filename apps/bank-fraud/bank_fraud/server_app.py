@@ -11,7 +11,7 @@
    waits at most ``node-wait-timeout`` for an absent bank, then goes on without
    it, ``min-nodes`` permitting, or fails naming it). Each round
    the decision threshold is chosen on the banks' validation histograms
-   (:mod:`flwr_ext.appkit.thresholds`) and precision, recall and F1 at it are
+   (:mod:`bank_fraud.thresholds`) and precision, recall and F1 at it are
    computed on their test histograms - pooled and per bank.
 4. Write ``metrics.json``, ``metrics.csv``, the final model, its preprocessing
    and threshold (``preprocessing.json``), the plots (``auprc.png``,
@@ -36,11 +36,10 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from flwr_ext.appkit.failure import failure_recorded
-from flwr_ext.appkit.histogram_recorder import HistogramRecordingGrid
 from flwr_ext.appkit.liveness import DeadlineGrid, RestartAwareGrid
-from flwr_ext.appkit.metrics import BinaryStats, make_metrics_aggregator
+from flwr_ext.appkit.metrics import BinaryStats, OperatingPoint, make_metrics_aggregator
 from flwr_ext.appkit.plots import plot_rounds
-from flwr_ext.appkit.pr_curves import plot_pr_curves
+from flwr_ext.appkit.recorder import RecordingGrid
 from flwr_ext.appkit.results import (
     ResultsWriter,
     resolve_output_dir,
@@ -49,20 +48,18 @@ from flwr_ext.appkit.results import (
 )
 from flwr_ext.appkit.scaling import prepare_feature_scaling
 from flwr_ext.appkit.strategies import build_strategy
-from flwr_ext.appkit.thresholds import (
-    HISTOGRAM_KEYS,
-    OperatingPoint,
-    SiteEvaluation,
-    add_site_threshold_metrics,
-    make_threshold_metrics_aggregator,
-    threshold_rule_from_settings,
-)
 from flwr_ext.appkit.torch_train import model_to_arrays
 from flwr_ext.he import is_encrypted, save_encrypted_model
+from flwr_ext.privacy.keys import CLIENT_EPSILON, RECORD_EPSILON
+from flwr_ext.privacy.silo_metrics import aggregate_silo_metrics
 
 from .decrypt import NOTE as DECRYPTED_NOTE
+from .pr_curves import plot_pr_curves
 from .settings import APP_NAME, EVALUATION_METRICS, load_settings
+from .site_thresholds import HISTOGRAM_KEYS, SiteEvaluation, add_site_threshold_metrics
 from .task import data_spec, make_model
+from .threshold_metrics import make_threshold_metrics_aggregator
+from .thresholds import threshold_rule_from_settings
 
 app = ServerApp()
 
@@ -83,7 +80,7 @@ def main(grid: Grid, context: Context) -> None:
         resolve_output_dir(settings["output-dir"], APP_NAME, context.run_id)
     )
     log(INFO, "%s: results will be written to %s", APP_NAME, writer.directory)
-    recording = HistogramRecordingGrid(RestartAwareGrid(grid), HISTOGRAM_KEYS)
+    recording = RecordingGrid(RestartAwareGrid(grid), keep_lists=HISTOGRAM_KEYS)
     with failure_recorded(
         APP_NAME, context.run_id, writer, recording, run_info={"run-config": settings}
     ):
@@ -91,7 +88,7 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _run(
-    recording: HistogramRecordingGrid,
+    recording: RecordingGrid,
     context: Context,
     settings: dict,
     writer: ResultsWriter,
@@ -150,9 +147,6 @@ def _run(
     if settings["threshold-selection"] == "site":
         fields["threshold"] = "per-bank"
     train = final["aggregated"].get("train", {})
-    # Imported here: plaintext runs never load Opacus (flwr_ext.privacy).
-    if settings["dp-sgd"] or settings["strategy"] == "dp-fedavg":
-        from flwr_ext.privacy.keys import CLIENT_EPSILON, RECORD_EPSILON
     if settings["dp-sgd"]:
         # Record level: the largest cumulative epsilon over the banks.
         fields["epsilon"] = float(train.get(RECORD_EPSILON, math.nan))
@@ -168,8 +162,6 @@ def _run(
 def _train_metrics_aggregator(settings: Mapping[str, Any]) -> Any:
     """Train metrics: the worst bank's epsilon under DP-SGD, else averages."""
     if settings["dp-sgd"]:
-        from flwr_ext.privacy import aggregate_silo_metrics
-
         return aggregate_silo_metrics
     return make_metrics_aggregator(())
 
@@ -263,8 +255,6 @@ def _write(
     if curve is not None:
         files.append(curve)
     if settings["dp-sgd"]:
-        from flwr_ext.privacy.keys import RECORD_EPSILON
-
         epsilon = plot_rounds(
             history,
             RECORD_EPSILON,

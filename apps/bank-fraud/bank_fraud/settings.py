@@ -18,19 +18,16 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from flwr_ext.appkit.config import ConfigError, ConfigSchema, Option, Settings
-from flwr_ext.appkit.losses import LOSS_OPTIONS
 from flwr_ext.appkit.results import OUTPUT_OPTIONS
-from flwr_ext.appkit.strategies import (
+from flwr_ext.appkit.strategy_options import (
     ATTACK_OPTIONS,
     STRATEGY_OPTIONS,
     check_strategy_settings,
 )
-from flwr_ext.appkit.thresholds import THRESHOLD_OPTIONS
-from flwr_ext.appkit.torch_train import (
-    DPSGD_OPTIONS,
-    TRAINING_OPTIONS,
-    dp_sgd_available,
-)
+from flwr_ext.appkit.torch_train import DPSGD_OPTIONS, TRAINING_OPTIONS
+
+from .losses import LOSS_OPTIONS
+from .thresholds import THRESHOLD_OPTIONS
 
 __all__ = [
     "APP_NAME",
@@ -45,7 +42,7 @@ APP_NAME = "bank-fraud"
 
 #: Threshold-free metrics every bank reports and the server pools (see
 #: flwr_ext.appkit.metrics); precision, recall, F1 and alert rate at the chosen
-#: threshold come from flwr_ext.appkit.thresholds.
+#: threshold come from bank_fraud.thresholds.
 EVALUATION_METRICS = ("auprc", "recall-at-1pct-fpr", "auroc")
 
 #: Column layouts the app knows (see bank_fraud.task.DATA_FORMATS for columns).
@@ -239,11 +236,6 @@ def load_settings(run_config: Mapping[str, object]) -> Settings:
     settings = SCHEMA.validate(run_config)
     check_strategy_settings(settings)
     problems = []
-    if settings["dp-sgd"] and not dp_sgd_available():
-        problems.append(
-            "dp-sgd=true needs flwr_ext.privacy.make_private (Opacus), which this "
-            "installation does not provide"
-        )
     if settings["dp-sgd"] and settings["strategy"] == "fedprox":
         problems.append(
             "dp-sgd=true with strategy='fedprox': the proximal term is not part of "

@@ -27,7 +27,7 @@ Run config (``label-column``, ``feature-columns``...) or a node's JSON
 validation (to choose the decision threshold) and test rows - by default **by
 time**: the latest ``test-fraction`` of rows are the test period, the
 ``validation-fraction`` before them validation, so the model is judged on a
-period it has never seen (:mod:`flwr_ext.appkit.splits`). The time column is
+period it has never seen (:mod:`bank_fraud.splits`). The time column is
 never a feature. Heavy-tailed columns (``log-columns``: amounts, distances,
 counts) go through ``log(1 + x)`` before the federated standardisation.
 
@@ -52,7 +52,6 @@ import torch
 from torch import nn
 
 from flwr_ext.appkit.site import SiteSpec
-from flwr_ext.appkit.splits import stratified_split3, temporal_split
 from flwr_ext.appkit.tabular import (
     SchemaError,
     TabularData,
@@ -71,6 +70,7 @@ from .generator import (
     generate_bank,
 )
 from .settings import parse_hidden_layers
+from .splits import stratified_split3, temporal_split
 
 __all__ = [
     "CREDITCARD_FEATURES",

@@ -46,7 +46,6 @@ from flwr_ext.appkit.encrypted_stats import (
 )
 from flwr_ext.appkit.metrics import site_metrics
 from flwr_ext.appkit.recorder import SITE_RECORD_KEY, site_record
-from flwr_ext.appkit.secure import secure_aggregation_mod
 from flwr_ext.appkit.site import site_from_context
 from flwr_ext.appkit.site_errors import site_errors_mod
 from flwr_ext.appkit.site_state import (
@@ -71,6 +70,7 @@ from flwr_ext.appkit.torch_train import (
     train_binary_dp,
 )
 from flwr_ext.attacks import byzantine_mod, flip_labels_if_attacking
+from flwr_ext.mods.secure_aggregation import secure_aggregation_mod
 from flwr_ext.mods.site_policy import ShareableError, site_policy_mod
 
 from .settings import EVALUATION_METRICS, load_settings

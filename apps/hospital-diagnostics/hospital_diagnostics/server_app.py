@@ -44,6 +44,8 @@ from flwr_ext.appkit.scaling import prepare_feature_scaling
 from flwr_ext.appkit.strategies import build_strategy
 from flwr_ext.appkit.torch_train import model_to_arrays
 from flwr_ext.he import is_encrypted, save_encrypted_model
+from flwr_ext.privacy.keys import CLIENT_EPSILON, RECORD_EPSILON
+from flwr_ext.privacy.silo_metrics import aggregate_silo_metrics
 
 from .settings import (
     APP_NAME,
@@ -122,8 +124,6 @@ def _run(
     for name in EVALUATION_METRICS:
         fields[name] = float(evaluation.get(name, float("nan")))
     train = final["aggregated"].get("train", {})
-    if settings["dp-sgd"] or settings["strategy"] == "dp-fedavg":
-        from flwr_ext.privacy.keys import CLIENT_EPSILON, RECORD_EPSILON
     if settings["dp-sgd"]:
         # Record level: the largest cumulative epsilon over the hospitals.
         fields["epsilon"] = float(train.get(RECORD_EPSILON, float("nan")))
@@ -178,8 +178,6 @@ def _write(
     if auroc is not None:
         files.append(auroc.name)
     if settings["dp-sgd"] or settings["strategy"] == "dp-fedavg":
-        from flwr_ext.privacy.keys import CLIENT_EPSILON, RECORD_EPSILON
-
         record_level = settings["dp-sgd"]
         delta = settings["dp-sgd-delta" if record_level else "dp-fedavg-delta"]
         epsilon = plot_rounds(
@@ -236,7 +234,5 @@ def _preprocessing(schema, settings: dict, config: ConfigRecord) -> dict:
 def _train_metrics_aggregator(settings: dict):
     """Train metrics: the worst hospital's epsilon under DP-SGD, else averages."""
     if settings["dp-sgd"]:
-        from flwr_ext.privacy import aggregate_silo_metrics
-
         return aggregate_silo_metrics
     return make_metrics_aggregator(())

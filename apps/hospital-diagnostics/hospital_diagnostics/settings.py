@@ -9,17 +9,14 @@ rendered from it (``python -m hospital_diagnostics.settings --write-readme``).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 from flwr_ext.appkit.config import ConfigError, ConfigSchema, Option, Settings
 from flwr_ext.appkit.results import OUTPUT_OPTIONS
-from flwr_ext.appkit.strategies import ATTACK_OPTIONS, STRATEGY_OPTIONS
-from flwr_ext.appkit.torch_train import (
-    DPSGD_OPTIONS,
-    TRAINING_OPTIONS,
-    dp_sgd_available,
-)
+from flwr_ext.appkit.strategy_options import ATTACK_OPTIONS, STRATEGY_OPTIONS
+from flwr_ext.appkit.torch_train import DPSGD_OPTIONS, TRAINING_OPTIONS
 
 __all__ = [
     "APP_NAME",
@@ -140,23 +137,17 @@ def check_server_settings(settings: Settings) -> None:
     """Refuse, at ServerApp start-up, combinations the sites could not honour.
 
     Strategy combinations are checked by ``build_strategy``; this adds the
-    app's own: record-level DP-SGD needs :mod:`flwr_ext.privacy`, and does not
-    combine with FedProx's proximal term (not offered under DP-SGD).
+    app's own: record-level DP-SGD does not combine with FedProx's proximal
+    term (not offered under DP-SGD).
     """
-    problems = []
-    if settings["dp-sgd"]:
-        if not dp_sgd_available():
-            problems.append(
-                "dp-sgd=true needs flwr_ext.privacy.make_private (Opacus), which "
-                "this installation does not provide"
-            )
-        if settings["strategy"] == "fedprox":
-            problems.append(
+    if settings["dp-sgd"] and settings["strategy"] == "fedprox":
+        raise ConfigError(
+            "run config",
+            [
                 "dp-sgd=true with strategy='fedprox': the proximal term is not "
                 "part of the DP-SGD training loop; use fedavg (or a robust rule)"
-            )
-    if problems:
-        raise ConfigError("run config", problems)
+            ],
+        )
 
 
 def write_readme_table(readme: Path) -> None:
@@ -170,8 +161,6 @@ def write_readme_table(readme: Path) -> None:
 
 if __name__ == "__main__":  # pragma: no cover - documentation helper
     # python -m hospital_diagnostics.settings [--write-readme]
-    import sys
-
     if "--write-readme" in sys.argv:
         write_readme_table(Path(__file__).resolve().parents[1] / "README.md")
     else:

@@ -25,6 +25,7 @@ units: logistic regression). 513 parameters by default.
 
 from __future__ import annotations
 
+import csv
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -182,8 +183,6 @@ def write_csv(
     Used by the tests and the README's deployment walk-through to give each
     simulated hospital a file of its own (``id``, ``diagnosis`` = M/B, features).
     """
-    import csv
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:

@@ -1,9 +1,15 @@
-"""flwr_ext.appkit.splits: train / validation / test by time or per class."""
+"""bank_fraud.splits: train / validation / test by time or per class."""
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from flwr_ext.appkit.splits import stratified_split3, temporal_split
+APP = Path(__file__).resolve().parents[1] / "apps" / "bank-fraud"
+sys.path.insert(0, str(APP))
+
+from bank_fraud.splits import stratified_split3, temporal_split  # noqa: E402
 
 
 def test_temporal_split_puts_the_latest_rows_in_test_and_validation_before():

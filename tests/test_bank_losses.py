@@ -1,4 +1,7 @@
-"""flwr_ext.appkit.losses: weighted and focal losses for rare positives."""
+"""bank_fraud.losses: weighted and focal losses for rare positives."""
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -6,14 +9,18 @@ import torch
 from torch import nn
 
 from flwr_ext.appkit.config import ConfigSchema
-from flwr_ext.appkit.losses import (
+from flwr_ext.appkit.torch_train import train_binary
+
+APP = Path(__file__).resolve().parents[1] / "apps" / "bank-fraud"
+sys.path.insert(0, str(APP))
+
+from bank_fraud.losses import (  # noqa: E402
     LOSS_OPTIONS,
     balanced_positive_weight,
     binary_loss,
     focal_loss,
     loss_from_settings,
 )
-from flwr_ext.appkit.torch_train import train_binary
 
 LOGITS = torch.tensor([-8.0, -1.0, 0.0, 2.0, 30.0, -30.0])
 TARGETS = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0])

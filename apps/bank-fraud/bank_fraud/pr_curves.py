@@ -17,10 +17,16 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-from ..safe_files import atomic_open
-from .metrics import METRICS, BinaryStats
-from .thresholds import OperatingPoint, operating_curve
+from flwr_ext.appkit.metrics import (
+    METRICS,
+    BinaryStats,
+    OperatingPoint,
+    operating_curve,
+)
+from flwr_ext.safe_files import atomic_open
 
 __all__ = ["plot_pr_curves", "pr_points"]
 
@@ -77,9 +83,6 @@ def plot_pr_curves(
     Path or None
         The PNG, or None if no curve could be drawn.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     drawable = {k: v for k, v in curves.items() if v.positives and v.negatives}
     if not drawable:
         return None

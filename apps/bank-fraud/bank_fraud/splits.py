@@ -2,7 +2,7 @@
 
 A model whose decision threshold is tuned needs three disjoint sets of rows:
 it is trained on the first, its threshold is chosen on the second
-(:mod:`flwr_ext.appkit.thresholds`), and both are judged on the third.
+(:mod:`bank_fraud.thresholds`), and both are judged on the third.
 
 - :func:`temporal_split` - when rows have a time stamp (transactions, claims),
   the test rows are the *latest* ones and validation rows the ones just before:
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .tabular import stratified_split
+from flwr_ext.appkit.tabular import stratified_split
 
 __all__ = ["Split", "stratified_split3", "temporal_split"]
 

@@ -16,8 +16,8 @@ therefore cannot list ``ckks_mod`` unconditionally. This mod decides per message
 - else the message goes straight to the ClientApp.
 
 The QUERY messages of the encrypted statistics round
-(:mod:`flwr_ext.appkit.encrypted_stats`) always go straight to the ClientApp,
-which encrypts and decrypts them itself.
+(:mod:`flwr_ext.appkit.encrypted_stats`, marked :data:`ENCRYPTED_STATS_QUERY`)
+always go straight to the ClientApp, which encrypts and decrypts them itself.
 
 Put it first in ``ClientApp(mods=[...])``, where ``ckks_mod`` belongs.
 """
@@ -29,9 +29,23 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 from ..he.protocol import ClientSettings
-from .encrypted_stats import is_encrypted_stats_query
+from .ckks import ckks_mod
 
-__all__ = ["secure_aggregation_mod", "site_requires_ckks"]
+__all__ = [
+    "ENCRYPTED_STATS_QUERY",
+    "is_encrypted_stats_query",
+    "secure_aggregation_mod",
+    "site_requires_ckks",
+]
+
+#: Value of ``config["query"]`` in the encrypted statistics round's QUERY messages.
+ENCRYPTED_STATS_QUERY = "feature-stats-ckks"
+
+
+def is_encrypted_stats_query(msg: Message) -> bool:
+    """Return True if ``msg`` is a QUERY of the encrypted statistics round."""
+    config = msg.content.config_records.get("config")
+    return config is not None and config.get("query") == ENCRYPTED_STATS_QUERY
 
 
 def site_requires_ckks(context: Context) -> bool:
@@ -56,7 +70,5 @@ def secure_aggregation_mod(
         # The ClientApp encrypts and decrypts these itself (encrypted_stats).
         return call_next(msg, context)
     if wanted:
-        from ..mods.ckks import ckks_mod  # not imported by plaintext runs
-
         return ckks_mod(msg, context, call_next)
     return call_next(msg, context)

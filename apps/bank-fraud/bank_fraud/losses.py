@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import Option
+from flwr_ext.appkit.config import Option
 
 __all__ = [
     "LOSSES",

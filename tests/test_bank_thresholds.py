@@ -1,4 +1,4 @@
-"""flwr_ext.appkit.thresholds, pr_curves and histogram_recorder.
+"""bank_fraud's thresholds, threshold metrics, PR curves and site thresholds.
 
 Every count the server computes from histograms is checked against the same
 count computed directly from the scores, and every chosen threshold against a
@@ -6,25 +6,35 @@ brute-force search over the bin edges.
 """
 
 import logging
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from flwr_ext.appkit.histogram_recorder import HistogramRecordingGrid
-from flwr_ext.appkit.metrics import BinaryStats, score_bin_edges
-from flwr_ext.appkit.pr_curves import plot_pr_curves, pr_points
-from flwr_ext.appkit.thresholds import (
-    HISTOGRAM_KEYS,
-    ThresholdRule,
-    choose_threshold,
+from flwr_ext.appkit.metrics import (
+    BinaryStats,
     counts_at,
-    make_threshold_metrics_aggregator,
     operating_curve,
+    score_bin_edges,
+)
+from flwr_ext.appkit.recorder import RecordingGrid
+from flwr_ext.inprocess import InProcessGrid
+
+APP = Path(__file__).resolve().parents[1] / "apps" / "bank-fraud"
+sys.path.insert(0, str(APP))
+
+from bank_fraud.pr_curves import plot_pr_curves, pr_points  # noqa: E402
+from bank_fraud.site_thresholds import HISTOGRAM_KEYS  # noqa: E402
+from bank_fraud.threshold_metrics import (  # noqa: E402
+    make_threshold_metrics_aggregator,
+)
+from bank_fraud.thresholds import ThresholdRule, choose_threshold  # noqa: E402
+from bank_fraud.validation_histograms import (  # noqa: E402
     validation_metrics,
     validation_stats,
 )
-from flwr_ext.inprocess import InProcessGrid
 
 BINS = 50
 
@@ -235,7 +245,7 @@ def test_histogram_recording_grid_keeps_each_nodes_lists_per_round():
         return Message(RecordDict({"metrics": record}), reply_to=msg)
 
     inner = InProcessGrid({1: node, 2: node})
-    grid = HistogramRecordingGrid(inner, HISTOGRAM_KEYS)
+    grid = RecordingGrid(inner, keep_lists=HISTOGRAM_KEYS)
     messages = [
         Message(RecordDict({"config": ConfigRecord({"server-round": 3})}),
                 dst_node_id=n, message_type="evaluate")
