@@ -52,11 +52,12 @@ import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
-from flwr.app import Error, Message, RecordDict
+from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore import log
-from flwr.supercore.run import Run
+
+from .forwarding_grid import ForwardingGrid
 
 __all__ = ["DeadlineGrid", "RestartAwareGrid", "SitesUnavailableError"]
 
@@ -81,7 +82,7 @@ class SitesUnavailableError(RuntimeError):
         self.missing = missing
 
 
-class DeadlineGrid(Grid):
+class DeadlineGrid(ForwardingGrid):
     """A Grid whose ``get_node_ids()`` waits for sites with a deadline.
 
     Parameters
@@ -112,7 +113,7 @@ class DeadlineGrid(Grid):
             raise ValueError(f"min_nodes must be >= 1, got {min_nodes}")
         if not wait_s > 0:
             raise ValueError(f"wait_s must be > 0, got {wait_s}")
-        self.grid = grid
+        super().__init__(grid)
         self.min_nodes = int(min_nodes)
         self.wait_s = float(wait_s)
         self._clock = clock
@@ -194,38 +195,8 @@ class DeadlineGrid(Grid):
         self._deadline = None
         return self.grid.send_and_receive(messages, timeout=timeout)
 
-    def set_run(self, run: Run) -> None:
-        """Forward to the wrapped grid."""
-        self.grid.set_run(run)
 
-    @property
-    def run(self) -> Run:
-        """The wrapped grid's run."""
-        return self.grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Forward to the wrapped grid."""
-        return self.grid.create_message(
-            content, message_type, dst_node_id, group_id, ttl
-        )
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Forward to the wrapped grid."""
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Forward to the wrapped grid."""
-        return self.grid.pull_messages(message_ids)
-
-
-class RestartAwareGrid(Grid):
+class RestartAwareGrid(ForwardingGrid):
     """A Grid whose ``send_and_receive`` answers for nodes that restarted meanwhile.
 
     Parameters
@@ -249,7 +220,7 @@ class RestartAwareGrid(Grid):
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.poll_s = float(poll_s)
         self._clock = clock
         self._sleep = sleep
@@ -315,38 +286,3 @@ class RestartAwareGrid(Grid):
                 self._sleep(wait)
                 pause = min(2 * pause, self.poll_s)
         return replies
-
-    # ------------------------------------------------------- forwarding
-    def get_node_ids(self) -> Iterable[int]:
-        """Forward to the wrapped grid."""
-        return self.grid.get_node_ids()
-
-    def set_run(self, run: Run) -> None:
-        """Forward to the wrapped grid."""
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        """The wrapped grid's run."""
-        return self.grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Forward to the wrapped grid."""
-        return self.grid.create_message(
-            content, message_type, dst_node_id, group_id, ttl
-        )
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Forward to the wrapped grid."""
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Forward to the wrapped grid."""
-        return self.grid.pull_messages(message_ids)

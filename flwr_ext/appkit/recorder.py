@@ -43,11 +43,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.supercore import log
-from flwr.supercore.run import Run
 
+from .forwarding_grid import ForwardingGrid
 from .site_errors import site_from_reason
 
 __all__ = ["SITE_RECORD_KEY", "PhaseRecord", "RecordingGrid", "site_record"]
@@ -87,7 +87,7 @@ class PhaseRecord:
     seconds: float = math.nan
 
 
-class RecordingGrid(Grid):
+class RecordingGrid(ForwardingGrid):
     """A Grid that forwards everything to ``grid`` and records what comes back.
 
     Parameters
@@ -110,47 +110,13 @@ class RecordingGrid(Grid):
     """
 
     def __init__(self, grid: Grid, *, keep_lists: Sequence[str] = ()) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.keep_lists = tuple(keep_lists)
         self.phases: dict[str, dict[int, PhaseRecord]] = {}
         self.site_names: dict[int, str] = {}
         self.lists: dict[str, dict[int, dict[int, dict[str, list]]]] = {}
 
     # --------------------------------------------------------------- Grid API
-    def set_run(self, run: Run) -> None:
-        """Forward to the wrapped grid."""
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        """The wrapped grid's run."""
-        return self.grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Forward to the wrapped grid."""
-        return self.grid.create_message(
-            content, message_type, dst_node_id, group_id, ttl
-        )
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Forward to the wrapped grid."""
-        return self.grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Forward to the wrapped grid (not recorded)."""
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Forward to the wrapped grid (not recorded)."""
-        return self.grid.pull_messages(message_ids)
-
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
