@@ -10,9 +10,10 @@ therefore cannot list ``ckks_mod`` unconditionally. This mod decides per message
   that provisioned keys never sends an update in plaintext, whatever the run
   config says (a coordinator cannot downgrade it by submitting
   ``secure-aggregation="none"``);
-- else, if the **run config** says ``secure-aggregation = "ckks"``, ``ckks_mod``
-  runs too - and answers with its clear error that no secret context is
-  configured;
+- else, if the **run config** says ``secure-aggregation = "ckks"`` or
+  ``"ckks-threshold"``, ``ckks_mod`` runs too - and answers with its clear
+  error when the site lacks a secret context (``ckks``) or a share folder
+  (``ckks-threshold``: node config ``ckks-threshold-dir``);
 - else the message goes straight to the ClientApp.
 
 The QUERY messages of the encrypted statistics round
@@ -31,7 +32,11 @@ from flwr.common.constant import ErrorCode
 from ..he.protocol import ClientSettings
 from .ckks import ckks_mod
 
+#: ``secure-aggregation`` run-config values that route messages through ckks_mod.
+CKKS_RUN_MODES = ("ckks", "ckks-threshold")
+
 __all__ = [
+    "CKKS_RUN_MODES",
     "ENCRYPTED_STATS_QUERY",
     "is_encrypted_stats_query",
     "secure_aggregation_mod",
@@ -59,7 +64,8 @@ def secure_aggregation_mod(
     """Route the message through ``ckks_mod`` when the site or the run asks."""
     try:
         wanted = site_requires_ckks(context) or (
-            str(context.run_config.get("secure-aggregation", "none")).lower() == "ckks"
+            str(context.run_config.get("secure-aggregation", "none")).lower()
+            in CKKS_RUN_MODES
         )
     except ValueError as err:  # malformed ckks-* node config
         return Message(

@@ -48,27 +48,14 @@ from flwr.clientapp import ClientApp
 from flwr.supercore import log
 from torch import nn
 
-from flwr_ext.appkit.encrypted_stats import (
-    is_encrypted_stats_query,
-    reply_encrypted_stats,
-    scaler_from_state,
-)
+from flwr_ext.appkit.encrypted_stats import scaler_from_state
 from flwr_ext.appkit.metrics import site_metrics
 from flwr_ext.appkit.recorder import SITE_RECORD_KEY, site_record
+from flwr_ext.appkit.scaling import answer_feature_stats
 from flwr_ext.appkit.site import site_from_context
 from flwr_ext.appkit.site_errors import site_errors_mod
-from flwr_ext.appkit.site_state import (
-    keep_state,
-    load_scaler,
-    restore_state,
-    save_scaler,
-)
-from flwr_ext.appkit.standardisation import (
-    FeatureStats,
-    Standardizer,
-    is_stats_query,
-    reply_feature_stats,
-)
+from flwr_ext.appkit.site_state import keep_state, load_scaler, restore_state
+from flwr_ext.appkit.standardisation import FeatureStats, Standardizer
 from flwr_ext.appkit.torch_train import (
     arrays_to_model,
     model_to_arrays,
@@ -148,18 +135,10 @@ def _model(msg: Message, data: SiteData, settings: Mapping[str, Any]) -> nn.Modu
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Answer the feature-statistics request."""
-    data, _ = _site(context)
-    if is_encrypted_stats_query(msg):
-        reply = reply_encrypted_stats(msg, context, data.train.x)
-        scaler = scaler_from_state(context)
-        if scaler is not None:  # kept on disk, to rejoin after a restart
-            save_scaler(context, scaler)
-        return reply
-    if is_stats_query(msg):
-        return reply_feature_stats(msg, data.train.x)
-    raise ShareableError(
-        "unknown query; this ClientApp answers feature statistics only"
+    """Answer the feature-statistics request of the run's secure-aggregation mode."""
+    data, settings = _site(context)
+    return answer_feature_stats(
+        msg, context, data.train.x, settings["secure-aggregation"]
     )
 
 

@@ -115,7 +115,13 @@ def _run(
 
     config = ConfigRecord()
     prepare_feature_scaling(
-        grid, settings, num_features, config, writer.directory, sites="banks"
+        grid,
+        settings,
+        num_features,
+        config,
+        writer.directory,
+        sites="banks",
+        strategy=strategy,
     )
 
     result = strategy.start(

@@ -99,7 +99,13 @@ def _run(
 
     config = ConfigRecord()
     prepare_feature_scaling(
-        grid, settings, num_features, config, writer.directory, sites="hospitals"
+        grid,
+        settings,
+        num_features,
+        config,
+        writer.directory,
+        sites="hospitals",
+        strategy=strategy,
     )
     writer.write_json("preprocessing.json", _preprocessing(schema, settings, config))
 
