@@ -285,3 +285,38 @@ def test_hostile_spread_queries_are_refused_before_computing(values):
         lambda m, c: reply_threshold_stats(m, X), _threshold_query("spread", **values)
     )
     assert reply.has_error() and "feature-" in reply.error.reason
+
+
+def test_a_site_in_a_ckks_threshold_run_never_sends_a_plaintext_update():
+    """The run says ckks-threshold; a train instruction without the collective
+    key (a coordinator that wraps nothing) is refused before the site trains."""
+    from flwr.app import Array, ArrayRecord, MetricRecord
+    from flwr.clientapp import ClientApp
+
+    from flwr_ext.mods.secure_aggregation import secure_aggregation_mod
+
+    trained = []
+    app = ClientApp(mods=[secure_aggregation_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        trained.append(msg)
+        return Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({"w": Array(X)}),
+                    "metrics": MetricRecord({"num-examples": 4}),
+                }
+            ),
+            reply_to=msg,
+        )
+
+    grid = InProcessGrid({1: app}, run_config={"secure-aggregation": "ckks-threshold"})
+    instruction = Message(
+        RecordDict({"arrays": ArrayRecord({"w": Array(X)}), "config": ConfigRecord()}),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
+    (reply,) = grid.send_and_receive([instruction])
+    assert reply.has_error() and "refusing to send the update" in reply.error.reason
+    assert not trained
