@@ -3,7 +3,10 @@
 - ``query``: answers the server's one-off feature-statistics request with the row
   count, per-feature sums and sums of squares of its *training* rows (after the
   log transform; see :mod:`flwr_ext.appkit.standardisation`) - under CKKS, with
-  the encrypted three-step variant of :mod:`flwr_ext.appkit.encrypted_stats`.
+  the encrypted three-step variant of :mod:`flwr_ext.appkit.encrypted_stats`,
+  under threshold CKKS with the two secure sums of
+  :mod:`flwr_ext.appkit.threshold_stats`; only in the run's own mode
+  (:func:`flwr_ext.appkit.scaling.answer_feature_stats`).
 - ``train``: standardises its rows with the scaler the server sent (or its own,
   under ``standardisation="site"``), trains the received model for
   ``local-epochs`` with the class-imbalance loss of the run config
@@ -23,7 +26,10 @@ policy (node config ``policy-*``: CKKS required, minimum contributions, error
 replies that carry no data - see ``docs/security.md``);
 ``secure_aggregation_mod`` runs ``ckks_mod`` (decrypts the global model, encrypts
 the update) when the bank holds a secret context or the
-run asks for ``secure-aggregation="ckks"``; ``byzantine_mod`` turns a bank
+run asks for ``secure-aggregation="ckks"`` or ``"ckks-threshold"`` (then
+``ckks_mod`` also makes the site's secret share, in node config
+``ckks-threshold-dir``, and answers the collective decryptions);
+``byzantine_mod`` turns a bank
 Byzantine when its config says so (robustness experiments; otherwise it does
 nothing).
 """

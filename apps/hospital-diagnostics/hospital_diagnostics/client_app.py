@@ -3,7 +3,9 @@
 - ``query``: answers the server's one-off feature-statistics request with the row
   count, per-feature sums and sums of squares of its *training* rows (see
   :mod:`flwr_ext.appkit.standardisation`) - under CKKS, with the encrypted
-  three-step variant of :mod:`flwr_ext.appkit.encrypted_stats`.
+  three-step variant of :mod:`flwr_ext.appkit.encrypted_stats`, under threshold
+  CKKS with the two secure sums of :mod:`flwr_ext.appkit.threshold_stats`; only
+  in the run's own mode (:func:`flwr_ext.appkit.scaling.answer_feature_stats`).
 - ``train``: standardises its rows with the scaler the server sent (or its own,
   under ``standardisation="site"``), trains the received model for
   ``local-epochs`` (with record-level DP-SGD if ``dp-sgd``), replies with the new
@@ -18,7 +20,10 @@ policy (node config ``policy-*``: CKKS required, minimum contributions, error
 replies that carry no data - see ``docs/security.md``);
 ``secure_aggregation_mod`` runs ``ckks_mod`` (decrypts the global model, encrypts
 the update) when the hospital has a secret context or the
-run asks for ``secure-aggregation="ckks"``; ``byzantine_mod`` turns a site
+run asks for ``secure-aggregation="ckks"`` or ``"ckks-threshold"`` (then
+``ckks_mod`` also makes the site's secret share, in node config
+``ckks-threshold-dir``, and answers the collective decryptions);
+``byzantine_mod`` turns a site
 Byzantine when its config says so (robustness experiments; otherwise it does
 nothing).
 """
