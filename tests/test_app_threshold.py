@@ -297,9 +297,21 @@ def test_hostile_spread_queries_are_refused_before_computing(values):
     assert reply.has_error() and "feature-" in reply.error.reason
 
 
-def test_a_site_in_a_ckks_threshold_run_never_sends_a_plaintext_update():
-    """The run says ckks-threshold; a train instruction without the collective
-    key (a coordinator that wraps nothing) is refused before the site trains."""
+@pytest.mark.parametrize(
+    ("run_config", "node_config"),
+    [
+        ({"secure-aggregation": "ckks-threshold"}, {}),
+        # a site with a share folder, whatever the run config says
+        ({"secure-aggregation": "none"}, {"ckks-threshold-dir": "/secure/shares"}),
+    ],
+)
+def test_a_threshold_site_never_sends_a_plaintext_update(
+    run_config, node_config, monkeypatch
+):
+    """A train instruction without the collective key (a coordinator that wraps
+    nothing) is refused before the site trains."""
+    monkeypatch.delenv("FLWR_EXT_CKKS_CONTEXT", raising=False)
+    monkeypatch.delenv("FLWR_EXT_CKKS_THRESHOLD_DIR", raising=False)
     from flwr.app import Array, ArrayRecord, MetricRecord
     from flwr.clientapp import ClientApp
 
@@ -321,7 +333,7 @@ def test_a_site_in_a_ckks_threshold_run_never_sends_a_plaintext_update():
             reply_to=msg,
         )
 
-    grid = InProcessGrid({1: app}, run_config={"secure-aggregation": "ckks-threshold"})
+    grid = InProcessGrid({1: app}, run_config=run_config, node_configs={1: node_config})
     instruction = Message(
         RecordDict({"arrays": ArrayRecord({"w": Array(X)}), "config": ConfigRecord()}),
         dst_node_id=1,
