@@ -55,7 +55,6 @@ def test_hospital_app_under_threshold_ckks_with_flwr_run(tmp_path, monkeypatch):
         assert f"round {server_round}: aggregate of 3 updates decrypted by all 3" in log
 
     summary = parse_summary(log, "hospital-diagnostics")
-    print(f"elapsed {outcome.elapsed_s:.1f} s, ServerApp {summary['seconds']} s")
     assert summary["status"] == "completed" and summary["sites"] == "3"
     assert summary["rounds"] == str(ROUNDS) and float(summary["auroc"]) > 0.9
     recipe = json.loads((out / "preprocessing.json").read_text())
