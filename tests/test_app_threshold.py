@@ -201,6 +201,23 @@ def test_threshold_needs_two_sites_in_min_nodes(tmp_path):
         build_strategy(settings)
 
 
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam"])
+def test_the_base_strategies_are_wrapped_by_name(name):
+    from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+    from flwr_ext.appkit.strategies import build_strategy
+    from flwr_ext.strategy import ThresholdHomomorphicAggregation
+
+    settings = load_settings(
+        {"secure-aggregation": "ckks-threshold", "strategy": name, "min-nodes": 3}
+    )
+    strategy = build_strategy(settings)
+    assert isinstance(strategy, ThresholdHomomorphicAggregation)
+    inner = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}[name]
+    assert type(strategy.strategy) is inner
+    assert strategy.min_sites == 3 and strategy.min_replies == 2
+
+
 @pytest.mark.parametrize(
     ("strategy", "reason"),
     [("krum", "Krum"), ("dp-fedavg", "record-level DP-SGD under ckks")],
