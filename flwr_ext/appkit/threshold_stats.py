@@ -15,22 +15,23 @@ Two secure sums, both before round 1:
    ``sum(x**2) / ROW_UNIT`` per feature over its training rows. The server
    derives the pooled row count ``N``, mean ``mu`` and root mean square
    ``rms = sqrt(mean(x**2))``.
-2. ``spread`` - the server sends ``mu`` and ``rms``; each site sends
-   ``sum((x - mu) / rms) / ROW_UNIT`` and ``sum(((x - mu) / rms)**2) / ROW_UNIT``.
+2. ``spread`` - the server sends ``mu``, ``rms`` and a unit ``u = N / 2**20``;
+   each site sends ``sum((x - mu) / rms) / u`` and ``sum(((x - mu) / rms)**2) / u``.
    With ``d`` and ``m`` the pooled means of those two, the pooled mean is
-   ``mu + rms * d`` and the pooled standard deviation ``rms * sqrt(m - d**2)``.
+   ``mu + rms * d`` and the pooled standard deviation ``rms * sqrt(m - d**2)``
+   (exact whatever the error in ``mu`` and ``rms``).
 
 Why two: the secure sum decodes with an absolute error (the flooding noise; about
-``1e-7`` at the profile's largest scale ``2**91`` with 3 sites, times
-``ROW_UNIT / N`` on a pooled mean). The variance ``mean(x**2) - mu**2`` would lose
-to it for a feature whose spread is small against its mean (WDBC's
-``fractal_dimension_se``: mean 0.0038, sd 0.0026), and so would the mean itself
-in units of the spread; the second sum measures both in units of ``rms``, where
-they are of order one, so their relative error stays near ``1e-7 ROW_UNIT / N``.
-Dividing by ``ROW_UNIT`` keeps every value far below the per-site bound of the
-sum (``2**27 / sites`` at scale ``2**91``): the second sum's totals are at most
-``N / ROW_UNIT`` for honest sites; the first is ``mean(x**2) rows / ROW_UNIT``
-(a site whose data exceed the bound refuses to answer, saying so).
+``1e-7`` at the profile's largest scale ``2**91`` with 3 sites). The variance
+``mean(x**2) - mu**2`` would lose to it for a feature whose spread is small
+against its mean (WDBC's ``fractal_dimension_se``: mean 0.0038, sd 0.0026), and
+so would the mean itself in units of the spread; the second sum measures both in
+units of ``rms``, where they are of order one, and scaled to a total of order
+``2**20``, so their relative error is about ``1e-7 / 2**20``. The units keep
+every value below the per-site bound of the sum (``2**27 / sites`` at scale
+``2**91``): the second sum's totals are at most ``2**20`` for honest sites; the
+first is ``mean(x**2) rows / ROW_UNIT`` (a site whose data exceed the bound
+refuses to answer, saying so).
 
 The resulting scaler equals the plaintext pooled standardisation up to that
 error and is sent to the sites in every round's config, as in a plaintext run.
@@ -66,7 +67,9 @@ ROW_UNIT = 1000.0
 STEP_MOMENTS, STEP_SPREAD = "moments", "spread"
 _KEY_STEP = "step"
 _KEY_ROWS, _KEY_SUM, _KEY_SUMSQ = "rows", "feature-sum", "feature-sumsq"
-_KEY_MEAN, _KEY_RMS = "feature-mean", "feature-rms"
+_KEY_MEAN, _KEY_RMS, _KEY_UNIT = "feature-mean", "feature-rms", "row-unit"
+#: The second sum's totals are scaled to at most this (honest sites).
+_SPREAD_TOTAL = float(2**20)
 _KEY_SHIFT, _KEY_SPREAD = "feature-shift", "feature-spread"
 
 
@@ -133,10 +136,13 @@ def reply_threshold_stats(msg: Message, x_train: np.ndarray) -> Message:
         rms = _vector(config.get(_KEY_RMS), _KEY_RMS, n_features)
         if not (rms > 0).all():
             raise ShareableError(f"'{_KEY_RMS}' must be > 0")
+        unit = config.get(_KEY_UNIT)
+        if not (isinstance(unit, float) and math.isfinite(unit) and unit > 0):
+            raise ShareableError(f"'{_KEY_UNIT}' must be a finite float > 0")
         units = (x - mean) / rms
         values = {
-            _KEY_SHIFT: units.sum(axis=0) / ROW_UNIT,
-            _KEY_SPREAD: np.square(units).sum(axis=0) / ROW_UNIT,
+            _KEY_SHIFT: units.sum(axis=0) / unit,
+            _KEY_SPREAD: np.square(units).sum(axis=0) / unit,
         }
     else:
         raise ShareableError("unknown threshold statistics step")
@@ -195,7 +201,7 @@ def request_threshold_feature_stats(
     """
     scale_bits = int(strategy.profile.scale_bits)
 
-    def secure_sum(step: str, extra: dict[str, list[float]]) -> tuple[dict, int]:
+    def secure_sum(step: str, extra: dict[str, Any]) -> tuple[dict, int]:
         query = ConfigRecord({"query": THRESHOLD_STATS_QUERY, _KEY_STEP: step})
         for key, value in extra.items():
             query[key] = value
@@ -223,12 +229,17 @@ def request_threshold_feature_stats(
     mean = total / num_rows
     square = np.maximum(total_sq / num_rows, 0.0)
     rms = np.where(np.sqrt(square) > 1e-12, np.sqrt(square), 1.0)
+    unit = num_rows / _SPREAD_TOTAL
     spread, _ = secure_sum(
         STEP_SPREAD,
-        {_KEY_MEAN: [float(v) for v in mean], _KEY_RMS: [float(v) for v in rms]},
+        {
+            _KEY_MEAN: [float(v) for v in mean],
+            _KEY_RMS: [float(v) for v in rms],
+            _KEY_UNIT: unit,
+        },
     )
-    shift = _sum_vector(spread, _KEY_SHIFT, n_features) * ROW_UNIT / num_rows
-    ratio = _sum_vector(spread, _KEY_SPREAD, n_features) * ROW_UNIT / num_rows
+    shift = _sum_vector(spread, _KEY_SHIFT, n_features) * unit / num_rows
+    ratio = _sum_vector(spread, _KEY_SPREAD, n_features) * unit / num_rows
     mean = mean + rms * shift
     variance = np.square(rms) * np.maximum(ratio - np.square(shift), 0.0)
     # FeatureStats of the pooled rows: Standardizer.fit applies the one rule for
