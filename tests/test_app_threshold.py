@@ -361,3 +361,40 @@ def test_a_threshold_site_never_sends_a_plaintext_update(
     (reply,) = grid.send_and_receive([instruction])
     assert reply.has_error() and "refusing to send the update" in reply.error.reason
     assert not trained
+
+
+@pytest.mark.parametrize("op", ["keygen", "decrypt"])
+def test_a_key_generation_instruction_the_clientapp_answers_is_not_sent(op):
+    """A coordinator marks a train instruction as key generation for a site whose
+    pipeline has no ckks_mod: the ClientApp trains on it, and the site policy
+    (which skips key-generation and decryption exchanges) must not let that
+    reply out as if it were ckks_mod's."""
+    from flwr.app import Array, ArrayRecord, MetricRecord
+    from flwr.clientapp import ClientApp
+
+    from flwr_ext.he.threshold_protocol import KEY_KEYSET, KEY_OP
+    from flwr_ext.mods.site_policy import site_policy_mod
+
+    app = ClientApp(mods=[site_policy_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({"w": Array(X)}),
+                    "metrics": MetricRecord({"num-examples": 4}),
+                }
+            ),
+            reply_to=msg,
+        )
+
+    grid = InProcessGrid({1: app}, node_configs={1: {"policy-require-ckks": True}})
+    config = ConfigRecord({KEY_OP: op, KEY_KEYSET: "ab" * 16})
+    instruction = Message(
+        RecordDict({"arrays": ArrayRecord({"w": Array(X)}), "config": config}),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
+    (reply,) = grid.send_and_receive([instruction])
+    assert reply.has_error() and "answered by the ClientApp" in reply.error.reason

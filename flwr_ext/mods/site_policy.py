@@ -393,7 +393,9 @@ def site_policy_mod(
     try:
         if decrypt_request:
             _check_decryption_reply(policy, msg, reply)
-        elif not protocol_only:
+        elif protocol_only:
+            _check_protocol_reply(str(threshold_op), reply)
+        else:
             if policy.require_ckks:
                 _check_no_plaintext(reply)
             if train and policy.require_dp:
@@ -419,6 +421,33 @@ def _threshold_op(configs: list[ConfigRecord]) -> str | None:
         if op is not None:
             return op
     return None
+
+
+#: Threshold operation -> the one ArrayRecord ckks_mod answers it with, and the
+#: prefix of its arrays (a public key share; flooded partial decryptions).
+_PROTOCOL_REPLIES = {OP_KEYGEN: ("public-share", "p"), OP_DECRYPT: ("shares", "h")}
+
+
+def _check_protocol_reply(op: str, reply: Message) -> None:
+    """Refuse a key-generation / decryption reply that ckks_mod did not write.
+
+    Such instructions carry no update to train on; if the reply holds anything
+    else than ckks_mod's answer, the ClientApp ran on it (ckks_mod is not in the
+    pipeline) and its reply - possibly a plaintext model - must not leave,
+    whatever the policy (it was not checked as a train round either).
+    """
+    name, prefix = _PROTOCOL_REPLIES[op]
+    records = reply.content.array_records
+    pattern = re.compile(rf"{prefix}-\d{{5}}")
+    if list(records) != [name] or not all(
+        pattern.fullmatch(key) for key in records[name]
+    ):
+        raise PolicyViolationError(
+            KEY_REQUIRE_CKKS,
+            f"a threshold-CKKS '{op}' instruction was answered by the ClientApp, "
+            "not by ckks_mod (add ckks_mod / secure_aggregation_mod); the reply "
+            "was not sent",
+        )
 
 
 def _check_train_instruction(
