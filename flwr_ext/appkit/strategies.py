@@ -7,9 +7,11 @@ and is imported by ServerApps only.
 
 One name -> builder table (:data:`BUILDERS`) turns ``strategy`` into the base
 strategy; ``secure-aggregation = "ckks"`` then wraps it in
-:class:`~flwr_ext.strategy.HomomorphicAggregation` (the sites' ClientApp needs
-``flwr_ext.mods.ckks_mod``). Whether the chain is sound - a robust rule or central
-DP over ciphertexts - is decided by the library alone
+:class:`~flwr_ext.strategy.HomomorphicAggregation`, ``"ckks-threshold"`` in
+:class:`~flwr_ext.strategy.ThresholdHomomorphicAggregation`
+(:data:`SECURE_BUILDERS`; the sites' ClientApp needs ``flwr_ext.mods.ckks_mod``).
+Whether the chain is sound - a robust rule or central DP over ciphertexts - is
+decided by the library alone
 (:func:`~flwr_ext.strategy.composition.check_composition`); this module surfaces its
 refusal as the run's :class:`~flwr_ext.appkit.config.ConfigError`.
 
@@ -35,10 +37,11 @@ from ..strategy.composition import Role, check_composition
 from ..strategy.dp_fedavg import DPFedAvg
 from ..strategy.homomorphic import HomomorphicAggregation
 from ..strategy.robust_strategies import ROBUST_STRATEGIES
+from ..strategy.threshold_homomorphic import ThresholdHomomorphicAggregation
 from .config import ConfigError
 from .strategy_options import check_strategy_settings, robust_options
 
-__all__ = ["BUILDERS", "build_strategy"]
+__all__ = ["BUILDERS", "SECURE_BUILDERS", "build_strategy"]
 
 MetricsAggrFn = Callable[[list[RecordDict], str], MetricRecord]
 #: ``(settings, FedAvg keyword arguments) -> strategy``.
@@ -102,20 +105,17 @@ def build_strategy(
     check_strategy_settings(settings)
     name = settings["strategy"]
     kwargs = _fedavg_kwargs(settings, train_metrics_aggr_fn, evaluate_metrics_aggr_fn)
+    secure = settings["secure-aggregation"]
     strategy: Strategy | None = None
     try:
         strategy = BUILDERS[name](settings, kwargs)
-        if settings["secure-aggregation"] == "ckks":
-            check_composition(
-                HomomorphicAggregation.__name__, Role.HOMOMORPHIC, strategy
-            )
-            strategy = _homomorphic(strategy, settings)
+        if secure in SECURE_BUILDERS:
+            wrapper, build = SECURE_BUILDERS[secure]
+            check_composition(wrapper.__name__, Role.HOMOMORPHIC, strategy)
+            strategy = build(strategy, settings)
     except ValueError as err:
-        problem = (
-            f"strategy={name!r} with "
-            f"secure-aggregation={settings['secure-aggregation']!r}: {err}"
-        )
-        if isinstance(strategy, DPFedAvg) and settings["secure-aggregation"] == "ckks":
+        problem = f"strategy={name!r} with secure-aggregation={secure!r}: {err}"
+        if isinstance(strategy, DPFedAvg) and secure in SECURE_BUILDERS:
             problem += f" {_DP_UNDER_CKKS}"
         raise ConfigError("run config", [problem]) from err
     return strategy
@@ -123,8 +123,8 @@ def build_strategy(
 
 #: What these apps offer instead of central DP under CKKS (see the module doc).
 _DP_UNDER_CKKS = (
-    "These apps offer record-level DP-SGD under ckks instead: strategy='fedavg', "
-    "dp-sgd=true."
+    "These apps offer record-level DP-SGD under ckks and ckks-threshold instead: "
+    "strategy='fedavg', dp-sgd=true."
 )
 
 
@@ -157,3 +157,28 @@ def _homomorphic(strategy: Strategy, settings: Mapping[str, Any]) -> Strategy:
             ],
         )
     return HomomorphicAggregation(strategy, context, wire=settings["ckks-wire"])
+
+
+def _threshold(strategy: Strategy, settings: Mapping[str, Any]) -> Strategy:
+    """Multiparty CKKS: every connected site becomes a key holder at set-up.
+
+    ``min-nodes`` sites must take part in the key generation; aggregates of
+    fewer than 2 updates are never decrypted; the set-up and each collective
+    decryption wait ``round-timeout`` seconds for the sites.
+    """
+    return ThresholdHomomorphicAggregation(
+        strategy,
+        min_sites=settings["min-nodes"],
+        min_replies=2,
+        setup_timeout=settings["round-timeout"],
+        decrypt_timeout=settings["round-timeout"],
+    )
+
+
+#: ``secure-aggregation`` run-config value -> (wrapper class, builder).
+SECURE_BUILDERS: dict[
+    str, tuple[type[Strategy], Callable[[Strategy, Mapping[str, Any]], Strategy]]
+] = {
+    "ckks": (HomomorphicAggregation, _homomorphic),
+    "ckks-threshold": (ThresholdHomomorphicAggregation, _threshold),
+}

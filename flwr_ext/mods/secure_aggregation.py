@@ -6,13 +6,15 @@ template that offers ``secure-aggregation = "none" | "ckks"`` in its run config
 therefore cannot list ``ckks_mod`` unconditionally. This mod decides per message:
 
 - if the **site** has a secret context configured (node config ``ckks-context``,
-  or ``FLWR_EXT_CKKS_CONTEXT`` in simulation), ``ckks_mod`` always runs: a hospital
-  that provisioned keys never sends an update in plaintext, whatever the run
-  config says (a coordinator cannot downgrade it by submitting
-  ``secure-aggregation="none"``);
-- else, if the **run config** says ``secure-aggregation = "ckks"``, ``ckks_mod``
-  runs too - and answers with its clear error that no secret context is
-  configured;
+  or ``FLWR_EXT_CKKS_CONTEXT`` in simulation) or a threshold share folder (node
+  config ``ckks-threshold-dir``, or ``FLWR_EXT_CKKS_THRESHOLD_DIR``), ``ckks_mod``
+  always runs: a hospital that provisioned keys never sends an update in
+  plaintext, whatever the run config says (a coordinator cannot downgrade it by
+  submitting ``secure-aggregation="none"``);
+- else, if the **run config** says ``secure-aggregation = "ckks"`` or
+  ``"ckks-threshold"``, ``ckks_mod`` runs too - and answers with its clear
+  error when the site lacks a secret context (``ckks``) or a share folder
+  (``ckks-threshold``: node config ``ckks-threshold-dir``);
 - else the message goes straight to the ClientApp.
 
 The QUERY messages of the encrypted statistics round
@@ -24,14 +26,21 @@ Put it first in ``ClientApp(mods=[...])``, where ``ckks_mod`` belongs.
 
 from __future__ import annotations
 
+import os
+
 from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 from ..he.protocol import ClientSettings
 from .ckks import ckks_mod
+from .threshold_ckks import ENV_THRESHOLD_DIR, NODE_THRESHOLD_DIR
+
+#: ``secure-aggregation`` run-config values that route messages through ckks_mod.
+CKKS_RUN_MODES = ("ckks", "ckks-threshold")
 
 __all__ = [
+    "CKKS_RUN_MODES",
     "ENCRYPTED_STATS_QUERY",
     "is_encrypted_stats_query",
     "secure_aggregation_mod",
@@ -49,7 +58,9 @@ def is_encrypted_stats_query(msg: Message) -> bool:
 
 
 def site_requires_ckks(context: Context) -> bool:
-    """Return True if this site has a CKKS secret context configured."""
+    """Return True if this site has a CKKS secret context or share folder."""
+    if context.node_config.get(NODE_THRESHOLD_DIR) or os.environ.get(ENV_THRESHOLD_DIR):
+        return True
     return ClientSettings.from_node(context.node_config).context_path is not None
 
 
@@ -59,7 +70,8 @@ def secure_aggregation_mod(
     """Route the message through ``ckks_mod`` when the site or the run asks."""
     try:
         wanted = site_requires_ckks(context) or (
-            str(context.run_config.get("secure-aggregation", "none")).lower() == "ckks"
+            str(context.run_config.get("secure-aggregation", "none")).lower()
+            in CKKS_RUN_MODES
         )
     except ValueError as err:  # malformed ckks-* node config
         return Message(

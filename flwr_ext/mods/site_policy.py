@@ -27,8 +27,11 @@ Keys (default in brackets) and what each stops:
     update relabelled as a sum). An integer >= 2.
 ``policy-require-ckks`` [false]
     Any ArrayRecord leaving the site in plaintext: a train instruction that does
-    not announce CKKS is refused before training, and a reply holding a plaintext
-    array is replaced by an error reply (the update never leaves).
+    not announce CKKS (single-key, or threshold CKKS's collective public key) is
+    refused before training, and a reply holding a plaintext array is replaced by
+    an error reply (the update never leaves). Threshold CKKS's key-generation and
+    partial-decryption exchanges are answered by ``ckks_mod`` alone (the ClientApp
+    never runs) and carry no data array: they pass, and are not train rounds.
 ``policy-require-dp`` [false]
     A train round without distributed DP: the instruction must carry DP settings
     meeting the floors, and the reply the markers that ``distributed_dp_mod`` ran.
@@ -58,6 +61,7 @@ the floor holds even without ``site_policy_mod``, with the defaults above).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from logging import ERROR, WARNING
@@ -70,6 +74,15 @@ from flwr.supercore import log
 
 from ..he.codec import META_KEY, STYPE_CIPHERTEXT, STYPE_META  # no TenSEAL import
 from ..he.protocol import KEY_DECRYPT_REQUEST, KEY_PROFILE, METRIC_CONTRIBUTIONS
+from ..he.threshold import ThresholdError
+from ..he.threshold_protocol import META as THRESHOLD_META
+from ..he.threshold_protocol import (
+    OP_DECRYPT,
+    OP_KEYGEN,
+    OP_TRAIN,
+    is_threshold_update,
+    read_op,
+)
 from ..privacy import keys
 
 __all__ = [
@@ -94,6 +107,7 @@ KEY_MAX_TRAIN_ROUNDS = "policy-max-train-rounds"
 KEY_REDACT_ERRORS = "policy-redact-errors"
 
 _CKKS_STYPES = frozenset({STYPE_META, STYPE_CIPHERTEXT})
+_THRESHOLD_CHUNK = re.compile(r"ct-\d{5}")
 
 #: Relative slack when comparing the server's floats with a floor (z * C / sqrt(t)
 #: computed on the server and squared back here loses a few ulps).
@@ -359,8 +373,14 @@ def site_policy_mod(
         configs = list(msg.content.config_records.values())
         # ckks_mod answers a decryption request whatever the message type
         decrypt_request = any(c.get(KEY_DECRYPT_REQUEST) is True for c in configs)
-        if train and not decrypt_request:
-            _check_train_instruction(policy, configs, context)
+        threshold_op = _threshold_op(configs)
+        # threshold key generation / partial decryption: ckks_mod answers alone
+        protocol_only = threshold_op in (OP_KEYGEN, OP_DECRYPT)
+        train_round = train and not decrypt_request and not protocol_only
+        if train_round:
+            _check_train_instruction(
+                policy, configs, context, threshold=threshold_op == OP_TRAIN
+            )
     except PolicyViolationError as err:
         return _error(msg, str(err))
 
@@ -373,6 +393,8 @@ def site_policy_mod(
     try:
         if decrypt_request:
             _check_decryption_reply(policy, msg, reply)
+        elif protocol_only:
+            _check_protocol_reply(str(threshold_op), reply)
         else:
             if policy.require_ckks:
                 _check_no_plaintext(reply)
@@ -380,15 +402,63 @@ def site_policy_mod(
                 _check_dp_markers(policy, reply)
     except PolicyViolationError as err:
         return _error(msg, str(err))
-    if train and not decrypt_request:
+    if train_round:
         _count_train_round(context)
     return reply
 
 
+def _threshold_op(configs: list[ConfigRecord]) -> str | None:
+    """Return the threshold-CKKS operation an instruction announces, if any.
+
+    A malformed one is left to ``ckks_mod``, which refuses it; here it counts as
+    none (so a train instruction is checked as one).
+    """
+    for config in configs:
+        try:
+            op = read_op(config)
+        except ThresholdError:
+            return None
+        if op is not None:
+            return op
+    return None
+
+
+#: Threshold operation -> the one ArrayRecord ckks_mod answers it with, and the
+#: prefix of its arrays (a public key share; flooded partial decryptions).
+_PROTOCOL_REPLIES = {OP_KEYGEN: ("public-share", "p"), OP_DECRYPT: ("shares", "h")}
+
+
+def _check_protocol_reply(op: str, reply: Message) -> None:
+    """Refuse a key-generation / decryption reply that ckks_mod did not write.
+
+    Such instructions carry no update to train on; if the reply holds anything
+    else than ckks_mod's answer, the ClientApp ran on it (ckks_mod is not in the
+    pipeline) and its reply - possibly a plaintext model - must not leave,
+    whatever the policy (it was not checked as a train round either).
+    """
+    name, prefix = _PROTOCOL_REPLIES[op]
+    records = reply.content.array_records
+    pattern = re.compile(rf"{prefix}-\d{{5}}")
+    if list(records) != [name] or not all(
+        pattern.fullmatch(key) for key in records[name]
+    ):
+        raise PolicyViolationError(
+            KEY_REQUIRE_CKKS,
+            f"a threshold-CKKS '{op}' instruction was answered by the ClientApp, "
+            "not by ckks_mod (add ckks_mod / secure_aggregation_mod); the reply "
+            "was not sent",
+        )
+
+
 def _check_train_instruction(
-    policy: SitePolicy, configs: list[ConfigRecord], context: Context
+    policy: SitePolicy,
+    configs: list[ConfigRecord],
+    context: Context,
+    *,
+    threshold: bool = False,
 ) -> None:
-    if policy.require_ckks and not any(KEY_PROFILE in c for c in configs):
+    announced = threshold or any(KEY_PROFILE in c for c in configs)
+    if policy.require_ckks and not announced:
         raise PolicyViolationError(
             KEY_REQUIRE_CKKS,
             "the train instruction does not announce CKKS secure aggregation "
@@ -431,7 +501,16 @@ def _dp_values(policy_key: str, record: Mapping[str, object]) -> tuple[float, fl
 
 
 def _is_ciphertext_record(record: ArrayRecord) -> bool:
-    """Return True if every array of ``record`` is CKKS metadata or a ciphertext."""
+    """Return True if every array of ``record`` is CKKS metadata or a ciphertext.
+
+    Single-key records mark each array's stype; a threshold-CKKS update (written
+    by ``ckks_mod``) is its metadata array plus ``ct-NNNNN`` byte blobs.
+    """
+    if is_threshold_update(record):
+        return all(
+            name == THRESHOLD_META or _THRESHOLD_CHUNK.fullmatch(name) is not None
+            for name in record
+        ) and all(array.dtype == "uint8" for array in record.values())
     if META_KEY not in record:
         return False
     return all(array.stype in _CKKS_STYPES for array in record.values())

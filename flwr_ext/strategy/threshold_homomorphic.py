@@ -215,8 +215,14 @@ class ThresholdHomomorphicAggregation(StrategyWrapper):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
-        """Run the collective key generation, then Flower's strategy loop."""
-        self.setup(grid)
+        """Run the collective key generation (unless done), then Flower's loop.
+
+        A key set made before :meth:`start` (by :meth:`setup` or a first
+        :meth:`secure_sum`, e.g. the apps' statistics round) is kept: the same
+        sites hold the shares for the whole run.
+        """
+        if self._context is None:
+            self.setup(grid)
         return super().start(
             grid=grid,
             initial_arrays=initial_arrays,

@@ -3,7 +3,10 @@
 - ``query``: answers the server's one-off feature-statistics request with the row
   count, per-feature sums and sums of squares of its *training* rows (after the
   log transform; see :mod:`flwr_ext.appkit.standardisation`) - under CKKS, with
-  the encrypted three-step variant of :mod:`flwr_ext.appkit.encrypted_stats`.
+  the encrypted three-step variant of :mod:`flwr_ext.appkit.encrypted_stats`,
+  under threshold CKKS with the two secure sums of
+  :mod:`flwr_ext.appkit.threshold_stats`; only in the run's own mode
+  (:func:`flwr_ext.appkit.scaling.answer_feature_stats`).
 - ``train``: standardises its rows with the scaler the server sent (or its own,
   under ``standardisation="site"``), trains the received model for
   ``local-epochs`` with the class-imbalance loss of the run config
@@ -23,7 +26,10 @@ policy (node config ``policy-*``: CKKS required, minimum contributions, error
 replies that carry no data - see ``docs/security.md``);
 ``secure_aggregation_mod`` runs ``ckks_mod`` (decrypts the global model, encrypts
 the update) when the bank holds a secret context or the
-run asks for ``secure-aggregation="ckks"``; ``byzantine_mod`` turns a bank
+run asks for ``secure-aggregation="ckks"`` or ``"ckks-threshold"`` (then
+``ckks_mod`` also makes the site's secret share, in node config
+``ckks-threshold-dir``, and answers the collective decryptions);
+``byzantine_mod`` turns a bank
 Byzantine when its config says so (robustness experiments; otherwise it does
 nothing).
 """
@@ -48,27 +54,14 @@ from flwr.clientapp import ClientApp
 from flwr.supercore import log
 from torch import nn
 
-from flwr_ext.appkit.encrypted_stats import (
-    is_encrypted_stats_query,
-    reply_encrypted_stats,
-    scaler_from_state,
-)
+from flwr_ext.appkit.encrypted_stats import scaler_from_state
 from flwr_ext.appkit.metrics import site_metrics
 from flwr_ext.appkit.recorder import SITE_RECORD_KEY, site_record
+from flwr_ext.appkit.scaling import answer_feature_stats
 from flwr_ext.appkit.site import site_from_context
 from flwr_ext.appkit.site_errors import site_errors_mod
-from flwr_ext.appkit.site_state import (
-    keep_state,
-    load_scaler,
-    restore_state,
-    save_scaler,
-)
-from flwr_ext.appkit.standardisation import (
-    FeatureStats,
-    Standardizer,
-    is_stats_query,
-    reply_feature_stats,
-)
+from flwr_ext.appkit.site_state import keep_state, load_scaler, restore_state
+from flwr_ext.appkit.standardisation import FeatureStats, Standardizer
 from flwr_ext.appkit.torch_train import (
     arrays_to_model,
     model_to_arrays,
@@ -148,18 +141,10 @@ def _model(msg: Message, data: SiteData, settings: Mapping[str, Any]) -> nn.Modu
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Answer the feature-statistics request."""
-    data, _ = _site(context)
-    if is_encrypted_stats_query(msg):
-        reply = reply_encrypted_stats(msg, context, data.train.x)
-        scaler = scaler_from_state(context)
-        if scaler is not None:  # kept on disk, to rejoin after a restart
-            save_scaler(context, scaler)
-        return reply
-    if is_stats_query(msg):
-        return reply_feature_stats(msg, data.train.x)
-    raise ShareableError(
-        "unknown query; this ClientApp answers feature statistics only"
+    """Answer the feature-statistics request of the run's secure-aggregation mode."""
+    data, settings = _site(context)
+    return answer_feature_stats(
+        msg, context, data.train.x, settings["secure-aggregation"]
     )
 
 

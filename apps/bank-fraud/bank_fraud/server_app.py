@@ -4,7 +4,9 @@
    the results folder (an unwritable one fails here, before any training).
 2. Unless ``standardisation="site"``: ask every bank for the sums of its
    training rows' features and combine them into one scaler for all
-   (:mod:`flwr_ext.appkit.standardisation`).
+   (:mod:`flwr_ext.appkit.scaling`: in plaintext, encrypted under ``ckks``, or
+   as threshold-CKKS secure sums under ``ckks-threshold``, whose first sum runs
+   the key-generation setup round, logged with the banks that took part).
 3. Run the strategy the run config names (FedAvg, a robust rule, DP, CKKS...)
    for ``num-server-rounds`` through a grid that records every bank's metrics
    and score histograms per round and names any bank that drops out (a round
@@ -115,7 +117,13 @@ def _run(
 
     config = ConfigRecord()
     prepare_feature_scaling(
-        grid, settings, num_features, config, writer.directory, sites="banks"
+        grid,
+        settings,
+        num_features,
+        config,
+        writer.directory,
+        sites="banks",
+        strategy=strategy,
     )
 
     result = strategy.start(
