@@ -67,13 +67,17 @@ class RawCiphertext:
         The CKKS scale the message was encoded with.
     polys : numpy.ndarray
         ``(size, k, N)`` ``uint64`` residues: ``polys[0]`` is ``c0``, ``polys[1]``
-        is ``c1``.
+        is ``c1``. Parsed from bytes, a read-only view into them (not necessarily
+        8-byte aligned: SEAL's header puts the residues at an odd offset).
+    correction_factor : int
+        SEAL's correction factor (BGV only; SEAL requires 1 for CKKS).
     """
 
     parms_id: tuple[int, int, int, int]
     ntt_form: bool
     scale: float
     polys: np.ndarray
+    correction_factor: int = 1
 
 
 @functools.lru_cache(maxsize=1)
@@ -151,7 +155,10 @@ def plaintext_bytes(
     return _object(meta, _dynarray(residues))
 
 
-def _body(data: bytes | memoryview, what: str) -> bytes | memoryview:
+def _body(
+    data: bytes | memoryview, what: str, limit: int = _MAX_DECOMPRESSED
+) -> bytes | memoryview:
+    """Return the body of one SEAL object, decompressed to at most ``limit`` bytes."""
     if len(data) < _HEADER.size:
         raise SealFormatError(f"{what}: {len(data)} bytes, shorter than a SEAL header")
     magic, header_size, _major, _minor, compression, _reserved, total = (
@@ -167,23 +174,17 @@ def _body(data: bytes | memoryview, what: str) -> bytes | memoryview:
             return payload
         if compression == 1:
             inflater = zlib.decompressobj()
-            body = inflater.decompress(payload, _MAX_DECOMPRESSED)
+            body = inflater.decompress(payload, limit)
             if inflater.unconsumed_tail:
                 raise SealFormatError(f"{what}: decompresses beyond the size limit")
             return body
         if compression == 2:
             stored = _zstd_raw_blocks(payload)
             if stored is not None:
-                if len(stored) > _MAX_DECOMPRESSED:
+                if len(stored) > limit:
                     raise SealFormatError(f"{what}: beyond the size limit")
                 return stored
-            import zstandard  # the one module that needs it: SEAL's default format
-
-            reader = zstandard.ZstdDecompressor().decompressobj()
-            body = reader.decompress(payload)
-            if len(body) > _MAX_DECOMPRESSED:
-                raise SealFormatError(f"{what}: decompresses beyond the size limit")
-            return body
+            return _zstd_bounded(payload, limit, what)
     except (zlib.error, ValueError) as err:
         if isinstance(err, SealFormatError):
             raise
@@ -191,6 +192,22 @@ def _body(data: bytes | memoryview, what: str) -> bytes | memoryview:
     except Exception as err:  # zstandard.ZstdError is not a ValueError
         raise SealFormatError(f"{what}: does not decompress ({err})") from err
     raise SealFormatError(f"{what}: unknown compression mode {compression}")
+
+
+def _zstd_bounded(payload: bytes | memoryview, limit: int, what: str) -> bytes:
+    """Decompress a zstd frame, refusing (without allocating) more than ``limit``."""
+    import zstandard  # the one module that needs it: SEAL's default format
+
+    reader = zstandard.ZstdDecompressor().stream_reader(bytes(payload))
+    parts, size = [], 0
+    while True:
+        part = reader.read(min(1 << 20, limit + 1 - size))
+        if not part:
+            return b"".join(parts)
+        parts.append(part)
+        size += len(part)
+        if size > limit:
+            raise SealFormatError(f"{what}: decompresses beyond the size limit")
 
 
 def _zstd_raw_blocks(frame: bytes | memoryview) -> bytes | None:
@@ -252,7 +269,7 @@ def uncompressed(data: bytes) -> bytes:
 
 
 def parse_ciphertext(
-    data: bytes,
+    data: bytes | memoryview,
     *,
     expected_k: int,
     expected_n: int,
@@ -264,20 +281,22 @@ def parse_ciphertext(
     At the expected level (``expected_k`` primes) and degree; anything else raises
     :class:`SealFormatError`. ``polys`` is ``(expected_size, k, N)``.
     """
-    body = _body(data, what)
     head = 32 + _CIPHERTEXT_META.size
+    expected = expected_size * expected_k * expected_n
+    # What a ciphertext of the expected shape takes: no decompression beyond it.
+    limit = head + _HEADER.size + 8 + 8 * expected
+    body = _body(data, what, limit)
     if len(body) < head + 16 + 8:
         raise SealFormatError(f"{what}: body too short")
     parms_id = struct.unpack_from("<4Q", body)
-    ntt, size, n, k, scale, _correction = _CIPHERTEXT_META.unpack_from(body, 32)
+    ntt, size, n, k, scale, correction = _CIPHERTEXT_META.unpack_from(body, 32)
     if (size, k, n) != (expected_size, expected_k, expected_n):
         raise SealFormatError(
             f"{what}: shape (size={size}, primes={k}, N={n}), expected "
             f"({expected_size}, {expected_k}, {expected_n})"
         )
-    array = _body(memoryview(body)[head:], f"{what} data")
+    array = _body(memoryview(body)[head:], f"{what} data", limit)
     (count,) = struct.unpack_from("<Q", array) if len(array) >= 8 else (-1,)
-    expected = expected_size * expected_k * expected_n
     if count != expected or len(array) != 8 + 8 * expected:
         raise SealFormatError(f"{what}: {count} residues, expected {expected}")
     polys = np.frombuffer(array, dtype="<u8", offset=8).astype(np.uint64, copy=False)
@@ -286,4 +305,5 @@ def parse_ciphertext(
         ntt_form=bool(ntt),
         scale=float(scale),
         polys=polys.reshape(expected_size, expected_k, expected_n),
+        correction_factor=int(correction),
     )
