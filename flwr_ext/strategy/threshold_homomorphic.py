@@ -423,12 +423,7 @@ class ThresholdHomomorphicAggregation(StrategyWrapper):
         """Return an empty sum of updates of ``num_values`` values at ``scale``."""
         context = self._context
         assert context is not None
-        level = CiphertextLevel(
-            context.data_parms_id,  # type: ignore[arg-type]  # 4 words, from SEAL
-            context.data_moduli,
-            context.n,
-            scale,
-        )
+        level = CiphertextLevel.of_context(context.context, scale)
         return ResidueSum(level, max(1, math.ceil(num_values / context.n)))
 
     def _add_reply(self, reply: Message, node_id: int, total: ResidueSum) -> float:
