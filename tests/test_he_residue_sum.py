@@ -26,7 +26,7 @@ from flwr_ext.he import (
 )
 from flwr_ext.he.codec import EncryptedHeader, chunk_digest, chunks, pack
 from flwr_ext.he.residue_sum import CiphertextLevel, ResidueSum
-from flwr_ext.he.seal_raw import parse_ciphertext
+from flwr_ext.he.seal_raw import SealFormatError, parse_ciphertext
 from flwr_ext.he.wire import CiphertextError, get_wire
 
 N = 8192
@@ -243,3 +243,19 @@ def test_the_digest_catches_swapped_words_and_bit_flips(keys):
     total = CiphertextSum(server, None, "packed")
     with pytest.raises(InvalidCiphertextError, match="digest mismatch"):
         total.add(ArrayRecord(arrays), "node 4")
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+def test_a_compression_bomb_is_refused_before_it_expands(mode):
+    """A SEAL header announcing zlib (1) or zstd (2) over 64 MiB of zeros: the
+    parser stops at the size a ciphertext of the expected shape takes."""
+    import zlib
+
+    import zstandard
+
+    zeros = b"\0" * (64 << 20)
+    body = zlib.compress(zeros, 9) if mode == 1 else zstandard.compress(zeros, 19)
+    blob = struct.pack("<HBBBBHQ", 0xA15E, 16, 4, 1, mode, 0, 16 + len(body)) + body
+    assert len(blob) < 1 << 20
+    with pytest.raises(SealFormatError, match="size limit"):
+        parse_ciphertext(blob, expected_k=2, expected_n=N)

@@ -199,7 +199,8 @@ def _zstd_bounded(payload: bytes | memoryview, limit: int, what: str) -> bytes:
     import zstandard  # the one module that needs it: SEAL's default format
 
     reader = zstandard.ZstdDecompressor().stream_reader(bytes(payload))
-    parts, size = [], 0
+    parts: list[bytes] = []
+    size = 0
     while True:
         part = reader.read(min(1 << 20, limit + 1 - size))
         if not part:
