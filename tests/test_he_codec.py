@@ -223,7 +223,7 @@ def test_wrong_key_and_wrong_profile_name_both_fingerprints(keysets, tmp_path):
 def _replace_chunk(
     record: ArrayRecord, index: int, data: bytes, fix_checksum: bool = False
 ) -> ArrayRecord:
-    """Swap one ciphertext; with ``fix_checksum`` the header's CRC32 matches it."""
+    """Swap one ciphertext; with ``fix_checksum`` the header's digest matches it."""
     header = EncryptedHeader.from_record(record)
     blobs = chunks(record, header)
     blobs[index] = data

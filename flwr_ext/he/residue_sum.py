@@ -157,7 +157,7 @@ class ResidueSum:
         try:
             raw = parse_ciphertext(blob, expected_k=k, expected_n=n, what=what)
         except SealFormatError as err:
-            raise CiphertextError(str(err)) from None
+            raise CiphertextError(f"a ciphertext does not load ({err})") from None
         problems = []
         if raw.parms_id != level.parms_id:
             problems.append("parms_id is not the data level's")
