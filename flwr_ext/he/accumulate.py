@@ -43,6 +43,7 @@ from .codec import (
 )
 from .keys import CkksKeys
 from .residue_sum import CiphertextLevel, ResidueSum
+from .seal_raw import zstd_compressed
 from .wire import CiphertextError, get_wire
 
 __all__ = ["CiphertextSum"]
@@ -187,6 +188,9 @@ class CiphertextSum:
             return None
         if self._residues is not None:
             blobs = self._residues.ciphertexts()
+            if max(self._residues.level.moduli).bit_length() <= 56:
+                # >= 8 zero bits in every word: compress as SEAL's save did
+                blobs = [zstd_compressed(blob) for blob in blobs]
         elif self._sum is not None:
             blobs = self.wire.dump(self.keys, self._sum)
         else:
