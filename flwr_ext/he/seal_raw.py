@@ -289,7 +289,7 @@ def zstd_compressed(data: bytes) -> bytes:
     magic, header_size, major, minor, compression, reserved, total = (
         _HEADER.unpack_from(data)
     )
-    if compression != 0 or total != len(data):
+    if magic != _MAGIC or header_size != 16 or compression != 0 or total != len(data):
         raise SealFormatError("not an uncompressed SEAL object")
     body = zstandard.ZstdCompressor(level=1).compress(memoryview(data)[16:])
     return _HEADER.pack(_MAGIC, 16, major, minor, 2, reserved, 16 + len(body)) + body
