@@ -16,10 +16,13 @@ and writes SEAL's serialization directly (SEAL 4, little-endian):
   ``DynArray``;
 - ``PublicKey``: a ``Ciphertext`` at the key level.
 
-What this module writes is uncompressed; SEAL validates it on load (``load`` runs
+What this module writes is uncompressed (or zstd-compressed as SEAL's own save,
+:func:`zstd_compressed`); SEAL validates it on load (``load`` runs
 ``is_valid_for``), so a malformed object is refused by SEAL, never half-used. What it
 reads is parsed with every length checked against the expected shape before any
-array is built (the bytes may come from a hostile peer).
+array is built, and decompressed to at most that shape's size (the bytes may come
+from a hostile peer); :mod:`flwr_ext.he.residue_sum` adds the checks SEAL's
+``is_valid_for`` makes on the values.
 """
 
 from __future__ import annotations
