@@ -11,6 +11,12 @@ clients with unequal ``num-examples``:
   ciphertexts) - through flwr-ext's real codec
   (:func:`flwr_ext.he.encrypt_record`, :class:`flwr_ext.he.CiphertextSum`,
   :func:`flwr_ext.he.decrypt_record`);
+- ``threshold`` and ``Flower SecAgg+`` - multiparty CKKS with no key holder and
+  Flower's own SecAgg+ on the same models and clients, in the same run
+  (:func:`benchmarks.threshold_overhead.bench_threshold` and
+  :func:`~benchmarks.threshold_overhead.bench_secaggplus`, printed as a second
+  table with their own columns: partial decryptions, rounds of interaction);
+  ``--skip-threshold`` leaves them out;
 - ``flare-style`` - NVIDIA FLARE's configuration rebuilt with TenSEAL: N=8192,
   coefficient moduli [60, 40, 40], scale 2^40, a public-key context with
   relinearisation keys, one ``CKKSVector`` per tensor (pre-scaled by the client's
@@ -552,8 +558,25 @@ def plot(rows: Sequence[Row], path: Path) -> None:
 
 def _json_row(row: Row) -> dict[str, object]:
     """Return a row for JSON (strict JSON has no NaN: "not measured" is null)."""
+    return _json_dict(asdict(row))
+
+
+def _json_dict(row: dict[str, object]) -> dict[str, object]:
     return {k: None if isinstance(v, float) and v != v else v
-            for k, v in asdict(row).items()}  # fmt: skip
+            for k, v in row.items()}  # fmt: skip
+
+
+def _uptime() -> str:
+    """``uptime``'s line (time, load averages), for the record next to the times."""
+    import subprocess
+
+    try:
+        return subprocess.run(
+            ["uptime"], capture_output=True, text=True, check=False, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        load = os.getloadavg()
+        return f"load average: {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}"
 
 
 _CONFIGS = [("default", "packed"), ("compact", "packed"),
@@ -578,6 +601,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--skip-flare", action="store_true", help="leave out the FLARE-style row"
     )
+    parser.add_argument(
+        "--skip-threshold",
+        action="store_true",
+        help="leave out the threshold-CKKS and Flower SecAgg+ rows",
+    )
     args = parser.parse_args(argv)
     configs = [tuple(c.strip().split("/", 1)) for c in args.configs.split(",")]
     unknown = [c for c in configs if c not in _CONFIGS]
@@ -585,7 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown configurations {unknown}; choose from {_CONFIGS}")
     if args.repeats < 1 or args.params < 10_000:
         parser.error("--repeats must be >= 1 and --params >= 10000")
-    load_before = os.getloadavg()
+    load_before, uptime_before = os.getloadavg(), _uptime()
     started, started_cpu = time.perf_counter(), time.process_time()
     models, counts = make_models(args.params, args.seed)
     expected = exact_average(models, counts)
@@ -602,7 +630,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(markdown(rows[-1:], params).split("\n")[-1], flush=True)
     if not args.skip_flare:
         rows.append(bench_flare_style(models, counts, expected, args.repeats))
-    load_after = os.getloadavg()
+    threshold_rows: list[dict[str, object]] = []
+    if not args.skip_threshold:
+        # Imported here: benchmarks.threshold_overhead imports this module.
+        from benchmarks import threshold_overhead
+
+        threshold_rows = [
+            threshold_overhead.bench_threshold(models, counts, args.repeats),
+            threshold_overhead.bench_secaggplus(models, counts),
+        ]
+    load_after, uptime_after = os.getloadavg(), _uptime()
     cpu = time.process_time() - started_cpu
     table = markdown(rows, params)
     note = (
@@ -629,6 +666,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     )
     print("\n" + table + note)
+    if threshold_rows:
+        from benchmarks import threshold_overhead
+
+        print("\n" + threshold_overhead.markdown(threshold_rows, params))
+    print(f"uptime before: {uptime_before}\nuptime after:  {uptime_after}")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         command = " ".join(sys.argv[1:] if argv is None else argv)
@@ -636,7 +678,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "command": f"python -m benchmarks.he_overhead {command}".strip(),
             "params": params, "clients": CLIENTS, "counts": counts,
             "repeats": args.repeats, "load_before": load_before,
-            "load_after": load_after, "rows": [_json_row(r) for r in rows],
+            "load_after": load_after, "uptime_before": uptime_before,
+            "uptime_after": uptime_after, "rows": [_json_row(r) for r in rows],
+            "threshold_rows": [_json_dict(r) for r in threshold_rows],
         }  # fmt: skip
         (args.out / "he-overhead.json").write_text(json.dumps(results, indent=2))
         plot(rows, args.out / "img" / "he-overhead.png")

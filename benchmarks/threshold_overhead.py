@@ -6,9 +6,10 @@ One run measures, for a ~1M-parameter float32 model (|x| <= 10, the layout of
 - ``threshold`` - flwr-ext's multiparty CKKS (:mod:`flwr_ext.he.threshold`) through
   its real codec: each client encrypts its pre-scaled update with the collective
   public key (:func:`~flwr_ext.he.threshold.encrypt_values`,
-  :func:`~flwr_ext.he.threshold_protocol.encode_update`); the server parses, loads
-  and adds (:func:`~flwr_ext.he.threshold_protocol.decode_update`, SEAL's
-  ``Ciphertext.load`` and ``add_inplace``), sends each of 10 sites the sum's
+  :func:`~flwr_ext.he.threshold_protocol.encode_update`); the server parses,
+  checks and adds (:func:`~flwr_ext.he.threshold_protocol.decode_update`,
+  :class:`~flwr_ext.he.residue_sum.ResidueSum`, what the strategy runs), sends
+  each of 10 sites the sum's
   ``c1``; each site computes its flooded partial decryption
   (:meth:`~flwr_ext.he.threshold.SecretShare.partial_decrypt_all`); the server combines
   and decodes (:func:`~flwr_ext.he.threshold.combine`).
@@ -59,6 +60,7 @@ from benchmarks.he_overhead import (  # noqa: E402
     record_bytes,
 )
 from flwr_ext.he import threshold as T  # noqa: E402, N812
+from flwr_ext.he.residue_sum import CiphertextLevel, ResidueSum  # noqa: E402
 from flwr_ext.he.threshold_protocol import (  # noqa: E402
     EncryptedUpdate,
     decode_update,
@@ -66,7 +68,6 @@ from flwr_ext.he.threshold_protocol import (  # noqa: E402
     read_residue_record,
     residue_record,
 )
-from flwr_ext.he.wire import _scratch_file  # noqa: E402
 
 SITES = CLIENTS
 
@@ -115,47 +116,32 @@ def bench_threshold(models: list[ArrayRecord], counts: list[int], repeats: int) 
 
 
 def _threshold_repeat(context, encryptor, shares, models, counts, unit) -> dict:
-    evaluator = context.sealapi.Evaluator(context.context)
     encrypt = server = 0.0
-    total = None
     up = 0
     size = flat(models[0]).shape[0]
-    with _scratch_file() as scratch:
-        for model, count in zip(models, counts, strict=True):
-            start = _cpu()
-            weight = count / unit
-            vector = np.concatenate([flat(model) * weight, [weight, 1.0]])
-            record = encode_update(
-                EncryptedUpdate(
-                    "0" * 32,
-                    vector.shape[0],
-                    T.encrypt_values(context, encryptor, vector),
-                )
-            )
-            encrypt += _cpu() - start
-            up = record_bytes(record)
-            start = _cpu()
-            update = decode_update(context, record, expected_values=size + 2)
-            loaded = []
-            for blob in update.ciphertexts:
-                scratch.write(blob)
-                ciphertext = context.sealapi.Ciphertext()
-                ciphertext.load(context.context, scratch.path)
-                loaded.append(ciphertext)
-            if total is None:
-                total = loaded
-            else:
-                for accumulator, ciphertext in zip(total, loaded, strict=True):
-                    evaluator.add_inplace(accumulator, ciphertext)
-            server += _cpu() - start
+    level = CiphertextLevel.of_context(context.context, context.scale)
+    total = ResidueSum(level, -(-(size + 2) // context.n))
+    for model, count in zip(models, counts, strict=True):
         start = _cpu()
-        blobs = []
-        for ciphertext in total:
-            ciphertext.save(scratch.path)
-            blobs.append(scratch.read())
-        raws = [T.split_ciphertext(context, blob) for blob in blobs]
-        c1_record = residue_record("c1", [raw.polys[1] for raw in raws])
-        round_time = _cpu() - start
+        weight = count / unit
+        vector = np.concatenate([flat(model) * weight, [weight, 1.0]])
+        record = encode_update(
+            EncryptedUpdate(
+                "0" * 32,
+                vector.shape[0],
+                T.encrypt_values(context, encryptor, vector),
+            )
+        )
+        encrypt += _cpu() - start
+        up = record_bytes(record)
+        start = _cpu()
+        update = decode_update(context, record, expected_values=size + 2)
+        total.add(update.ciphertexts)
+        server += _cpu() - start
+    start = _cpu()
+    raws = total.raw()
+    c1_record = residue_record("c1", [raw.polys[1] for raw in raws])
+    round_time = _cpu() - start
     partial_times = []
     share_bytes = 0
     all_partials = []

@@ -136,7 +136,7 @@ def test_encrypted_record_carries_only_ciphertexts_and_a_header(keysets, wire):
     meta = json.loads(encrypted[META_KEY].data)
     assert set(meta) == {
         "format", "kind", "profile", "fingerprint", "wire", "manifest",
-        "num_chunks", "decryptor", "crc32",
+        "num_chunks", "decryptor", "digest",
     }  # fmt: skip
     secret_bytes = files.secret.read_bytes()[-4096:]
     server_bytes = files.server.read_bytes()[-64:]
@@ -223,7 +223,7 @@ def test_wrong_key_and_wrong_profile_name_both_fingerprints(keysets, tmp_path):
 def _replace_chunk(
     record: ArrayRecord, index: int, data: bytes, fix_checksum: bool = False
 ) -> ArrayRecord:
-    """Swap one ciphertext; with ``fix_checksum`` the header's CRC32 matches it."""
+    """Swap one ciphertext; with ``fix_checksum`` the header's digest matches it."""
     header = EncryptedHeader.from_record(record)
     blobs = chunks(record, header)
     blobs[index] = data
@@ -236,7 +236,7 @@ def _replace_chunk(
 
 @pytest.mark.parametrize("wire", WIRES)
 @pytest.mark.parametrize(
-    "damage", ["truncate", "flip", "empty", "swap-profile", "truncate-crc-ok"]
+    "damage", ["truncate", "flip", "empty", "swap-profile", "truncate-digest-ok"]
 )
 def test_damaged_reply_is_rejected_without_touching_the_sum(keysets, wire, damage):
     secret, server, _ = keysets["default"]
@@ -252,7 +252,7 @@ def test_damaged_reply_is_rejected_without_touching_the_sum(keysets, wire, damag
         flipped = bytearray(blob)
         flipped[len(flipped) // 2] ^= 0xFF
         bad = _replace_chunk(encrypted[2], last, bytes(flipped))
-    elif damage == "truncate-crc-ok":  # SEAL itself must reject it
+    elif damage == "truncate-digest-ok":  # SEAL itself must reject it
         bad = _replace_chunk(
             encrypted[2], last, blob[: len(blob) - 64], fix_checksum=True
         )

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import zlib
 from dataclasses import replace
 
 import numpy as np
@@ -184,7 +183,7 @@ def _hostile_metas(good: dict) -> dict[str, bytes]:
         "num_chunks 1e400": edit().replace(
             f'"num_chunks": {n}'.encode(), b'"num_chunks": 1e400'
         ),
-        "crc32 1e400": edit().replace(b'"crc32": [', b'"crc32": [1e400, '),
+        "digest 1e400": edit().replace(b'"digest": [', b'"digest": [1e400, '),
         "ranks 1e400": edit().replace(b'"ranks": [', b'"ranks": [1e400, '),
         "NaN num_chunks": edit().replace(
             f'"num_chunks": {n}'.encode(), b'"num_chunks": NaN'
@@ -202,7 +201,8 @@ def _hostile_metas(good: dict) -> dict[str, bytes]:
         "kind is a list": edit(kind=["update"]),
         "manifest is a list": edit(manifest=[1, 2]),
         "keys are numbers": edit(**{"manifest.keys": [1, 2]}),
-        "crc32 negative": edit(crc32=[-1] * n),
+        "digest negative": edit(digest=[-1] * n),
+        "digest 2^64": edit(digest=[2**64] * n),
         "num_chunks bool": edit(num_chunks=True),
         "huge int": edit().replace(
             f'"num_chunks": {n}'.encode(), b'"num_chunks": ' + b"9" * 5000
@@ -273,7 +273,7 @@ def test_many_tiny_chunks_are_refused_before_anything_is_allocated(keys_dir):
     Decrypting it would allocate 8,192 x 8,192 float64 (512 MiB) before the first
     chunk fails to load; it is refused on the byte counts alone.
     """
-    from flwr_ext.he.codec import FORMAT_VERSION, chunk_keys
+    from flwr_ext.he.codec import FORMAT_VERSION, chunk_digest, chunk_keys
 
     keys = load_keys(keys_dir / SERVER_FILE)
     chunks_ = [bytes([i % 256]) for i in range(8192)]
@@ -283,7 +283,8 @@ def test_many_tiny_chunks_are_refused_before_anything_is_allocated(keys_dir):
                        "profile": keys.profile.name, "fingerprint": keys.fingerprint,
                        "wire": "packed", "manifest": manifest, "num_chunks": 8192,
                        "decryptor": False,
-                       "crc32": [zlib.crc32(c) for c in chunks_]}).encode()  # fmt: skip
+                       "digest": [chunk_digest(c) for c in chunks_],
+                       }).encode()  # fmt: skip
     arrays = {META_KEY: Array("uint8", (len(meta),), STYPE_META, meta)}
     for key, blob in zip(chunk_keys(8192), chunks_, strict=True):
         arrays[key] = Array("uint8", (1,), "flwr-ext.ckks.ciphertext", blob)

@@ -327,7 +327,7 @@ def _tamper(how: str):
     ("how", "reason"),
     [
         ("truncate", "does not load"),
-        ("flip", "CRC32 mismatch"),
+        ("flip", "digest mismatch"),
         ("drop-chunk", "expected arrays"),
     ],
 )

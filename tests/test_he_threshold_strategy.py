@@ -245,6 +245,43 @@ def test_hostile_replies_are_dropped_and_the_round_goes_on(tmp_path, caplog):
     assert result.train_metrics_clientapp[1]["ckks-summed"] == 3
 
 
+def test_a_residue_out_of_range_is_dropped_and_rolled_back_exactly(tmp_path, caplog):
+    """A well-formed update (right key set, level, scale, sizes) whose *last*
+    ciphertext holds one residue >= its prime: SEAL's load refused it, so must the
+    residue sum; its earlier ciphertexts, already added, are subtracted again, so
+    the round's aggregate is exactly the other three sites' FedAvg."""
+    from flwr_ext.he.threshold import ThresholdContext
+
+    q = ThresholdContext().data_moduli[1]
+
+    def forger(msg, context, call_next):
+        reply = call_next(msg, context)
+        if int(context.node_config["partition-id"]) == 0 and not reply.has_error():
+            record = reply.content.array_records.get("arrays")
+            if record is not None and "ct-00001" in record:
+                data = record["ct-00001"].numpy().copy()
+                offset = 113 + 8 * (3 * 8192 + 17)  # c1, prime 1, coefficient 17
+                data[offset : offset + 8] = np.frombuffer(
+                    int(q).to_bytes(8, "little"), np.uint8
+                )
+                record["ct-00001"] = Array(data)
+        return reply
+
+    apps = {n: make_app([forger, ckks_mod]) for n in range(1, 5)}
+    strategy = ThresholdHomomorphicAggregation(FedAvg())
+    with caplog.at_level(logging.WARNING):
+        result, _ = run(strategy, apps, tmp_path, rounds=1)
+    assert "dropped reply from hospital-1" in caplog.text
+    assert "out of range" in caplog.text
+    assert result.train_metrics_clientapp[1]["ckks-summed"] == 3
+    plain = InProcessGrid(
+        {n: make_app([]) for n in range(2, 5)},
+        node_configs={n: {"partition-id": n - 1} for n in range(2, 5)},
+    )
+    expected = FedAvg().start(grid=plain, initial_arrays=initial_model(), num_rounds=1)
+    assert_close(result.arrays, expected.arrays, atol=1e-5)
+
+
 def test_two_sites_sharing_one_share_are_refused_at_setup(tmp_path, caplog):
     """A shared share directory would give two sites the same s_i: the server
     sees their public shares differ by a small polynomial and refuses both."""

@@ -1,15 +1,28 @@
 """Add encrypted updates as they arrive: one accumulator, one ciphertext in flight.
 
-The server holds a context without any key: it can load ciphertexts and add them,
-nothing else. :class:`CiphertextSum` keeps the running sum as deserialised
-ciphertexts. A reply's header is checked first (kind, wire format, key fingerprint,
-profile, model structure, chunk count); then its chunks are streamed: each one's
-CRC32 is verified, SEAL loads and validates it, and it is added in place. If a
-chunk fails - corrupted, truncated, or a well-formed ciphertext at another level or
-scale that SEAL refuses to add - the chunks of that reply already added are
-subtracted again (exact in modular arithmetic) and the reply is rejected, leaving
-the sum as it was. Peak memory is one accumulator plus one ciphertext in flight
-(the replies themselves are held by Flower), whatever the number of clients.
+The server holds a context without any key: it can add ciphertexts, nothing else.
+A reply's header is checked first (kind, wire format, key fingerprint, profile,
+model structure, chunk count, chunk sizes); then its chunks are streamed: each
+one's integrity digest is verified (:func:`flwr_ext.he.codec.iter_chunks`), then
+it is checked and added in place. If a chunk fails - corrupted, truncated, a
+residue out of range, or a well-formed ciphertext at another level or scale - the
+chunks of that reply already added are subtracted again (exact in modular
+arithmetic) and the reply is rejected, leaving the sum as it was. Peak memory is
+one accumulator plus one ciphertext in flight (the replies themselves are held by
+Flower), whatever the number of clients.
+
+Two back ends, by wire format:
+
+- ``"packed"`` (the default): no SEAL object at all. The chunks are SEAL
+  ciphertext bytes; :class:`~flwr_ext.he.residue_sum.ResidueSum` (the one
+  secure-sum primitive, shared with the threshold strategy) parses them in place,
+  checks what SEAL's ``load`` and the profile checks checked (level, NTT form,
+  size, degree, primes, scale, correction factor, every residue below its prime)
+  and adds the residues with numpy. :meth:`CiphertextSum.result` writes SEAL bytes,
+  which SEAL validates again when a key holder loads them.
+- ``"seeded"`` and ``"tenseal"``: SEAL (or TenSEAL) loads each chunk (a seeded
+  ciphertext's second polynomial must be expanded from its seed, a TenSEAL vector
+  has its own format) and adds it with its evaluator, as before.
 """
 
 from __future__ import annotations
@@ -29,6 +42,8 @@ from .codec import (
     pack,
 )
 from .keys import CkksKeys
+from .residue_sum import CiphertextLevel, ResidueSum
+from .seal_raw import zstd_compressed
 from .wire import CiphertextError, get_wire
 
 __all__ = ["CiphertextSum"]
@@ -52,7 +67,10 @@ class CiphertextSum:
         self.keys = keys
         self.manifest = manifest
         self.wire = get_wire(wire)
+        #: Back end of ``"seeded"`` and ``"tenseal"``: loaded ciphertexts.
         self._sum: list[Any] | None = None
+        #: Back end of ``"packed"``: the residue sum.
+        self._residues: ResidueSum | None = None
         #: Number of updates added so far.
         self.count = 0
 
@@ -78,6 +96,10 @@ class CiphertextSum:
                 f"{what} encrypts a model with a different structure than the "
                 f"global model ({_manifest_difference(header.manifest, self.manifest)})"
             )
+        if self.wire.name == "packed":
+            self._add_residues(record, header, what)
+            self.count += 1
+            return header
         sizes = self.wire.chunk_sizes(self.keys, header.num_values)
         if self._sum is None:
             self._sum = self._first(record, header, sizes, what)
@@ -86,6 +108,27 @@ class CiphertextSum:
             self._add_streaming(record, header, sizes, what)
         self.count += 1
         return header
+
+    def _add_residues(
+        self, record: ArrayRecord, header: EncryptedHeader, what: str
+    ) -> None:
+        """Add a ``packed`` reply to the residue sum (all or nothing)."""
+        first = self._residues is None
+        if self._residues is None:
+            # Sized by a header whose chunk count and chunk byte lengths were
+            # checked against the bytes really received.
+            level = CiphertextLevel.of_context(
+                self.keys.seal().context, self.keys.profile.scale
+            )
+            self._residues = ResidueSum(level, header.num_chunks)
+        try:
+            self._residues.add(iter_chunks(record, header))
+        except (CiphertextError, InvalidCiphertextError) as err:
+            if first:
+                self._residues = None  # nothing was summed: free the accumulator
+            raise InvalidCiphertextError(f"{what}: {err}") from err
+        if first:
+            self.manifest = header.manifest
 
     def _first(
         self, record: ArrayRecord, header: EncryptedHeader, sizes: list[int], what: str
@@ -141,9 +184,17 @@ class CiphertextSum:
 
     def result(self) -> ArrayRecord | None:
         """Return the encrypted sum (kind ``"model"``), or None if nothing was added."""
-        if self._sum is None or self.manifest is None:
+        if self.manifest is None:
             return None
-        blobs = self.wire.dump(self.keys, self._sum)
+        if self._residues is not None:
+            blobs = self._residues.ciphertexts()
+            if max(self._residues.level.moduli).bit_length() <= 56:
+                # >= 8 zero bits in every word: compress as SEAL's save did
+                blobs = [zstd_compressed(blob) for blob in blobs]
+        elif self._sum is not None:
+            blobs = self.wire.dump(self.keys, self._sum)
+        else:
+            return None
         header = EncryptedHeader(
             "model",
             self.keys.profile.name,

@@ -41,7 +41,7 @@ MAX_STRING = 1024
 #: ``numpy.dtype.str`` of a float or integer array, e.g. ``<f4``, ``|u1``, ``<i8``.
 _DTYPE = re.compile(r"[<>|=]?[fiu][1248]")
 _REQUIRED = ("format", "kind", "profile", "fingerprint", "wire", "manifest",
-             "num_chunks", "crc32")  # fmt: skip
+             "num_chunks", "digest")  # fmt: skip
 
 
 class MetaError(ValueError):
@@ -171,10 +171,10 @@ def parse_meta(raw: bytes, format_version: int) -> ParsedMeta:
     if kind not in ("update", "model"):
         raise MetaError(f"unknown kind {kind[:40]!r}")
     num_chunks = _int(data["num_chunks"], "num_chunks", 1, MAX_CHUNKS)
-    checksums = _list(data["crc32"], "crc32")
+    checksums = _list(data["digest"], "digest")
     if len(checksums) != num_chunks:
         raise MetaError(
-            f"'ckks-meta' lists {len(checksums)} checksums for {num_chunks} chunks"
+            f"'ckks-meta' lists {len(checksums)} digests for {num_chunks} chunks"
         )
     decryptor = data.get("decryptor", False)
     if not isinstance(decryptor, bool):
@@ -189,6 +189,6 @@ def parse_meta(raw: bytes, format_version: int) -> ParsedMeta:
         manifest=manifest,
         num_chunks=num_chunks,
         decryptor=decryptor,
-        checksums=tuple(_int(c, "crc32", 0, 2**32 - 1) for c in checksums),
+        checksums=tuple(_int(c, "digest", 0, 2**64 - 1) for c in checksums),
         num_values=num_values,
     )

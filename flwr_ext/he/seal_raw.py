@@ -16,10 +16,13 @@ and writes SEAL's serialization directly (SEAL 4, little-endian):
   ``DynArray``;
 - ``PublicKey``: a ``Ciphertext`` at the key level.
 
-What this module writes is uncompressed; SEAL validates it on load (``load`` runs
+What this module writes is uncompressed (or zstd-compressed as SEAL's own save,
+:func:`zstd_compressed`); SEAL validates it on load (``load`` runs
 ``is_valid_for``), so a malformed object is refused by SEAL, never half-used. What it
 reads is parsed with every length checked against the expected shape before any
-array is built (the bytes may come from a hostile peer).
+array is built, and decompressed to at most that shape's size (the bytes may come
+from a hostile peer); :mod:`flwr_ext.he.residue_sum` adds the checks SEAL's
+``is_valid_for`` makes on the values.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ __all__ = [
     "parse_ciphertext",
     "plaintext_bytes",
     "uncompressed",
+    "zstd_compressed",
 ]
 
 _MAGIC = 0xA15E
@@ -67,13 +71,17 @@ class RawCiphertext:
         The CKKS scale the message was encoded with.
     polys : numpy.ndarray
         ``(size, k, N)`` ``uint64`` residues: ``polys[0]`` is ``c0``, ``polys[1]``
-        is ``c1``.
+        is ``c1``. Parsed from bytes, a read-only view into them (not necessarily
+        8-byte aligned: SEAL's header puts the residues at an odd offset).
+    correction_factor : int
+        SEAL's correction factor (BGV only; SEAL requires 1 for CKKS).
     """
 
     parms_id: tuple[int, int, int, int]
     ntt_form: bool
     scale: float
     polys: np.ndarray
+    correction_factor: int = 1
 
 
 @functools.lru_cache(maxsize=1)
@@ -151,7 +159,10 @@ def plaintext_bytes(
     return _object(meta, _dynarray(residues))
 
 
-def _body(data: bytes | memoryview, what: str) -> bytes | memoryview:
+def _body(
+    data: bytes | memoryview, what: str, limit: int = _MAX_DECOMPRESSED
+) -> bytes | memoryview:
+    """Return the body of one SEAL object, decompressed to at most ``limit`` bytes."""
     if len(data) < _HEADER.size:
         raise SealFormatError(f"{what}: {len(data)} bytes, shorter than a SEAL header")
     magic, header_size, _major, _minor, compression, _reserved, total = (
@@ -167,23 +178,17 @@ def _body(data: bytes | memoryview, what: str) -> bytes | memoryview:
             return payload
         if compression == 1:
             inflater = zlib.decompressobj()
-            body = inflater.decompress(payload, _MAX_DECOMPRESSED)
+            body = inflater.decompress(payload, limit)
             if inflater.unconsumed_tail:
                 raise SealFormatError(f"{what}: decompresses beyond the size limit")
             return body
         if compression == 2:
             stored = _zstd_raw_blocks(payload)
             if stored is not None:
-                if len(stored) > _MAX_DECOMPRESSED:
+                if len(stored) > limit:
                     raise SealFormatError(f"{what}: beyond the size limit")
                 return stored
-            import zstandard  # the one module that needs it: SEAL's default format
-
-            reader = zstandard.ZstdDecompressor().decompressobj()
-            body = reader.decompress(payload)
-            if len(body) > _MAX_DECOMPRESSED:
-                raise SealFormatError(f"{what}: decompresses beyond the size limit")
-            return body
+            return _zstd_bounded(payload, limit, what)
     except (zlib.error, ValueError) as err:
         if isinstance(err, SealFormatError):
             raise
@@ -191,6 +196,31 @@ def _body(data: bytes | memoryview, what: str) -> bytes | memoryview:
     except Exception as err:  # zstandard.ZstdError is not a ValueError
         raise SealFormatError(f"{what}: does not decompress ({err})") from err
     raise SealFormatError(f"{what}: unknown compression mode {compression}")
+
+
+def _zstd_bounded(payload: bytes | memoryview, limit: int, what: str) -> bytes:
+    """Decompress a zstd frame, refusing (without allocating) more than ``limit``."""
+    import zstandard  # the one module that needs it: SEAL's default format
+
+    declared = zstandard.frame_content_size(payload)
+    if declared > limit:
+        raise SealFormatError(f"{what}: decompresses beyond the size limit")
+    if declared >= 0:  # SEAL writes it: one call, exactly that much allocated
+        body = zstandard.ZstdDecompressor().decompress(payload)
+        if len(body) != declared:
+            raise SealFormatError(f"{what}: does not decompress to its declared size")
+        return body
+    reader = zstandard.ZstdDecompressor().stream_reader(bytes(payload))
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        part = reader.read(min(1 << 20, limit + 1 - size))
+        if not part:
+            return b"".join(parts)
+        parts.append(part)
+        size += len(part)
+        if size > limit:
+            raise SealFormatError(f"{what}: decompresses beyond the size limit")
 
 
 def _zstd_raw_blocks(frame: bytes | memoryview) -> bytes | None:
@@ -251,8 +281,25 @@ def uncompressed(data: bytes) -> bytes:
     return _HEADER.pack(_MAGIC, 16, major, minor, 0, reserved, 16 + len(body)) + body
 
 
+def zstd_compressed(data: bytes) -> bytes:
+    """Return an uncompressed SEAL object compressed as SEAL does (mode 2, zstd).
+
+    For residues narrower than the 64-bit words that hold them (profile
+    ``compact``'s 47-bit primes): SEAL's own save shrinks those by about 15 %.
+    """
+    import zstandard
+
+    magic, header_size, major, minor, compression, reserved, total = (
+        _HEADER.unpack_from(data)
+    )
+    if magic != _MAGIC or header_size != 16 or compression != 0 or total != len(data):
+        raise SealFormatError("not an uncompressed SEAL object")
+    body = zstandard.ZstdCompressor(level=1).compress(memoryview(data)[16:])
+    return _HEADER.pack(_MAGIC, 16, major, minor, 2, reserved, 16 + len(body)) + body
+
+
 def parse_ciphertext(
-    data: bytes,
+    data: bytes | memoryview,
     *,
     expected_k: int,
     expected_n: int,
@@ -264,20 +311,22 @@ def parse_ciphertext(
     At the expected level (``expected_k`` primes) and degree; anything else raises
     :class:`SealFormatError`. ``polys`` is ``(expected_size, k, N)``.
     """
-    body = _body(data, what)
     head = 32 + _CIPHERTEXT_META.size
+    expected = expected_size * expected_k * expected_n
+    # What a ciphertext of the expected shape takes: no decompression beyond it.
+    limit = head + _HEADER.size + 8 + 8 * expected
+    body = _body(data, what, limit)
     if len(body) < head + 16 + 8:
         raise SealFormatError(f"{what}: body too short")
     parms_id = struct.unpack_from("<4Q", body)
-    ntt, size, n, k, scale, _correction = _CIPHERTEXT_META.unpack_from(body, 32)
+    ntt, size, n, k, scale, correction = _CIPHERTEXT_META.unpack_from(body, 32)
     if (size, k, n) != (expected_size, expected_k, expected_n):
         raise SealFormatError(
             f"{what}: shape (size={size}, primes={k}, N={n}), expected "
             f"({expected_size}, {expected_k}, {expected_n})"
         )
-    array = _body(memoryview(body)[head:], f"{what} data")
+    array = _body(memoryview(body)[head:], f"{what} data", limit)
     (count,) = struct.unpack_from("<Q", array) if len(array) >= 8 else (-1,)
-    expected = expected_size * expected_k * expected_n
     if count != expected or len(array) != 8 + 8 * expected:
         raise SealFormatError(f"{what}: {count} residues, expected {expected}")
     polys = np.frombuffer(array, dtype="<u8", offset=8).astype(np.uint64, copy=False)
@@ -286,4 +335,5 @@ def parse_ciphertext(
         ntt_form=bool(ntt),
         scale=float(scale),
         polys=polys.reshape(expected_size, expected_k, expected_n),
+        correction_factor=int(correction),
     )

@@ -10,10 +10,12 @@ clients.
     slot (the real and imaginary part of each complex slot, so ``N`` values per
     ciphertext) and full symmetric ciphertexts. About 32 B/param in both
     directions with the two data primes of profile ``default`` - half of
-    ``"tenseal"`` - and half the ciphertexts for the server to load and add,
-    which makes it the fastest format at the server. SEAL's zstd frame is
-    unwrapped when it only holds raw blocks (random residues never compress), so
-    the server's SEAL loads the residues without a zstd pass.
+    ``"tenseal"`` - and half the ciphertexts for the server to add, which
+    makes it the fastest format at the server. SEAL's zstd frame is unwrapped
+    when it only holds raw blocks (random residues never compress), so the
+    server reads the residues where they lie and adds them with numpy
+    (:mod:`flwr_ext.he.residue_sum`, no SEAL object; :meth:`PackedWire.load`
+    remains for key holders and tools).
 ``"tenseal"``
     One TenSEAL ``CKKSVector`` per ``N / 2`` values, serialised with
     ``CKKSVector.serialize()``: each chunk loads with plain TenSEAL

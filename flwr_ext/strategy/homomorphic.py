@@ -801,7 +801,7 @@ def _check_encrypted_inner(strategy: Strategy) -> None:
 
 
 def _checksums(arrays: ArrayRecord | None) -> tuple[int, ...]:
-    """Identify an encrypted model by its chunks' CRC32s (() if not encrypted)."""
+    """Identify an encrypted model by its chunks' digests (() if not encrypted)."""
     if arrays is None or not is_encrypted(arrays):
         return ()
     try:

@@ -19,7 +19,10 @@ What the server runs:
 2. **Each round**: the inner strategy samples and configures; the instructions
    carry the collective public key; each reply (an update encrypted under it,
    pre-scaled by the client's weight, with weight and count slots) is checked and
-   added to the running ciphertext sum.
+   added to the running sum (:class:`flwr_ext.he.residue_sum.ResidueSum`, the
+   secure-sum primitive the single-key wrapper uses too: SEAL's bytes parsed and
+   added as residues with numpy, every check of SEAL's ``load`` kept, a refused
+   reply subtracted again exactly).
 3. **Collective decryption**: the server sends each key holder the sum's ``c1``;
    each returns its flooded partial decryption; the server adds them to ``c0`` and
    decodes. Only the aggregate is ever decrypted. A site that does not answer (or
@@ -50,6 +53,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
+from ..he.residue_sum import CiphertextLevel, ResidueSum
+from ..he.seal_raw import RawCiphertext
 from ..he.threshold import (
     THRESHOLD_PROFILE,
     PartialDecryption,
@@ -60,7 +65,6 @@ from ..he.threshold import (
     combine,
     common_polynomial,
     digest,
-    split_ciphertext,
     unpack,
 )
 from ..he.threshold_protocol import (
@@ -85,7 +89,7 @@ from ..he.threshold_protocol import (
     residue_record,
     vector_to_metrics,
 )
-from ..he.wire import _scratch_file
+from ..he.wire import CiphertextError
 from ..records import (
     InvalidReplyError,
     Manifest,
@@ -381,31 +385,16 @@ class ThresholdHomomorphicAggregation(StrategyWrapper):
         replies = list(replies)
         report = self._round_report(server_round, len(replies))
         assert self._context is not None and self._manifest is not None
-        context = self._context
-        evaluator = context.sealapi.Evaluator(context.context)
-        total: list[Any] | None = None
-        with _scratch_file() as scratch:
+        total = self._residue_sum(self._manifest.size + 2, self._context.scale)
 
-            def accept(
-                reply: Message, node_id: int, index: int
-            ) -> tuple[Message, float]:
-                nonlocal total
-                try:
-                    weight, ciphertexts = self._check_reply(reply, node_id, scratch)
-                except ThresholdError as err:
-                    raise InvalidReplyError(node_id, str(err)) from None
-                if total is None:
-                    total = ciphertexts
-                else:
-                    for accumulator, ciphertext in zip(total, ciphertexts, strict=True):
-                        evaluator.add_inplace(accumulator, ciphertext)
-                return reply, weight
+        def accept(reply: Message, node_id: int, index: int) -> tuple[Message, float]:
+            try:
+                weight = self._add_reply(reply, node_id, total)
+            except ThresholdError as err:
+                raise InvalidReplyError(node_id, str(err)) from None
+            return reply, weight
 
-            valid, _ = self._screen_replies(report, replies, self._sampled, accept)
-            blobs = []
-            for ciphertext in total or []:
-                ciphertext.save(scratch.path)
-                blobs.append(scratch.read())
+        valid, _ = self._screen_replies(report, replies, self._sampled, accept)
         counts = {
             METRIC_RECEIVED: len(replies),
             METRIC_DROPPED: len(replies) - len(valid),
@@ -428,7 +417,7 @@ class ThresholdHomomorphicAggregation(StrategyWrapper):
                 self.min_replies,
             )
         else:
-            average = self._decrypt(server_round, blobs, valid)
+            average = self._decrypt(server_round, total.raw(), valid)
             if average is not None:
                 arrays = self._step(server_round, average, valid)
             why = "the collective decryption failed or its checks did not pass"
@@ -436,9 +425,15 @@ class ThresholdHomomorphicAggregation(StrategyWrapper):
             arrays, self._round_metrics(server_round, valid, counts, started), why
         )
 
-    def _check_reply(
-        self, reply: Message, node_id: int, scratch: Any
-    ) -> tuple[float, list[Any]]:
+    def _residue_sum(self, num_values: int, scale: float) -> ResidueSum:
+        """Return an empty sum of updates of ``num_values`` values at ``scale``."""
+        context = self._context
+        assert context is not None
+        level = CiphertextLevel.of_context(context.context, scale)
+        return ResidueSum(level, max(1, math.ceil(num_values / context.n)))
+
+    def _add_reply(self, reply: Message, node_id: int, total: ResidueSum) -> float:
+        """Check a training reply and add its update to ``total``; its weight."""
         assert self._context is not None and self._manifest is not None
         _, weight = validate_metrics(reply, self.weight_key, node_id)
         records = reply.content.array_records
@@ -451,36 +446,17 @@ class ThresholdHomomorphicAggregation(StrategyWrapper):
             next(iter(records.values())),
             expected_values=self._manifest.size + 2,
         )
-        ciphertexts = self._load_update(update, scratch, self._context.scale)
-        return weight, ciphertexts
+        self._add_update(update, total)
+        return weight
 
-    def _load_update(self, update: Any, scratch: Any, scale: float) -> list[Any]:
-        """Load and check an update's ciphertexts (SEAL validates each)."""
-        context = self._context
-        assert context is not None
+    def _add_update(self, update: Any, total: ResidueSum) -> None:
+        """Add an update's ciphertexts to ``total``: all of them, or none."""
         if update.keyset != self._keyset:
             raise ThresholdError("the update is encrypted under another key set")
-        ciphertexts = []
-        for blob in update.ciphertexts:
-            scratch.write(blob)
-            ciphertext = context.sealapi.Ciphertext()
-            try:
-                ciphertext.load(context.context, scratch.path)
-            except Exception as err:  # SEAL's validation: any failure drops it
-                raise ThresholdError(f"a ciphertext does not load ({err})") from err
-            if (
-                tuple(ciphertext.parms_id()) != context.data_parms_id
-                or ciphertext.size() != 2
-                or not ciphertext.is_ntt_form()
-                or float(ciphertext.scale) != scale
-                or int(ciphertext.poly_modulus_degree()) != context.n
-                or int(ciphertext.coeff_modulus_size()) != context.k
-            ):
-                raise ThresholdError(
-                    "a ciphertext does not fit the key set's parameters"
-                )
-            ciphertexts.append(ciphertext)
-        return ciphertexts
+        try:
+            total.add(update.ciphertexts)
+        except CiphertextError as err:
+            raise ThresholdError(str(err)) from None
 
     def _who(self, node_id: int) -> str:
         """Name a node in log lines by its site name, learned at set-up."""
@@ -488,16 +464,19 @@ class ThresholdHomomorphicAggregation(StrategyWrapper):
 
     # ------------------------------------------------------ decryption
     def _decrypt(
-        self, server_round: int, blobs: list[bytes], valid: list[tuple[Message, float]]
+        self,
+        server_round: int,
+        raws: list[RawCiphertext],
+        valid: list[tuple[Message, float]],
     ) -> np.ndarray | None:
         """Decrypt a training round's aggregate; the checked weighted average."""
-        vector = self._collective_decrypt(f"round {server_round}", blobs, len(valid))
+        vector = self._collective_decrypt(f"round {server_round}", raws, len(valid))
         if vector is None:
             return None
         return self._check_slots(server_round, vector, valid)
 
     def _collective_decrypt(
-        self, label: str, blobs: list[bytes], contributions: int
+        self, label: str, raws: list[RawCiphertext], contributions: int
     ) -> np.ndarray | None:
         """Decrypt an aggregate with every key holder; ``None`` if any site fails.
 
@@ -507,7 +486,6 @@ class ThresholdHomomorphicAggregation(StrategyWrapper):
         """
         assert self._context is not None and self._grid is not None
         context = self._context
-        raws = [split_ciphertext(context, blob) for blob in blobs]
         c1_record = residue_record("c1", [raw.polys[1] for raw in raws])
         self._sequence += 1
         requests = [
@@ -632,47 +610,37 @@ class ThresholdHomomorphicAggregation(StrategyWrapper):
         replies = list(
             grid.send_and_receive(requests, timeout=timeout or self.decrypt_timeout)
         )
-        evaluator = context.sealapi.Evaluator(context.context)
         layout: list[tuple[str, int]] | None = None
-        total: list[Any] | None = None
-        count = 0
+        total: ResidueSum | None = None
         seen: set[int] = set()
-        with _scratch_file() as scratch:
-            for reply in replies:
-                node_id = int(reply.metadata.src_node_id)
-                try:
-                    self._screen(reply, set(self._sites), seen)
-                    config_record = reply.content.config_records.get("config")
-                    record = reply.content.array_records.get("sum")
-                    if config_record is None or record is None:
-                        raise ThresholdError("malformed secure-sum reply")
-                    reply_layout = read_layout(config_record.get(KEY_LAYOUT))
-                    if layout is not None and reply_layout != layout:
-                        raise ThresholdError("its layout differs from the other sites'")
-                    update = decode_update(
-                        context, record, expected_values=layout_size(reply_layout) + 1
-                    )
-                    ciphertexts = self._load_update(
-                        update, scratch, float(2**scale_bits)
-                    )
-                except (InvalidReplyError, ThresholdError) as err:
-                    reason = (
-                        err.reason if isinstance(err, InvalidReplyError) else str(err)
-                    )
-                    self._log_drop(0, node_id, f"secure sum: {reason}")
-                    continue
-                layout = reply_layout
-                if total is None:
-                    total = ciphertexts
-                else:
-                    for accumulator, ciphertext in zip(total, ciphertexts, strict=True):
-                        evaluator.add_inplace(accumulator, ciphertext)
-                count += 1
-            blobs = []
-            for ciphertext in total or []:
-                ciphertext.save(scratch.path)
-                blobs.append(scratch.read())
-        if count < self.min_replies or layout is None:
+        for reply in replies:
+            node_id = int(reply.metadata.src_node_id)
+            try:
+                self._screen(reply, set(self._sites), seen)
+                config_record = reply.content.config_records.get("config")
+                record = reply.content.array_records.get("sum")
+                if config_record is None or record is None:
+                    raise ThresholdError("malformed secure-sum reply")
+                reply_layout = read_layout(config_record.get(KEY_LAYOUT))
+                if layout is not None and reply_layout != layout:
+                    raise ThresholdError("its layout differs from the other sites'")
+                size = layout_size(reply_layout) + 1
+                update = decode_update(context, record, expected_values=size)
+                # The first valid answer fixes the layout (and the sum's size,
+                # bounded by read_layout and by the bytes decode_update checked).
+                candidate = (
+                    total
+                    if total is not None
+                    else self._residue_sum(size, float(2**scale_bits))
+                )
+                self._add_update(update, candidate)
+            except (InvalidReplyError, ThresholdError) as err:
+                reason = err.reason if isinstance(err, InvalidReplyError) else str(err)
+                self._log_drop(0, node_id, f"secure sum: {reason}")
+                continue
+            layout, total = reply_layout, candidate
+        count = 0 if total is None else total.count
+        if total is None or count < self.min_replies or layout is None:
             log(
                 WARNING,
                 "[%s] secure sum: %d valid answers, fewer than min_replies=%d",
@@ -681,7 +649,7 @@ class ThresholdHomomorphicAggregation(StrategyWrapper):
                 self.min_replies,
             )
             return None
-        vector = self._collective_decrypt("secure sum", blobs, count)
+        vector = self._collective_decrypt("secure sum", total.raw(), count)
         if vector is None:
             return None
         size = layout_size(layout)
