@@ -73,7 +73,17 @@ CLEAN_MARGIN = 1.0  # f = 20 %: clean >= clean FedAvg - 1
 WORST_CASE_F30 = 88.0  # f = 30 %: worst case >= 88 %
 WORST_CASE_F30_ALPHA01 = 80.0  # stretch: f = 30 %, alpha = 0.1
 #: The attacks that adapt to the honest updates (and, -opt, to the rule).
-ADAPTIVE_ATTACKS = ("alie", "ipm", "minmax", "minsum", "mimic", "alie-opt", "ipm-opt")
+ADAPTIVE_ATTACKS = (
+    "alie",
+    "ipm",
+    "minmax",
+    "minsum",
+    "mimic",
+    "alie-opt",
+    "ipm-opt",
+    "alie-opt-evasive",
+    "ipm-opt-evasive",
+)
 
 ATTACK_LABELS = {
     "none": "no attack",
@@ -91,6 +101,8 @@ ATTACK_LABELS = {
     "mimic": "Mimic",
     "alie-opt": "ALIE line-searched",
     "ipm-opt": "IPM line-searched",
+    "alie-opt-evasive": "ALIE line-searched, evasive",
+    "ipm-opt-evasive": "IPM line-searched, evasive",
 }
 
 
