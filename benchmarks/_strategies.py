@@ -300,12 +300,6 @@ _ADAPTIVE_DEFENCES: list[StrategyConfig] = [
         _cc_previous(_arc, radius_quantile=0.4, opposed=True),
     ),
     StrategyConfig(
-        "ours-cc-previous-arc-opposed",
-        "CC (previous, drop opposed) + ARC",
-        True,
-        _cc_previous(_arc, opposed=True),
-    ),
-    StrategyConfig(
         "ours-cc-previous-arc-q40-l1",
         "CC (previous, radius q=0.4, L=1) + ARC",
         True,
