@@ -348,6 +348,12 @@ _ADAPTIVE_DEFENCES: list[StrategyConfig] = [
         "ours-trimmed-mean-arc-nnm", "TrimmedMean + ARC + NNM", True, _tm_arc_nnm
     ),
     StrategyConfig(
+        "ours-trimmed-mean-arc",
+        "TrimmedMean + ARC",
+        True,
+        lambda n, f, b: TrimmedMean(_fedavg(n), beta=b, pre_aggregation=_arc(f)),
+    ),
+    StrategyConfig(
         "ours-trimmed-mean-arc-nnm-momentum",
         f"TrimmedMean + ARC + NNM + client momentum {MOMENTUM}",
         True,
