@@ -34,8 +34,12 @@ How each attack reaches the server
   ordinary reply Messages in ``aggregate_train``. ``alie-opt`` and ``ipm-opt`` are
   also given the server's rule (:func:`benchmarks._targets.target_aggregator`,
   including the state of a stateful rule) and line-search their strength against
-  it every round; ``mimic`` picks the honest client to copy in round 1 (largest
-  projection on the top direction of variance) and keeps it.
+  it every round; ``alie-opt-evasive`` and ``ipm-opt-evasive`` do the same
+  with every candidate made non-opposing to the last server step (the
+  difference of the last two global models, which every client sees):
+  the counter-move to ``CenteredClippingRule(max_opposed=f)``; ``mimic``
+  picks the honest client to copy in round 1 (largest projection on the top
+  direction of variance) and keeps it.
 
 The grid also audits the strategy: it fingerprints every reply it hands over and,
 at the next round (or at :meth:`ByzantineGrid.finish`), counts replies whose
@@ -122,11 +126,23 @@ ATTACKS: tuple[str, ...] = (
     "mimic",
     "alie-opt",
     "ipm-opt",
+    "alie-opt-evasive",
+    "ipm-opt-evasive",
 )
 #: Attacks the adversary grid applies (they read the honest updates of the round).
-OMNISCIENT_ATTACKS = ("alie", "ipm", "minmax", "minsum", "mimic", "alie-opt", "ipm-opt")
+OMNISCIENT_ATTACKS = (
+    "alie",
+    "ipm",
+    "minmax",
+    "minsum",
+    "mimic",
+    "alie-opt",
+    "ipm-opt",
+    "alie-opt-evasive",
+    "ipm-opt-evasive",
+)
 #: Omniscient attacks that are also given the server's rule.
-RULE_AWARE_ATTACKS = ("alie-opt", "ipm-opt")
+RULE_AWARE_ATTACKS = ("alie-opt", "ipm-opt", "alie-opt-evasive", "ipm-opt-evasive")
 #: IPM's epsilon: the small value of Xie et al. that hides in the honest spread.
 IPM_EPSILON = 0.1
 #: Factor by which weight-inflation attackers multiply their ``num-examples``.
@@ -440,7 +456,11 @@ _OMNISCIENT: dict[str, OmniscientAttack] = {
     "alie-opt": _needs_rule(optimal_alie),
     "ipm-opt": _needs_rule(optimal_ipm),
     "mimic": lambda honest, _f, _r: honest[mimic(honest)],  # see ByzantineGrid
+    "alie-opt-evasive": _needs_rule(optimal_alie),  # see ByzantineGrid
+    "ipm-opt-evasive": _needs_rule(optimal_ipm),
 }
+#: The evasive attacks, called with the last server step as ``reference``.
+_EVASIVE = {"alie-opt-evasive": optimal_alie, "ipm-opt-evasive": optimal_ipm}
 
 
 def _fingerprint(message: Message) -> tuple:
@@ -503,6 +523,8 @@ class ByzantineGrid(InProcessGrid):
         self.aggregator = aggregator
         #: The honest node the ``mimic`` attackers copy (chosen in round 1).
         self.mimic_target: int | None = None
+        #: The last two global models seen in train rounds (evasive attacks).
+        self._globals: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
         self.weight_factor = weight_factor
         self.malformed = malformed
         self._instructions: dict[str, Message] = {}
@@ -630,11 +652,27 @@ class ByzantineGrid(InProcessGrid):
             [_vector(rec, reply_manifest.keys) - global_vec for rec in honest_records]
         )
         assert self.omniscient is not None
+        # The last server step, as any client sees it (two global models).
+        if self._globals[-1] is None or not np.array_equal(
+            self._globals[-1], global_vec
+        ):
+            self._globals = (self._globals[-1], global_vec)
+        previous = self._globals[0]
+        reference = None if previous is None else global_vec - previous
         if self.omniscient == "mimic":
             nodes = [int(r.metadata.src_node_id) for r in honest_train]
             if self.mimic_target not in nodes:
                 self.mimic_target = nodes[mimic(honest)]
             update = honest[nodes.index(self.mimic_target)]
+        elif self.omniscient in _EVASIVE:
+            if self.aggregator is None:
+                raise ValueError("this attack needs the server's rule (aggregator=...)")
+            update = _EVASIVE[self.omniscient](
+                honest,
+                len(self.byzantine),
+                self.aggregator,
+                reference=reference,
+            )
         else:
             update = _OMNISCIENT[self.omniscient](
                 honest, len(self.byzantine), self.aggregator

@@ -26,6 +26,7 @@ from flwr_ext.attacks import (
     optimal_alie,
     optimal_ipm,
 )
+from flwr_ext.attacks.adaptive import evade_opposition
 from flwr_ext.inprocess import InProcessGrid
 
 N_HONEST, F, D = 16, 4, 50
@@ -51,7 +52,32 @@ ATTACKS = {
     "mimic": lambda h: h[mimic(h)],
     "alie-opt": lambda h: optimal_alie(h, F, fedavg),
     "ipm-opt": lambda h: optimal_ipm(h, F, fedavg),
+    # The last server step: along the honest mean, turned by a few degrees.
+    "alie-opt-evasive": lambda h: optimal_alie(h, F, fedavg, reference=_step(h)),
+    "ipm-opt-evasive": lambda h: optimal_ipm(h, F, fedavg, reference=_step(h)),
 }
+
+
+def _step(honest):
+    step = honest.mean(axis=0).copy()
+    step[:5] += 0.5
+    return step
+
+
+def test_evasive_attacks_never_oppose_the_last_server_step():
+    honest = honest_updates()
+    r = _step(honest)
+    for name in ("alie-opt-evasive", "ipm-opt-evasive"):
+        assert ATTACKS[name](honest) @ r >= -1e-9 * np.linalg.norm(r)
+    # The plain IPM opposes it; the evasive one keeps only what is orthogonal.
+    plain = optimal_ipm(honest, F, fedavg)
+    assert plain @ r < 0
+    evasive = evade_opposition(plain, r)
+    assert evasive @ r == pytest.approx(0.0, abs=1e-9)
+    np.testing.assert_allclose(evasive - plain, (evasive - plain) @ r * r / (r @ r))
+    # No reference, or a row that does not oppose it: unchanged.
+    np.testing.assert_array_equal(evade_opposition(plain, None), plain)
+    np.testing.assert_array_equal(evade_opposition(-plain, r), -plain)
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))

@@ -1,12 +1,13 @@
 """The robustness benchmark's harness on tiny federations, so it cannot rot."""
 
+import itertools
 import json
 import math
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian
 
 from benchmarks import _byzfl as byzfl
 from benchmarks import robustness
@@ -167,7 +168,7 @@ def test_weight_inflation_multiplies_the_attackers_claim():
 
 def test_every_configuration_builds_for_both_fractions():
     keys = [s.key for s in STRATEGIES]
-    assert len(keys) == len(set(keys)) == 30
+    assert len(keys) == len(set(keys)) == 35
     for config in STRATEGIES:
         if config.key.startswith("byzfl-") and not byzfl.available():
             continue  # the benchmark-only extra `bench` is not installed
@@ -215,13 +216,50 @@ def test_cli_sweep_and_reference_limited_to_clean_runs(tmp_path):
     assert "IPM line-searched" in text
 
 
-@pytest.mark.parametrize("attack", ["alie-opt", "ipm-opt", "minmax", "minsum", "mimic"])
+@pytest.mark.parametrize(
+    "attack",
+    ["alie-opt", "ipm-opt", "minmax", "minsum", "mimic", "ipm-opt-evasive"],
+)
 def test_adaptive_attacks_run_through_real_strategies(attack):
     key = robustness.RECOMMENDED
     result = run_federation(
         spec(key, attack, fraction=0.34), strategy_config(key).build
     )
     assert result.status == "ok", result.error
+
+
+@pytest.mark.parametrize(
+    ("attack", "opposes"), [("ipm-opt", True), ("ipm-opt-evasive", False)]
+)
+def test_evasive_ipm_does_not_oppose_the_last_server_step(attack, opposes):
+    """From round 2 the evasive attacker removes what opposes the last step."""
+    sent: list[tuple[np.ndarray, np.ndarray]] = []
+
+    class Recording(FedMedian):
+        def aggregate_train(self, server_round, replies):
+            replies = list(replies)
+            by_node = {r.metadata.src_node_id: r for r in replies}
+            reply = by_node[2].content["arrays"]["w"].numpy().astype(np.float64)
+            global_ = reply - 2.0  # node 2 sends global + 2
+            byz = by_node[1].content["arrays"]["w"].numpy().astype(np.float64)
+            sent.append((global_, byz - global_))
+            return super().aggregate_train(server_round, replies)
+
+    grid = ByzantineGrid(
+        {i: node for i in (1, 2, 3, 4)},
+        byzantine=[1],
+        omniscient=attack,
+        aggregator=lambda x: np.median(x, axis=0),
+    )
+    Recording(fraction_evaluate=0.0).start(
+        grid=grid,
+        initial_arrays=ArrayRecord({"w": Array(np.zeros(3, np.float32))}),
+        num_rounds=3,
+    )
+    for (before, _), (after, update) in itertools.pairwise(sent):
+        step = after - before
+        assert np.linalg.norm(step) > 0
+        assert bool(update @ step < -1e-6) == opposes
 
 
 def test_rule_aware_attacks_need_the_rule():

@@ -30,6 +30,12 @@ from flwr.serverapp.strategy import Strategy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flwr_ext.aggregation import (
+    AdaptiveRobustClipping,
+    Bucketing,
+    NearestNeighborMixing,
+    PreAggregationChain,
+)
 from flwr_ext.privacy import keys
 from flwr_ext.strategy import (
     CenteredClipping,
@@ -98,10 +104,26 @@ WRAPPERS: dict[str, Callable[[int], Strategy]] = {
     "CenteredClipping-NNM": lambda n: CenteredClipping(
         pre_aggregation="nnm", num_byzantine=1
     ),
+    # The issue-13 steps. The stateful ones (in PRIMED) first run one honest
+    # round, so the fuzzed round clips around a kept centre.
+    "CC-previous-ARC": lambda n: CenteredClipping(
+        centre="previous",
+        radius_quantile=0.4,
+        pre_aggregation=AdaptiveRobustClipping(1),
+    ),
+    "Median-Bucketing": lambda n: Median(pre_aggregation=Bucketing(2, seed=0)),
+    "TrimmedMean-ARC-NNM": lambda n: TrimmedMean(
+        beta=0.2,
+        pre_aggregation=PreAggregationChain(
+            [AdaptiveRobustClipping(1), NearestNeighborMixing(1)]
+        ),
+    ),
     "DPFedAvg": lambda n: DPFedAvg(
         num_clients=n, clipping_norm=1.0, noise_multiplier=1.0, accountant="rdp"
     ),
 }
+#: Wrappers whose rule keeps a state across rounds.
+PRIMED = {"CC-previous-ARC"}
 
 
 @contextmanager
@@ -136,6 +158,18 @@ def test_no_reply_breaks_aggregate_train(name: str, data: st.DataObject) -> None
     n_hostile = data.draw(st.integers(1, 3), label="hostile")
     nodes = list(range(1, n_honest + n_hostile + 1))
     strategy = WRAPPERS[name](len(nodes))
+    if name in PRIMED:
+        first = instructions(strategy, global_arrays, nodes)
+        with quiet_flwr():
+            primed, _ = strategy.aggregate_train(
+                1,
+                [
+                    honest_reply(m, honest_arrays(global_arrays, 0.02 * i), 10)
+                    for i, m in enumerate(first)
+                ],
+            )
+        assert primed is not None
+        assert strategy.rule_state is not None
     msgs = instructions(strategy, global_arrays, nodes)
     assert len(msgs) == len(nodes)
     replies = [

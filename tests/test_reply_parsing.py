@@ -30,6 +30,12 @@ from flwr.app import (
 )
 
 from flwr_ext import records
+from flwr_ext.aggregation import (
+    AdaptiveRobustClipping,
+    Bucketing,
+    NearestNeighborMixing,
+    PreAggregationChain,
+)
 from flwr_ext.records import (
     InvalidReplyError,
     Manifest,
@@ -289,6 +295,30 @@ def wrappers():
         pytest.param(
             lambda: Median(pre_aggregation="nnm", num_byzantine=1), id="Median-NNM"
         ),
+        # The issue-13 steps: a stateful rule (primed, so the hostile round
+        # clips around a kept centre), ARC, bucketing and a chain of steps.
+        pytest.param(
+            lambda: _primed(
+                CenteredClipping(
+                    centre="previous",
+                    radius_quantile=0.4,
+                    pre_aggregation=AdaptiveRobustClipping(1),
+                )
+            ),
+            id="CC-previous-ARC",
+        ),
+        pytest.param(
+            lambda: Median(pre_aggregation=Bucketing(2, seed=0)), id="Median-Bucketing"
+        ),
+        pytest.param(
+            lambda: TrimmedMean(
+                beta=0.2,
+                pre_aggregation=PreAggregationChain(
+                    [AdaptiveRobustClipping(1), NearestNeighborMixing(1)]
+                ),
+            ),
+            id="TrimmedMean-ARC-NNM",
+        ),
         pytest.param(
             lambda: DPFedAvg(
                 num_clients=n,
@@ -299,6 +329,16 @@ def wrappers():
             id="DPFedAvg",
         ),
     ]
+
+
+def _primed(strategy):
+    """Run one honest round (every update 0.5) so a stateful rule holds a centre."""
+    msgs = instructions(strategy, model(0.0), HONEST)
+    arrays, _ = strategy.aggregate_train(1, [reply_to(m, model(0.5)) for m in msgs])
+    assert arrays is not None
+    assert strategy.rule_state is not None
+    np.testing.assert_allclose(strategy.rule_state, 0.5, atol=1e-6)
+    return strategy
 
 
 def manifest_and_instruction() -> tuple[Manifest, Message]:

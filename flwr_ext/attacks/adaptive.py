@@ -18,6 +18,12 @@ References
   aggregate farthest from the honest mean, as in ByzFL's ``Optimal_ALIE`` and
   ``Optimal_InnerProductManipulation`` (Allouah et al., "Fixing by Mixing",
   AISTATS 2023, and the ByzFL library).
+- Evasive variants (``reference=`` of :func:`optimal_alie` and
+  :func:`optimal_ipm`): every candidate is first moved onto the half-space
+  ``{x : <x, r> >= 0}`` of the last server step ``r`` (which every client can
+  compute from two consecutive global models), the counter-move to a server
+  that drops updates opposing its previous aggregate
+  (``CenteredClippingRule(max_opposed=f)``).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ __all__ = [
     "ALIE_FACTORS",
     "IPM_FACTORS",
     "Aggregator",
+    "evade_opposition",
     "line_search",
     "mimic",
     "mimic_direction",
@@ -179,17 +186,44 @@ def line_search(
     return best[1], best[2]
 
 
+def evade_opposition(update: np.ndarray, reference: np.ndarray | None) -> np.ndarray:
+    """Remove ``update``'s component against ``reference`` (if it has one).
+
+    Returns ``update - min(0, <update, r>) r`` for the unit vector ``r`` of
+    ``reference``: the closest vector to ``update`` whose inner product with
+    the reference is not negative. A missing or zero reference changes nothing.
+    """
+    if reference is None:
+        return update
+    reference = np.asarray(reference, dtype=np.float64)
+    norm = float(np.linalg.norm(reference))
+    if not np.isfinite(norm) or norm == 0.0:
+        return update
+    r = reference / norm
+    along = float(update @ r)
+    return update - min(0.0, along) * r
+
+
 def optimal_alie(
     honest: np.ndarray,
     num_byzantine: int,
     aggregate: Aggregator,
     factors: Sequence[float] = ALIE_FACTORS,
+    reference: np.ndarray | None = None,
 ) -> np.ndarray:
-    """ALIE ``mean - z * std`` with ``z`` line-searched against ``aggregate``."""
+    """ALIE ``mean - z * std`` with ``z`` line-searched against ``aggregate``.
+
+    With ``reference`` (the last server step) every candidate is made
+    non-opposing to it first (:func:`evade_opposition`).
+    """
     honest = _honest(honest)
     mean, std = honest.mean(axis=0), honest.std(axis=0)
     return line_search(
-        honest, num_byzantine, lambda z: mean - z * std, aggregate, factors
+        honest,
+        num_byzantine,
+        lambda z: evade_opposition(mean - z * std, reference),
+        aggregate,
+        factors,
     )[1]
 
 
@@ -198,10 +232,19 @@ def optimal_ipm(
     num_byzantine: int,
     aggregate: Aggregator,
     factors: Sequence[float] = IPM_FACTORS,
+    reference: np.ndarray | None = None,
 ) -> np.ndarray:
-    """IPM ``-epsilon * mean`` with ``epsilon`` line-searched against ``aggregate``."""
+    """IPM ``-epsilon * mean`` with ``epsilon`` line-searched against ``aggregate``.
+
+    With ``reference`` (the last server step) every candidate is made
+    non-opposing to it first (:func:`evade_opposition`).
+    """
     honest = _honest(honest)
     mean = honest.mean(axis=0)
-    return line_search(honest, num_byzantine, lambda e: -e * mean, aggregate, factors)[
-        1
-    ]
+    return line_search(
+        honest,
+        num_byzantine,
+        lambda e: evade_opposition(-e * mean, reference),
+        aggregate,
+        factors,
+    )[1]
