@@ -246,7 +246,9 @@ def _check_documented_results(
 def test_the_documented_deployment_runs_verbatim_for_the_bank_app(tmp_path):
     app = "bank-fraud"
     sites = bank_sites(tmp_path / "data")
-    deployment = DocumentedDeployment(tmp_path, app, sites, rounds=2)
+    # One round: the commands are what is tested; later rounds of a CKKS
+    # deployment (an encrypted global model at the sites) are the hospital run's.
+    deployment = DocumentedDeployment(tmp_path, app, sites, rounds=1)
     try:
         deployment.up()
         run = deployment.submit()

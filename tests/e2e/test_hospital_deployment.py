@@ -121,6 +121,8 @@ def test_a_killed_supernode_drops_out_and_the_run_completes(tmp_path):
             run_config={
                 "num-server-rounds": 2,
                 "local-epochs": 2,
+                # No statistics round before round 1: the crash is what is tested.
+                "standardisation": "site",
                 "min-nodes": 2,
                 "round-timeout": 120.0,
                 "node-wait-timeout": 5.0,  # the path, not the length, is tested
