@@ -264,6 +264,18 @@ class FlowerProcess:
         _signal_group(self.pid, signal.SIGKILL)
         self._log.close()
 
+    def log_count(self, text: str) -> int:
+        """How many times ``text`` occurs in the process's log so far.
+
+        Reading the log costs nothing, unlike a ``flwr`` command (a new Python
+        process importing Flower): tests wait on it, e.g. for a SuperNode's
+        second "Receiving: train message" (it has begun round 2).
+        """
+        try:
+            return self.log_path.read_text(errors="replace").count(text)
+        except OSError:
+            return 0
+
     def tail(self, lines: int = 40) -> str:
         """Last ``lines`` lines of the process's log."""
         try:

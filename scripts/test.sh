@@ -29,5 +29,14 @@ PYTHONPATH="$PWD/apps/bank-fraud:$PWD/apps/hospital-diagnostics${PYTHONPATH:+:$P
 "$VENV/bin/mypy"
 
 echo "==> pytest"
-# pytest exits 5 when it collects no test: set -e turns that into a failure.
-"$PY" -m pytest "$@"
+# Two workers, one per core of the CI machine (pytest-xdist). The end-to-end
+# tests spend most of their time waiting on Flower's processes (a SuperNode
+# polls every 3 s, a crashed one is noticed after its missed heartbeats, each
+# message starts a ClientApp process), so two modules at a time overlap those
+# waits. --dist loadscope keeps each module on one worker: a module's fixtures
+# (one simulation SuperLink, one documented deployment) are made once. Every
+# e2e test has its own FLWR_HOME, free ports and temporary folders, and stops
+# the processes it started. `-n 0` (passed as an extra argument) runs serially.
+# pytest exits 5 when it collects no test (with xdist too): set -e turns that
+# into a failure.
+"$PY" -m pytest -n 2 --dist loadscope "$@"

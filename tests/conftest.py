@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -26,6 +29,47 @@ def _task_identity() -> None:
     InProcessGrid sets it (the one place flwr-ext touches that internal API).
     """
     InProcessGrid({1: lambda m, c: m})
+
+
+@pytest.fixture(scope="session")
+def ckks_keys(tmp_path_factory) -> Callable[..., Path]:
+    """CKKS key sets made once per session: ``ckks_keys(name, profile)`` -> folder.
+
+    Making a key set costs seconds; every CKKS test module used to make its own.
+    Tests only read these folders (none writes into a key set).
+    """
+    made: dict[tuple[str, str], Path] = {}
+
+    def key_set(name: str = "main", profile: str = "default") -> Path:
+        if (name, profile) not in made:
+            from flwr_ext.he import create_keys  # TenSEAL: only for the tests using it
+
+            directory = tmp_path_factory.mktemp(f"ckks-{name}-{profile}")
+            create_keys(directory, profile)
+            made[name, profile] = directory
+        return made[name, profile]
+
+    return key_set
+
+
+@pytest.fixture(scope="session")
+def keys_dir(ckks_keys) -> Path:
+    """The data owners' key set ("default" profile)."""
+    return ckks_keys("main")
+
+
+@pytest.fixture(scope="session")
+def other_keys_dir(ckks_keys) -> Path:
+    """A second, unrelated key set: a site or a server with the wrong keys."""
+    return ckks_keys("other")
+
+
+@pytest.fixture(scope="module")
+def secret(keys_dir):
+    """The secret context of ``keys_dir`` (what only the sites hold)."""
+    from flwr_ext.he import SECRET_FILE, load_keys
+
+    return load_keys(keys_dir / SECRET_FILE)
 
 
 def model(value: float = 0.0) -> ArrayRecord:

@@ -26,7 +26,7 @@ from flwr.app.message_type import MessageType
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
-from flwr_ext.he import SECRET_FILE, SERVER_FILE, create_keys, decrypt_record, load_keys
+from flwr_ext.he import SECRET_FILE, SERVER_FILE, decrypt_record, load_keys
 from flwr_ext.inprocess import InProcessGrid
 from flwr_ext.mods import ckks_mod, distributed_dp_mod
 from flwr_ext.privacy import compute_epsilon, keys
@@ -277,13 +277,6 @@ def test_mod_noise_is_fresh_each_call():
 
 
 # ------------------------------------------------------------ composition
-@pytest.fixture(scope="module")
-def keys_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("ckks")
-    create_keys(directory, "default")
-    return directory
-
-
 def test_distributed_dp_over_homomorphic_aggregation_end_to_end(keys_dir):
     """Real CKKS: the server sums ciphertexts; DistributedDP only counts replies."""
     t, z, clip = 3, 1.0, 0.5

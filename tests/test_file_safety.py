@@ -137,12 +137,8 @@ def test_final_model_through_writer_open_is_private(tmp_path, victim):
 
 # ------------------------------------------------------- encrypted model file
 @pytest.fixture(scope="module")
-def keys_dir(tmp_path_factory):
-    from flwr_ext.he import create_keys
-
-    directory = tmp_path_factory.mktemp("ckks")
-    create_keys(directory, "compact")
-    return directory
+def keys_dir(ckks_keys):
+    return ckks_keys("main", "compact")
 
 
 def _encrypted(keys_dir: Path) -> ArrayRecord:

@@ -20,7 +20,6 @@ from flwr.serverapp.strategy import FedAvg
 from flwr_ext.he import (
     SECRET_FILE,
     SERVER_FILE,
-    create_keys,
     decrypt_record,
     is_encrypted,
     load_keys,
@@ -32,13 +31,6 @@ from flwr_ext.strategy.round_report import ConfigurationError
 
 NODES = (1, 2, 3)
 CLIP = 1.0
-
-
-@pytest.fixture(scope="module")
-def keys_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("ckks-dp")
-    create_keys(directory, "default")
-    return directory
 
 
 def initial_model() -> ArrayRecord:

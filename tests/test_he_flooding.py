@@ -31,7 +31,6 @@ from flwr_ext.he import (
     SECRET_FILE,
     SERVER_FILE,
     CiphertextSum,
-    create_keys,
     decrypt_record,
     encrypt_record,
     load_keys,
@@ -55,18 +54,6 @@ from flwr_ext.he.wire import _scratch_file, get_wire
 from flwr_ext.inprocess import InProcessGrid
 from flwr_ext.mods import ckks_mod
 from flwr_ext.strategy import HomomorphicAggregation
-
-
-@pytest.fixture(scope="module")
-def keys_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("ckks-flood")
-    create_keys(directory, "default")
-    return directory
-
-
-@pytest.fixture(scope="module")
-def secret(keys_dir):
-    return load_keys(keys_dir / SECRET_FILE)
 
 
 @pytest.fixture(scope="module")

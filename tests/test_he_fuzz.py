@@ -46,7 +46,6 @@ from flwr_ext.he import (
     SECRET_FILE,
     SERVER_FILE,
     CiphertextSum,
-    create_keys,
     decrypt_record,
     encrypt_record,
     is_encrypted,
@@ -56,6 +55,8 @@ from flwr_ext.he.codec import META_KEY, STYPE_CIPHERTEXT, STYPE_META, EncryptedH
 from flwr_ext.inprocess import InProcessGrid
 from flwr_ext.mods import ckks_mod
 from flwr_ext.strategy import HomomorphicAggregation
+
+from .he_fixtures import toy_client_app, toy_model
 
 NODES = (1, 2, 3)
 FUZZ = settings(
@@ -71,45 +72,19 @@ FUZZ = settings(
 
 
 def initial_model() -> ArrayRecord:
-    return ArrayRecord(
-        {
-            "w": Array(np.zeros((4, 3), np.float32)),
-            "b": Array(np.zeros(3, np.float64)),
-            "steps": Array(np.array(0, dtype=np.int64)),
-        }
-    )
+    return toy_model(b_dtype=np.float64)
 
 
 def honest_app() -> ClientApp:
-    app = ClientApp(mods=[ckks_mod])
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
+    def update(pid: int, msg: Message) -> dict:
         arrays = msg.content["arrays"]
-        out = ArrayRecord(
-            {
-                "w": Array((arrays["w"].numpy() + 0.5 * (pid + 1)).astype(np.float32)),
-                "b": Array((arrays["b"].numpy() - 0.25).astype(np.float64)),
-                "steps": Array(np.asarray(arrays["steps"].numpy() + 1, np.int64)),
-            }
-        )
-        metrics = MetricRecord({"num-examples": 10 * (pid + 1)})
-        return Message(RecordDict({"arrays": out, "metrics": metrics}), reply_to=msg)
+        return {
+            "w": (arrays["w"].numpy() + 0.5 * (pid + 1)).astype(np.float32),
+            "b": (arrays["b"].numpy() - 0.25).astype(np.float64),
+            "steps": np.asarray(arrays["steps"].numpy() + 1, np.int64),
+        }
 
-    return app
-
-
-@pytest.fixture(scope="module")
-def keys_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("ckks-fuzz")
-    create_keys(directory, "default")
-    return directory
-
-
-@pytest.fixture(scope="module")
-def secret(keys_dir):
-    return load_keys(keys_dir / SECRET_FILE)
+    return toy_client_app([ckks_mod], update)
 
 
 # ------------------------------------------------------------ hostile values

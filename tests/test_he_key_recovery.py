@@ -38,7 +38,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
-from flwr_ext.he import SECRET_FILE, SERVER_FILE, create_keys, load_keys
+from flwr_ext.he import SECRET_FILE, SERVER_FILE, load_keys
 from flwr_ext.he.wire import get_wire
 from flwr_ext.inprocess import InProcessGrid
 from flwr_ext.mods import ckks_mod
@@ -50,13 +50,6 @@ DECRYPTOR = 2
 #: 10,000 values: the first packed ciphertext holds 8,192 model values and nothing
 #: else, so the release determines every one of its slots.
 SHAPE = (100, 100)
-
-
-@pytest.fixture(scope="module")
-def keys_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("ckks-attack")
-    create_keys(directory, "default")
-    return directory
 
 
 def update_of(pid: int, dtype) -> np.ndarray:

@@ -45,7 +45,6 @@ from flwr_ext.he import (
     SECRET_FILE,
     SERVER_FILE,
     CiphertextSum,
-    create_keys,
     decrypt_record,
     encrypt_record,
     is_encrypted,
@@ -59,67 +58,31 @@ from flwr_ext.strategy import DistributedDP, HomomorphicAggregation
 from flwr_ext.strategy.round_report import NoModelError
 
 from .conftest import StaticGrid
+from .he_fixtures import grid_for as he_grid_for
+from .he_fixtures import secret_config, toy_client_app, toy_model
 
 NODES = (1, 2, 3)
 
 
-@pytest.fixture(scope="module")
-def keys_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("ckks-sec")
-    create_keys(directory, "default")
-    return directory
-
-
-@pytest.fixture(scope="module")
-def other_keys_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("ckks-sec-other")
-    create_keys(directory, "default")
-    return directory
-
-
 def initial_model() -> ArrayRecord:
-    return ArrayRecord(
-        {
-            "w": Array(np.zeros((4, 3), np.float32)),
-            "b": Array(np.zeros(3, np.float32)),
-        }
-    )
+    return toy_model(steps=False)
 
 
 def make_app(mods: list) -> ClientApp:
     """Deterministic: w += 0.1 * (pid + 1), b -= 0.1; 10 * (pid + 1) examples."""
-    app = ClientApp(mods=mods)
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
+    def update(pid: int, msg: Message) -> dict:
         arrays = msg.content["arrays"]
-        out = ArrayRecord(
-            {
-                "w": Array((arrays["w"].numpy() + 0.1 * (pid + 1)).astype(np.float32)),
-                "b": Array((arrays["b"].numpy() - 0.1).astype(np.float32)),
-            }
-        )
-        metrics = MetricRecord({"num-examples": 10 * (pid + 1)})
-        return Message(RecordDict({"arrays": out, "metrics": metrics}), reply_to=msg)
+        return {
+            "w": (arrays["w"].numpy() + 0.1 * (pid + 1)).astype(np.float32),
+            "b": (arrays["b"].numpy() - 0.1).astype(np.float32),
+        }
 
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        w = msg.content["arrays"]["w"].numpy()
-        metrics = MetricRecord({"num-examples": 1, "w-sum": float(w.sum())})
-        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
-
-    return app
+    return toy_client_app(mods, update)
 
 
 def grid_for(apps: dict, keys_dir, per_node: dict | None = None) -> InProcessGrid:
-    configs = {
-        node: {"partition-id": node - 1, "ckks-context": str(keys_dir / SECRET_FILE)}
-        for node in apps
-    }
-    for node, extra in (per_node or {}).items():
-        configs[node].update(extra)
-    return InProcessGrid(apps, node_configs=configs)
+    return he_grid_for(apps, secret_config(keys_dir), per_node)
 
 
 def plain_fedavg(rounds: int) -> ArrayRecord:

@@ -40,95 +40,51 @@ from flwr_ext.he import (
     SECRET_FILE,
     SERVER_FILE,
     CiphertextSum,
-    create_keys,
     decrypt_record,
     encrypt_record,
     is_encrypted,
     load_keys,
 )
 from flwr_ext.he.codec import EncryptedHeader, chunks, pack
-from flwr_ext.inprocess import InProcessGrid
 from flwr_ext.mods import ckks_mod
 from flwr_ext.strategy import HomomorphicAggregation, TrimmedMean
 from flwr_ext.strategy.round_report import NoModelError
 
+from .he_fixtures import grid_for, secret_config, toy_client_app, toy_model
+
 NODES = (1, 2, 3)
 
 
-@pytest.fixture(scope="module")
-def keys_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("ckks")
-    create_keys(directory, "default")
-    return directory
-
-
-@pytest.fixture(scope="module")
-def other_keys_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("other")
-    create_keys(directory, "default")
-    return directory
-
-
 def initial_model() -> ArrayRecord:
-    return ArrayRecord(
-        {
-            "w": Array(np.zeros((4, 3), np.float32)),
-            "b": Array(np.zeros(3, np.float32)),
-            "steps": Array(np.array(0, dtype=np.int64)),
-        }
-    )
+    return toy_model()
 
 
 def make_app(mods: list, value_of=None) -> ClientApp:
-    """A ClientApp with plain train/evaluate code (never mentions CKKS)."""
-    app = ClientApp(mods=mods)
+    """Noisy local steps: w += N(0.5, 0.2), b -= 0.1 * (pid + 1), steps += 1."""
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
+    def update(pid: int, msg: Message) -> dict:
         arrays = msg.content["arrays"]
         rng = np.random.default_rng(
             1000 * pid + int(msg.content["config"]["server-round"])
         )
         w = arrays["w"].numpy() + rng.normal(0.5, 0.2, size=(4, 3))
-        b = arrays["b"].numpy() - 0.1 * (pid + 1)
         if value_of is not None:
             w = w * 0 + value_of(pid)
-        steps = arrays["steps"].numpy() + 1
-        out = ArrayRecord(
-            {
-                "w": Array(w.astype(np.float32)),
-                "b": Array(b.astype(np.float32)),
-                "steps": Array(np.asarray(steps, dtype=np.int64)),
-            }
-        )
-        metrics = MetricRecord({"num-examples": 10 * (pid + 1), "loss": float(pid)})
-        return Message(RecordDict({"arrays": out, "metrics": metrics}), reply_to=msg)
+        return {
+            "w": w.astype(np.float32),
+            "b": (arrays["b"].numpy() - 0.1 * (pid + 1)).astype(np.float32),
+            "steps": np.asarray(arrays["steps"].numpy() + 1, dtype=np.int64),
+        }
 
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        w = msg.content["arrays"]["w"].numpy()
-        metrics = MetricRecord({"num-examples": 5, "w-sum": float(w.sum())})
-        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
-
-    return app
-
-
-def grid_for(apps: dict, node_config: dict | None = None, per_node: dict | None = None):
-    configs = {}
-    for node in apps:
-        configs[node] = {"partition-id": node - 1, **(node_config or {})}
-        configs[node].update((per_node or {}).get(node, {}))
-    return InProcessGrid(apps, node_configs=configs)
+    return toy_client_app(
+        mods, update, train_metrics=lambda pid: {"loss": float(pid)},
+        evaluate_examples=5,
+    )  # fmt: skip
 
 
 def run(strategy, apps, rounds=3, **grid_kwargs):
     grid = grid_for(apps, **grid_kwargs)
     return strategy.start(grid=grid, initial_arrays=initial_model(), num_rounds=rounds)
-
-
-def secret_config(keys_dir: Path) -> dict:
-    return {"ckks-context": str(keys_dir / SECRET_FILE)}
 
 
 def assert_models_close(a: ArrayRecord, b: ArrayRecord, atol: float) -> None:

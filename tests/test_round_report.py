@@ -18,15 +18,12 @@ from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
-    Context,
     Message,
-    MetricRecord,
-    RecordDict,
 )
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
-from flwr_ext.he import SECRET_FILE, SERVER_FILE, create_keys
+from flwr_ext.he import SECRET_FILE, SERVER_FILE
 from flwr_ext.inprocess import InProcessGrid
 from flwr_ext.mods import ckks_mod
 from flwr_ext.strategy import (
@@ -38,21 +35,19 @@ from flwr_ext.strategy import (
     TrimmedMean,
 )
 
+from .he_fixtures import grid_for, toy_client_app
+
 NODES = (1, 2, 3)
 
 
 @pytest.fixture(scope="module")
-def keys_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("ckks")
-    create_keys(directory, "compact")
-    return directory
+def keys_dir(ckks_keys):
+    return ckks_keys("main", "compact")
 
 
 @pytest.fixture(scope="module")
-def other_keys_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("other-ckks")
-    create_keys(directory, "compact")
-    return directory
+def other_keys_dir(ckks_keys):
+    return ckks_keys("other", "compact")
 
 
 def initial() -> ArrayRecord:
@@ -61,30 +56,16 @@ def initial() -> ArrayRecord:
 
 def make_app(mods=(), value: float | None = 1.0) -> ClientApp:
     """A ClientApp that returns ``global + value`` (NaN when value is None)."""
-    app = ClientApp(mods=list(mods))
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
+    def update(pid: int, msg: Message) -> dict:
         w = msg.content["arrays"]["w"].numpy()
-        new = w + (np.nan if value is None else value)
-        content = RecordDict(
-            {
-                "arrays": ArrayRecord({"w": Array(new.astype(np.float32))}),
-                "metrics": MetricRecord({"num-examples": 10}),
-            }
-        )
-        return Message(content, reply_to=msg)
+        return {"w": (w + (np.nan if value is None else value)).astype(np.float32)}
 
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        metrics = MetricRecord({"num-examples": 1})
-        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
-
-    return app
+    return toy_client_app(mods, update, num_examples=lambda pid: 10)
 
 
 def grid(apps: dict, node_configs: dict | None = None) -> InProcessGrid:
-    return InProcessGrid(apps, node_configs=node_configs or {n: {} for n in apps})
+    return grid_for(apps, per_node=node_configs)
 
 
 def start(strategy, g, rounds=2):

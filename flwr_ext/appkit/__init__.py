@@ -41,6 +41,8 @@ lands in both. One concept per module:
   or a failure naming them - never Flower's endless wait.
 - :mod:`~flwr_ext.appkit.failure` - a failed run still writes its results folder
   and a ``status=failed`` summary line naming the site at fault.
+- :mod:`~flwr_ext.appkit.site_run` - the frame both ServerApps run in: results
+  folder, the restart-aware, recording and deadline grids, the failure record.
 - :mod:`~flwr_ext.appkit.site_errors` - the client mod that makes a site's error
   replies name the site.
 - :mod:`~flwr_ext.appkit.site_state` - what a site keeps in its ``state-dir`` to

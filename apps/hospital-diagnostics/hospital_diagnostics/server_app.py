@@ -31,18 +31,11 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from flwr_ext.appkit.failure import failure_recorded
-from flwr_ext.appkit.liveness import DeadlineGrid, RestartAwareGrid
 from flwr_ext.appkit.metrics import make_metrics_aggregator
 from flwr_ext.appkit.plots import plot_rounds
-from flwr_ext.appkit.recorder import RecordingGrid
-from flwr_ext.appkit.results import (
-    ResultsWriter,
-    resolve_output_dir,
-    round_history,
-    summary_line,
-)
+from flwr_ext.appkit.results import ResultsWriter, round_history, summary_line
 from flwr_ext.appkit.scaling import prepare_feature_scaling
+from flwr_ext.appkit.site_run import SiteRun, run_with_sites
 from flwr_ext.appkit.strategies import build_strategy
 from flwr_ext.appkit.torch_train import model_to_arrays
 from flwr_ext.he import is_encrypted, save_encrypted_model
@@ -63,33 +56,20 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation and write the results."""
-    started = time.monotonic()
     settings = load_settings(context.run_config)
     check_server_settings(settings)
-    writer = ResultsWriter(
-        resolve_output_dir(settings["output-dir"], APP_NAME, context.run_id)
+    run_with_sites(
+        APP_NAME,
+        grid,
+        context,
+        settings,
+        lambda run: _run(run, context, settings),
     )
-    log(INFO, "%s: results will be written to %s", APP_NAME, writer.directory)
-    recording = RecordingGrid(RestartAwareGrid(grid))
-    with failure_recorded(
-        APP_NAME, context.run_id, writer, recording, run_info={"run-config": settings}
-    ):
-        _run(recording, context, settings, writer, started)
 
 
-def _run(
-    recording: RecordingGrid,
-    context: Context,
-    settings: dict,
-    writer: ResultsWriter,
-    started: float,
-) -> None:
+def _run(run: SiteRun, context: Context, settings: dict) -> None:
     """Statistics round, training rounds, results: everything that needs the sites."""
-    grid = DeadlineGrid(
-        recording,
-        min_nodes=settings["min-nodes"],
-        wait_s=settings["node-wait-timeout"],
-    )
+    grid, recording, writer, started = run.grid, run.recording, run.writer, run.started
     strategy = build_strategy(
         settings,
         train_metrics_aggr_fn=_train_metrics_aggregator(settings),
