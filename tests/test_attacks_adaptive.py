@@ -245,6 +245,9 @@ EXPECTED = {
     "mimic": lambda h: h[mimic(h)],
     "alie-opt": lambda h: optimal_alie(h, 2, fedavg),
     "ipm-opt": lambda h: optimal_ipm(h, 2, fedavg),
+    # A node's first round has no previous global model, hence no server step.
+    "alie-opt-evasive": lambda h: optimal_alie(h, 2, fedavg),
+    "ipm-opt-evasive": lambda h: optimal_ipm(h, 2, fedavg),
 }
 
 
@@ -309,3 +312,50 @@ def test_share_dir_must_be_absolute():
     )
     reply = app(instruction, grid.context(1))
     assert reply.has_error() and "absolute" in reply.error.reason
+
+
+def _instruction_with(node, round_, w):
+    message = train_instruction(node, round_)
+    message.content["arrays"] = ArrayRecord({"w": Array(w.astype(np.float32))})
+    return message
+
+
+@pytest.mark.parametrize(
+    ("attack", "plain"),
+    [
+        ("ipm-opt-evasive", lambda h: optimal_ipm(h, 2, fedavg)),
+        ("alie-opt-evasive", lambda h: optimal_alie(h, 2, fedavg)),
+    ],
+)
+def test_mod_evasive_attacks_never_oppose_the_last_server_step(attack, plain, tmp_path):
+    """Round 2's attack is built against the step between the two global models.
+
+    The server moved from 0 to ``w2`` (towards the honest optima); the plain
+    line-searched attack points against that step, the evasive one must not, and
+    it must be exactly the evasive line search with the step the node saw.
+    """
+    app = make_app()
+    extra = {"attack-target-rule": "mean", "attack-target-f": 2}
+    grid = federation(attack, str(tmp_path), extra)
+    zero, w2 = np.zeros(4), np.full(4, 0.5 * TARGET)
+    for node in [*range(1, 9), 10]:
+        app(_instruction_with(node, 1, zero), grid.context(node))
+    honest = [
+        app(_instruction_with(n, 2, w2), grid.context(n))
+        .content["arrays"]["w"]
+        .numpy()
+        .astype(np.float64)
+        - w2
+        for n in range(1, 9)
+    ]
+    reply = app(_instruction_with(10, 2, w2), grid.context(10))
+    assert not reply.has_error()
+    sent = reply.content["arrays"]["w"].numpy().astype(np.float64) - w2
+    own = 0.5 * (TARGET + 0.2 * 10 - w2)
+    rows = np.vstack([own, *honest])
+    step = w2 - zero
+    assert float(plain(rows) @ step) < 0  # the plain attack opposes the step
+    assert float(sent @ step) >= -1e-5 * np.linalg.norm(step)
+    search = optimal_ipm if attack.startswith("ipm") else optimal_alie
+    expected = search(rows, 2, fedavg, reference=step)
+    np.testing.assert_allclose(sent, expected, rtol=1e-5, atol=1e-5)

@@ -62,6 +62,13 @@ publishes every update.
 ``alie-opt`` and ``ipm-opt`` line-search their strength against the server's rule,
 named by ``attack-target-rule`` (one of :data:`TARGET_RULES`, default ``"mean"``)
 with ``attack-target-f`` Byzantine clients (default: ``num-partitions // 5``).
+``alie-opt-evasive`` and ``ipm-opt-evasive`` do the same with every candidate
+stripped of its component against the last server step
+(:func:`flwr_ext.attacks.adaptive.evade_opposition`), which defeats a server that
+drops updates pointing against its own previous step. Any client can compute that
+step: it is the difference of the last two global models it received, which the
+mod keeps in ``context.state`` (the first round an attacker takes part in has no
+previous model, so there the evasive attack equals the plain one).
 ``label-flip`` poisons the data, which a mod cannot reach: the ClientApp applies it
 through :func:`flip_labels_if_attacking`.
 """
@@ -77,6 +84,7 @@ from typing import cast
 
 import numpy as np
 from flwr.app import (
+    Array,
     ArrayRecord,
     Context,
     Error,
@@ -137,16 +145,29 @@ TARGET_RULES: dict[str, Callable[[int, int], AggregationRule]] = {
     "centered-clipping": lambda n, f: CenteredClippingRule(),
 }
 
-_Omniscient = Callable[[np.ndarray, np.ndarray, int, AggregationRule], np.ndarray]
-#: Omniscient attacks: (honest (h, d), own update (d,), f, target rule) -> update.
+_Omniscient = Callable[
+    [np.ndarray, np.ndarray, int, AggregationRule, "np.ndarray | None"], np.ndarray
+]
+#: Omniscient attacks: (honest (h, d), own update (d,), f, target rule, last
+#: server step (d,) or None) -> update.
 _OMNISCIENT_ATTACKS: dict[str, _Omniscient] = {
-    "alie": lambda h, _u, f, _r: attack_fns.alie(h, f),
-    "minmax": lambda h, _u, _f, _r: adaptive.minmax(h),
-    "minsum": lambda h, _u, _f, _r: adaptive.minsum(h),
-    "mimic": lambda h, _u, _f, _r: h[adaptive.mimic(h)].copy(),
-    "alie-opt": lambda h, _u, f, r: adaptive.optimal_alie(h, f, _uniform(r)),
-    "ipm-opt": lambda h, _u, f, r: adaptive.optimal_ipm(h, f, _uniform(r)),
+    "alie": lambda h, _u, f, _r, _s: attack_fns.alie(h, f),
+    "minmax": lambda h, _u, _f, _r, _s: adaptive.minmax(h),
+    "minsum": lambda h, _u, _f, _r, _s: adaptive.minsum(h),
+    "mimic": lambda h, _u, _f, _r, _s: h[adaptive.mimic(h)].copy(),
+    "alie-opt": lambda h, _u, f, r, _s: adaptive.optimal_alie(h, f, _uniform(r)),
+    "ipm-opt": lambda h, _u, f, r, _s: adaptive.optimal_ipm(h, f, _uniform(r)),
+    "alie-opt-evasive": lambda h, _u, f, r, step: adaptive.optimal_alie(
+        h, f, _uniform(r), reference=step
+    ),
+    "ipm-opt-evasive": lambda h, _u, f, r, step: adaptive.optimal_ipm(
+        h, f, _uniform(r), reference=step
+    ),
 }
+#: Attacks that need the last server step (kept in ``context.state``).
+_STEP_ATTACKS = frozenset({"alie-opt-evasive", "ipm-opt-evasive"})
+#: ``context.state`` key of the last global model an evasive attacker received.
+PREVIOUS_GLOBAL_KEY = "byzantine-mod-previous-global"
 
 #: Attacks that need ``attack-share-dir`` (see "Omniscient mode").
 OMNISCIENT_MOD_ATTACKS: tuple[str, ...] = tuple(_OMNISCIENT_ATTACKS)
@@ -287,6 +308,24 @@ def byzantine_mod(
     return _attack_arrays(msg, reply, name, strength, context, share)
 
 
+def _last_server_step(context: Context, global_vec: np.ndarray) -> np.ndarray | None:
+    """Return ``global - previous global`` and remember ``global`` for next round.
+
+    ``None`` when this node has no previous global model of the same size (its
+    first round, or the model changed shape).
+    """
+    kept = context.state.array_records.get(PREVIOUS_GLOBAL_KEY)
+    step = None
+    if kept is not None and "vector" in kept:
+        previous = np.asarray(kept["vector"].numpy(), dtype=np.float64)
+        if previous.shape == global_vec.shape:
+            step = global_vec - previous
+    context.state[PREVIOUS_GLOBAL_KEY] = ArrayRecord(
+        {"vector": Array(np.array(global_vec, dtype=np.float64))}
+    )
+    return step
+
+
 def _inflate(reply: Message, factor: float) -> Message:
     content = RecordDict(dict(reply.content.items()))
     for key, metrics in reply.content.metric_records.items():
@@ -425,7 +464,8 @@ def _attack_arrays(
                 ),
                 reply_to=msg,
             )
-        attacked = _OMNISCIENT_ATTACKS[name](honest, own, f, rule)
+        step = _last_server_step(context, global_vec) if name in _STEP_ATTACKS else None
+        attacked = _OMNISCIENT_ATTACKS[name](honest, own, f, rule, step)
     else:
         attacked = _UPDATE_ATTACKS[name][1](own, strength, rng)
     with np.errstate(invalid="ignore", over="ignore"):
