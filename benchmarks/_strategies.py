@@ -280,12 +280,15 @@ def _tm_arc_nnm_server(lr: float, momentum: float) -> Callable:
     """TrimmedMean + ARC + NNM around Flower's FedAvgM (server step / momentum)."""
 
     def build(n: int, f: int, b: float) -> Strategy:
-        inner = FedAvgM(
-            **_common(n), server_learning_rate=lr, server_momentum=momentum
-        )
+        inner = FedAvgM(**_common(n), server_learning_rate=lr, server_momentum=momentum)
         return TrimmedMean(inner, beta=b, pre_aggregation=_arc_nnm(f))
 
     return build
+
+
+def _fedavgm(n: int) -> FedAvgM:
+    """Flower's FedAvgM as the recommended configuration uses it (see docs)."""
+    return FedAvgM(**_common(n), server_learning_rate=0.5, server_momentum=0.9)
 
 
 def _tm_arc_nnm_over(extra: int) -> Callable:
@@ -451,6 +454,45 @@ _ADAPTIVE_DEFENCES: list[StrategyConfig] = [
         "TrimmedMean + ARC + NNM, server learning rate 5",
         True,
         _tm_arc_nnm_server(5.0, 0.0),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-fedavgm09-lr05",
+        "TrimmedMean + ARC, FedAvgM (server momentum 0.9, lr 0.5)",
+        True,
+        lambda n, f, b: TrimmedMean(_fedavgm(n), beta=b, pre_aggregation=_arc(f)),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-nnm-f1-fedavgm09-lr05",
+        "TrimmedMean + ARC + NNM built for f + 1, FedAvgM (momentum 0.9, lr 0.5)",
+        True,
+        lambda n, f, b: TrimmedMean(
+            _fedavgm(n), beta=(f + 1) / n, pre_aggregation=_arc_nnm(f + 1)
+        ),
+    ),
+    StrategyConfig(
+        "ours-median-arc-nnm-fedavgm09-lr05",
+        "Median + ARC + NNM, FedAvgM (server momentum 0.9, lr 0.5)",
+        True,
+        lambda n, f, b: Median(_fedavgm(n), pre_aggregation=_arc_nnm(f)),
+    ),
+    StrategyConfig(
+        "ours-cc-previous-arc-nnm-fedavgm09-lr05",
+        "CC (previous) + ARC + NNM, FedAvgM (server momentum 0.9, lr 0.5)",
+        True,
+        lambda n, f, b: CenteredClipping(
+            _fedavgm(n), centre="previous", pre_aggregation=_arc_nnm(f)
+        ),
+    ),
+    StrategyConfig(
+        "ours-cc-previous-arc-q40-fedavgm09-lr05",
+        "CC (previous, radius q=0.4) + ARC, FedAvgM (server momentum 0.9, lr 0.5)",
+        True,
+        lambda n, f, b: CenteredClipping(
+            _fedavgm(n),
+            centre="previous",
+            radius_quantile=0.4,
+            pre_aggregation=_arc(f),
+        ),
     ),
     StrategyConfig(
         "ours-trimmed-mean-arc-nnm-slr05",
