@@ -495,6 +495,50 @@ _ADAPTIVE_DEFENCES: list[StrategyConfig] = [
         ),
     ),
     StrategyConfig(
+        "ours-trimmed-mean-f2-arc-nnm-fedavgm09-lr05",
+        "TrimmedMean trimming f + 2 + ARC + NNM, FedAvgM (momentum 0.9, lr 0.5)",
+        True,
+        lambda n, f, b: TrimmedMean(
+            _fedavgm(n), beta=(f + 2) / n, pre_aggregation=_arc_nnm(f)
+        ),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-f2-nnm-fedavgm09-lr05",
+        "TrimmedMean + ARC clipping for f + 2 + NNM, FedAvgM (momentum 0.9, lr 0.5)",
+        True,
+        lambda n, f, b: TrimmedMean(
+            _fedavgm(n),
+            beta=b,
+            pre_aggregation=PreAggregationChain(
+                [AdaptiveRobustClipping(f + 2), NearestNeighborMixing(f)]
+            ),
+        ),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-f4-nnm-fedavgm09-lr05",
+        "TrimmedMean + ARC clipping for f + 4 + NNM, FedAvgM (momentum 0.9, lr 0.5)",
+        True,
+        lambda n, f, b: TrimmedMean(
+            _fedavgm(n),
+            beta=b,
+            pre_aggregation=PreAggregationChain(
+                [AdaptiveRobustClipping(f + 4), NearestNeighborMixing(f)]
+            ),
+        ),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-f4-nnm",
+        "TrimmedMean + ARC clipping for f + 4 + NNM",
+        True,
+        lambda n, f, b: TrimmedMean(
+            _fedavg(n),
+            beta=b,
+            pre_aggregation=PreAggregationChain(
+                [AdaptiveRobustClipping(f + 4), NearestNeighborMixing(f)]
+            ),
+        ),
+    ),
+    StrategyConfig(
         "ours-trimmed-mean-arc-nnm-slr05",
         "TrimmedMean + ARC + NNM, server learning rate 0.5",
         True,

@@ -151,12 +151,12 @@ PAIRS: tuple[Pair, ...] = (
     # The recommendation since server momentum (docs/robustness.md); one call
     # is FedAvgM's first round (its momentum starts as the first step).
     Pair(
-        "TrimmedMean + ARC + NNM, FedAvgM",
+        "TrimmedMean + ARC (f + 4) + NNM, FedAvgM",
         lambda n, f: TrimmedMean(
             FedAvgM(server_learning_rate=0.5, server_momentum=0.9),
             beta=f / n,
             pre_aggregation=PreAggregationChain(
-                [AdaptiveRobustClipping(f), NearestNeighborMixing(f)]
+                [AdaptiveRobustClipping(f + 4), NearestNeighborMixing(f)]
             ),
         ),
         lambda n, f: FedTrimmedAvg(beta=f / n),
