@@ -17,6 +17,7 @@ from flwr.serverapp.strategy import (
     Bulyan,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedTrimmedAvg,
     Strategy,
@@ -275,6 +276,31 @@ def _tm_arc_nnm(n: int, f: int, b: float) -> Strategy:
     return TrimmedMean(_fedavg(n), beta=b, pre_aggregation=_arc_nnm(f))
 
 
+def _tm_arc_nnm_server(lr: float, momentum: float) -> Callable:
+    """TrimmedMean + ARC + NNM around Flower's FedAvgM (server step / momentum)."""
+
+    def build(n: int, f: int, b: float) -> Strategy:
+        inner = FedAvgM(**_common(n), server_learning_rate=lr, server_momentum=momentum)
+        return TrimmedMean(inner, beta=b, pre_aggregation=_arc_nnm(f))
+
+    return build
+
+
+def _fedavgm(n: int) -> FedAvgM:
+    """Flower's FedAvgM as the recommended configuration uses it (see docs)."""
+    return FedAvgM(**_common(n), server_learning_rate=0.5, server_momentum=0.9)
+
+
+def _tm_arc_nnm_over(extra: int) -> Callable:
+    """TrimmedMean + ARC + NNM built for ``f + extra`` (over-estimating ``f``)."""
+
+    def build(n: int, f: int, _b: float) -> Strategy:
+        g = f + extra
+        return TrimmedMean(_fedavg(n), beta=g / n, pre_aggregation=_arc_nnm(g))
+
+    return build
+
+
 _ADAPTIVE_DEFENCES: list[StrategyConfig] = [
     StrategyConfig("ours-cc-previous", "CC (previous centre)", True, _cc_previous()),
     StrategyConfig(
@@ -359,6 +385,195 @@ _ADAPTIVE_DEFENCES: list[StrategyConfig] = [
         True,
         _tm_arc_nnm,
         client_momentum=MOMENTUM,
+    ),
+    # Candidates of the f = 30 % search after the evasive attacks
+    # (docs/robustness.md, validation candidate table).
+    StrategyConfig(
+        "ours-trimmed-mean-arc-nnm-momentum09",
+        "TrimmedMean + ARC + NNM + client momentum 0.9",
+        True,
+        _tm_arc_nnm,
+        client_momentum=0.9,
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-nnm-fedavgm05",
+        "TrimmedMean + ARC + NNM, FedAvgM (server momentum 0.5)",
+        True,
+        _tm_arc_nnm_server(1.0, 0.5),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-nnm-fedavgm09",
+        "TrimmedMean + ARC + NNM, FedAvgM (server momentum 0.9, lr 0.1)",
+        True,
+        _tm_arc_nnm_server(0.1, 0.9),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-nnm-fedavgm09-lr1",
+        "TrimmedMean + ARC + NNM, FedAvgM (server momentum 0.9, lr 1)",
+        True,
+        _tm_arc_nnm_server(1.0, 0.9),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-nnm-fedavgm07-lr1",
+        "TrimmedMean + ARC + NNM, FedAvgM (server momentum 0.7, lr 1)",
+        True,
+        _tm_arc_nnm_server(1.0, 0.7),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-nnm-fedavgm09-lr05",
+        "TrimmedMean + ARC + NNM, FedAvgM (server momentum 0.9, lr 0.5)",
+        True,
+        _tm_arc_nnm_server(0.5, 0.9),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-nnm-fedavgm095-lr1",
+        "TrimmedMean + ARC + NNM, FedAvgM (server momentum 0.95, lr 1)",
+        True,
+        _tm_arc_nnm_server(1.0, 0.95),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-nnm-fedavgm08-lr1",
+        "TrimmedMean + ARC + NNM, FedAvgM (server momentum 0.8, lr 1)",
+        True,
+        _tm_arc_nnm_server(1.0, 0.8),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-nnm-fedavgm09-lr03",
+        "TrimmedMean + ARC + NNM, FedAvgM (server momentum 0.9, lr 0.3)",
+        True,
+        _tm_arc_nnm_server(0.3, 0.9),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-nnm-slr2",
+        "TrimmedMean + ARC + NNM, server learning rate 2",
+        True,
+        _tm_arc_nnm_server(2.0, 0.0),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-nnm-slr5",
+        "TrimmedMean + ARC + NNM, server learning rate 5",
+        True,
+        _tm_arc_nnm_server(5.0, 0.0),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-fedavgm09-lr05",
+        "TrimmedMean + ARC, FedAvgM (server momentum 0.9, lr 0.5)",
+        True,
+        lambda n, f, b: TrimmedMean(_fedavgm(n), beta=b, pre_aggregation=_arc(f)),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-nnm-f1-fedavgm09-lr05",
+        "TrimmedMean + ARC + NNM built for f + 1, FedAvgM (momentum 0.9, lr 0.5)",
+        True,
+        lambda n, f, b: TrimmedMean(
+            _fedavgm(n), beta=(f + 1) / n, pre_aggregation=_arc_nnm(f + 1)
+        ),
+    ),
+    StrategyConfig(
+        "ours-median-arc-nnm-fedavgm09-lr05",
+        "Median + ARC + NNM, FedAvgM (server momentum 0.9, lr 0.5)",
+        True,
+        lambda n, f, b: Median(_fedavgm(n), pre_aggregation=_arc_nnm(f)),
+    ),
+    StrategyConfig(
+        "ours-cc-previous-arc-nnm-fedavgm09-lr05",
+        "CC (previous) + ARC + NNM, FedAvgM (server momentum 0.9, lr 0.5)",
+        True,
+        lambda n, f, b: CenteredClipping(
+            _fedavgm(n), centre="previous", pre_aggregation=_arc_nnm(f)
+        ),
+    ),
+    StrategyConfig(
+        "ours-cc-previous-arc-q40-fedavgm09-lr05",
+        "CC (previous, radius q=0.4) + ARC, FedAvgM (server momentum 0.9, lr 0.5)",
+        True,
+        lambda n, f, b: CenteredClipping(
+            _fedavgm(n),
+            centre="previous",
+            radius_quantile=0.4,
+            pre_aggregation=_arc(f),
+        ),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-f2-arc-nnm-fedavgm09-lr05",
+        "TrimmedMean trimming f + 2 + ARC + NNM, FedAvgM (momentum 0.9, lr 0.5)",
+        True,
+        lambda n, f, b: TrimmedMean(
+            _fedavgm(n), beta=(f + 2) / n, pre_aggregation=_arc_nnm(f)
+        ),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-f2-nnm-fedavgm09-lr05",
+        "TrimmedMean + ARC clipping for f + 2 + NNM, FedAvgM (momentum 0.9, lr 0.5)",
+        True,
+        lambda n, f, b: TrimmedMean(
+            _fedavgm(n),
+            beta=b,
+            pre_aggregation=PreAggregationChain(
+                [AdaptiveRobustClipping(f + 2), NearestNeighborMixing(f)]
+            ),
+        ),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-f4-nnm-fedavgm09-lr05",
+        "TrimmedMean + ARC clipping for f + 4 + NNM, FedAvgM (momentum 0.9, lr 0.5)",
+        True,
+        lambda n, f, b: TrimmedMean(
+            _fedavgm(n),
+            beta=b,
+            pre_aggregation=PreAggregationChain(
+                [AdaptiveRobustClipping(f + 4), NearestNeighborMixing(f)]
+            ),
+        ),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-f4-nnm",
+        "TrimmedMean + ARC clipping for f + 4 + NNM",
+        True,
+        lambda n, f, b: TrimmedMean(
+            _fedavg(n),
+            beta=b,
+            pre_aggregation=PreAggregationChain(
+                [AdaptiveRobustClipping(f + 4), NearestNeighborMixing(f)]
+            ),
+        ),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-nnm-slr05",
+        "TrimmedMean + ARC + NNM, server learning rate 0.5",
+        True,
+        _tm_arc_nnm_server(0.5, 0.0),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-nnm-f1",
+        "TrimmedMean + ARC + NNM built for f + 1",
+        True,
+        _tm_arc_nnm_over(1),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-nnm-f2",
+        "TrimmedMean + ARC + NNM built for f + 2",
+        True,
+        _tm_arc_nnm_over(2),
+    ),
+    StrategyConfig(
+        "ours-median-arc-nnm",
+        "Median + ARC + NNM",
+        True,
+        lambda n, f, b: Median(_fedavg(n), pre_aggregation=_arc_nnm(f)),
+    ),
+    StrategyConfig(
+        "ours-geometric-median-arc-nnm",
+        "GeometricMedian + ARC + NNM",
+        True,
+        lambda n, f, b: GeometricMedian(_fedavg(n), pre_aggregation=_arc_nnm(f)),
+    ),
+    StrategyConfig(
+        "ours-cc-previous-arc-nnm-momentum09",
+        "CC (previous) + ARC + NNM + client momentum 0.9",
+        True,
+        _cc_previous(_arc_nnm),
+        client_momentum=0.9,
     ),
 ]
 

@@ -33,6 +33,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedTrimmedAvg,
     Strategy,
@@ -141,6 +142,21 @@ PAIRS: tuple[Pair, ...] = (
             beta=f / n,
             pre_aggregation=PreAggregationChain(
                 [AdaptiveRobustClipping(f), NearestNeighborMixing(f)]
+            ),
+        ),
+        lambda n, f: FedTrimmedAvg(beta=f / n),
+        "FedTrimmedAvg",
+        False,
+    ),
+    # The recommendation since server momentum (docs/robustness.md); one call
+    # is FedAvgM's first round (its momentum starts as the first step).
+    Pair(
+        "TrimmedMean + ARC (f + 4) + NNM, FedAvgM",
+        lambda n, f: TrimmedMean(
+            FedAvgM(server_learning_rate=0.5, server_momentum=0.9),
+            beta=f / n,
+            pre_aggregation=PreAggregationChain(
+                [AdaptiveRobustClipping(f + 4), NearestNeighborMixing(f)]
             ),
         ),
         lambda n, f: FedTrimmedAvg(beta=f / n),

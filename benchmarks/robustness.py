@@ -53,24 +53,32 @@ from benchmarks._strategies import STRATEGIES, strategy_config
 #: The configuration flwr-ext recommends: chosen on the validation split, before
 #: its test-set runs, as the best worst case over every attack (adaptive and
 #: evasive ones included) at f = 30 % among the candidates; see
-#: docs/robustness.md. Until the evasive attacks: "ours-cc-previous-arc-q40".
-RECOMMENDED = "ours-trimmed-mean-arc-nnm"
-#: The configuration recommended before the evasive attacks (a default row).
-PREVIOUS_RECOMMENDED = "ours-cc-previous-arc-q40"
+#: docs/robustness.md. TrimmedMean (beta = f / n) after ARC built for f + 4 and
+#: NNM for f, around Flower's FedAvgM (server momentum 0.9, learning rate 0.5).
+RECOMMENDED = "ours-trimmed-mean-arc-f4-nnm-fedavgm09-lr05"
+#: The same with ARC built for f: the first server-momentum candidate confirmed
+#: on the test split (a default row).
+SERVER_MOMENTUM = "ours-trimmed-mean-arc-nnm-fedavgm09-lr05"
+#: The configuration recommended before server momentum (ARC for f, FedAvg).
+PREVIOUS_RECOMMENDED = "ours-trimmed-mean-arc-nnm"
+#: The configuration recommended before the evasive attacks.
+EARLIER_RECOMMENDED = "ours-cc-previous-arc-q40"
 #: Reference for the "done when" targets: Flower's FedAvg without attack.
 REFERENCE = "flwr-fedavg"
 #: What the default (full) run compares: the reference (clean runs only, see
-#: ``--reference-attacks``), the previous default, the recommended
+#: ``--reference-attacks``), the earlier defaults, the recommended
 #: configuration and the ByzFL peer.
 DEFAULT_STRATEGIES = (
     REFERENCE,
     "ours-centered-clipping",
+    EARLIER_RECOMMENDED,
     PREVIOUS_RECOMMENDED,
+    SERVER_MOMENTUM,
     RECOMMENDED,
     "byzfl-arc-nnm-trmean",
 )
 #: Strategies of the heterogeneity sweep (``--alphas``).
-SWEEP_STRATEGIES = (REFERENCE, RECOMMENDED)
+SWEEP_STRATEGIES = (REFERENCE, PREVIOUS_RECOMMENDED, SERVER_MOMENTUM, RECOMMENDED)
 #: Targets of issue 13, in accuracy points / percent.
 WORST_CASE_MARGIN = 3.0  # f = 20 %: worst case >= clean FedAvg - 3
 CLEAN_MARGIN = 1.0  # f = 20 %: clean >= clean FedAvg - 1
@@ -438,8 +446,9 @@ def curves(
     path: Path,
     keys: Sequence[str] = (
         "ours-centered-clipping",
+        EARLIER_RECOMMENDED,
         PREVIOUS_RECOMMENDED,
-        "byzfl-arc-nnm-trmean",
+        SERVER_MOMENTUM,
         RECOMMENDED,
     ),
 ) -> None:

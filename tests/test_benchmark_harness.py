@@ -168,7 +168,7 @@ def test_weight_inflation_multiplies_the_attackers_claim():
 
 def test_every_configuration_builds_for_both_fractions():
     keys = [s.key for s in STRATEGIES]
-    assert len(keys) == len(set(keys)) == 35
+    assert len(keys) == len(set(keys)) == 61
     for config in STRATEGIES:
         if config.key.startswith("byzfl-") and not byzfl.available():
             continue  # the benchmark-only extra `bench` is not installed

@@ -62,6 +62,23 @@ def test_arc_clips_the_k_longest_rows_to_the_next_norm():
     np.testing.assert_array_equal(adaptive_robust_clipping(x, 0), x)  # f = 0: no-op
 
 
+def test_arc_built_for_more_byzantine_rows_than_the_round_has_never_fails():
+    """A round with fewer valid replies than ARC's ``f`` (dropouts, rejected
+    replies, or ``f`` over-estimated on purpose) clips as for ``f = n / 2``.
+
+    The count ``floor(2 (f/n)(n - f))`` turns negative for ``f > n``, and the
+    old code then indexed past the rows (IndexError, a crashed round).
+    """
+    assert arc_num_clipped(3, 5) == 1  # as f = 1.5: floor(2 * 0.5 * 1.5)
+    assert arc_num_clipped(20, 12) == arc_num_clipped(20, 10) == 10  # never fewer
+    assert arc_num_clipped(20, 8) == 9  # below n / 2: the formula as before
+    norms = np.array([1.0, 2.0, 3.0])
+    x = np.zeros((3, 2))
+    x[:, 0] = norms
+    out = AdaptiveRobustClipping(5).transform(x, np.ones(3))
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), [1, 2, 2])
+
+
 def test_bucketing_averages_random_pairs():
     x = np.arange(8, dtype=np.float64)[:, None]
     out = bucketing(x, 2, np.random.default_rng(0))

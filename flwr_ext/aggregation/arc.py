@@ -4,7 +4,8 @@ Allouah, Guerraoui, Gupta, Jellouli, Rizk and Stephan, "The Vital Role of Gradie
 Clipping in Byzantine-Resilient Distributed Learning", 2024.
 
 A pre-aggregation step: the ``k = floor(2 (f / n) (n - f))`` rows with the largest
-L2 norms are scaled down to the norm of the largest row left unclipped. The
+L2 norms are scaled down to the norm of the largest row left unclipped (``f``
+counts as at most ``n / 2``, where ``k`` peaks). The
 threshold adapts to the round (no radius to tune) and depends only on norms, so
 a Byzantine row can carry at most the norm of an honest one into the rule after
 it. Allouah et al. prove that ARC keeps a rule's robustness guarantee and
@@ -22,10 +23,17 @@ __all__ = ["AdaptiveRobustClipping", "adaptive_robust_clipping", "arc_num_clippe
 
 
 def arc_num_clipped(n: int, num_byzantine: int) -> int:
-    """Rows ARC clips for ``n`` rows and ``f`` Byzantine: ``floor(2 (f/n) (n - f))``."""
+    """Rows ARC clips for ``n`` rows and ``f`` Byzantine: ``floor(2 (f/n) (n - f))``.
+
+    ``f`` counts as at most ``n / 2``, where the count peaks (``floor(n / 2)``
+    rows): built for more Byzantine rows than half the round (a round with few
+    valid replies, or ``f`` over-estimated on purpose), ARC clips as many rows
+    as it can, never fewer, and the count never turns negative (``f > n``).
+    """
     if n <= 0:
         return 0
-    return min(n - 1, int(np.floor(2.0 * num_byzantine * (n - num_byzantine) / n)))
+    f = min(float(num_byzantine), n / 2.0)
+    return max(0, min(n - 1, int(np.floor(2.0 * f * (n - f) / n))))
 
 
 def adaptive_robust_clipping(updates: np.ndarray, num_byzantine: int) -> np.ndarray:
