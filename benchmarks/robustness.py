@@ -44,6 +44,7 @@ import numpy as np
 
 from benchmarks._federation import (
     ATTACKS,
+    OMNISCIENT_ATTACKS,
     RunSpec,
     TrainConfig,
     run_federation,
@@ -84,18 +85,9 @@ WORST_CASE_MARGIN = 3.0  # f = 20 %: worst case >= clean FedAvg - 3
 CLEAN_MARGIN = 1.0  # f = 20 %: clean >= clean FedAvg - 1
 WORST_CASE_F30 = 88.0  # f = 30 %: worst case >= 88 %
 WORST_CASE_F30_ALPHA01 = 80.0  # stretch: f = 30 %, alpha = 0.1
-#: The attacks that adapt to the honest updates (and, -opt, to the rule).
-ADAPTIVE_ATTACKS = (
-    "alie",
-    "ipm",
-    "minmax",
-    "minsum",
-    "mimic",
-    "alie-opt",
-    "ipm-opt",
-    "alie-opt-evasive",
-    "ipm-opt-evasive",
-)
+#: The attacks that adapt to the honest updates (and, -opt, to the rule): the
+#: ones the adversary grid builds from every honest update of the round.
+ADAPTIVE_ATTACKS = OMNISCIENT_ATTACKS
 
 ATTACK_LABELS = {
     "none": "no attack",
