@@ -595,12 +595,13 @@ def _check_no_leak(msg: Message, reply: Message, policy: SitePolicy | None) -> N
         assert all(encrypted), "a plaintext ArrayRecord left a require-ckks site"
     if category != MessageType.TRAIN or not records:
         return
-    if _is_decryption(msg):
-        # a decrypted aggregate (ckks_mod answered): it must sum enough updates
-        (metrics,) = reply.content.metric_records.values()
+    (metrics,) = reply.content.metric_records.values()
+    if _is_decryption(msg) and keys.DDP_CLIPPING_NORM not in metrics:
+        # a decrypted aggregate (ckks_mod answered): it must sum enough updates.
+        # (Without ckks_mod in the app, a decryption flag is just config: the
+        # ClientApp trains and the reply is a noised update, checked below.)
         assert metrics["ckks-contributions"] >= policy.min_contributions
         return
-    (metrics,) = reply.content.metric_records.values()
     clip, stddev = metrics[keys.DDP_CLIPPING_NORM], metrics[keys.DDP_NOISE_STDDEV]
     k = policy.credited_contributions
     assert stddev / clip * math.sqrt(k) >= policy.min_noise_multiplier * (1 - 1e-9)
