@@ -9,8 +9,8 @@ import logging
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord
-from flwr.serverapp.strategy import FedAvg
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp.strategy import FedAvg, FedAvgM
 
 from flwr_ext.aggregation import (
     AdaptiveRobustClipping,
@@ -209,6 +209,45 @@ def test_the_wrapper_keeps_exports_and_restores_the_centre():
     # 1 + tau in L2 over the 8 parameters of the test model
     assert value_of(a) == pytest.approx(1 + 0.1 / np.sqrt(8), abs=1e-6)
     assert value_of(c) == pytest.approx(5.0)  # no state: from the median
+
+
+def test_the_wrapper_exports_and_restores_fedavgms_server_momentum():
+    """A restarted ServerApp resumes FedAvgM's momentum, not momentum zero.
+
+    Round 1 from 0 with every reply at 1: pseudo-gradient -1, momentum -1, new
+    model 0 + 0.5. Round 2 with replies at 1: pseudo-gradient -0.5; with the
+    momentum kept 0.9 * -1 - 0.5 = -1.4 and the model 0.5 + 0.7 = 1.2; from
+    momentum zero only 0.5 + 0.25 = 0.75.
+    """
+
+    def make():
+        return TrimmedMean(
+            FedAvgM(server_momentum=0.9, server_learning_rate=0.5), beta=0.1
+        )
+
+    strategy = make()
+    (arrays, _), _ = run_round(strategy, [1.0] * 10)
+    assert value_of(arrays) == pytest.approx(0.5)
+    saved = strategy.export_state()
+    assert sorted(saved.keys()) == ["server-momentum-00000", "server-momentum-00001"]
+    restored, fresh = make(), make()
+    restored.import_state(saved)
+    (a, _), _ = run_round(strategy, [1.0] * 10, global_value=0.5)
+    (b, _), _ = run_round(restored, [1.0] * 10, global_value=0.5)
+    (c, _), _ = run_round(fresh, [1.0] * 10, global_value=0.5)
+    assert value_of(a) == pytest.approx(1.2)
+    assert value_of(b) == pytest.approx(value_of(a))
+    assert value_of(c) == pytest.approx(0.75)
+    # The momentum belongs to a FedAvgM: another inner strategy refuses it.
+    with pytest.raises(ValueError, match="not FedAvgM"):
+        TrimmedMean(beta=0.1).import_state(saved)
+    broken = ArrayRecord(dict(saved.items()))
+    broken["server-momentum-00000"] = Array(np.full(8, np.nan))
+    with pytest.raises(ValueError, match="not finite"):
+        make().import_state(broken)
+    gap = ArrayRecord({"server-momentum-00001": saved["server-momentum-00001"]})
+    with pytest.raises(ValueError, match="numbered from 0"):
+        make().import_state(gap)
 
 
 def test_import_state_rejects_foreign_records():

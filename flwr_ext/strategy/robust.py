@@ -50,7 +50,7 @@ from flwr.app import (
     MetricRecord,
 )
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import FedAvgM, Strategy
 from flwr.supercore import log
 
 from ..aggregation import AggregationRule, NearestNeighborMixing, PreAggregation
@@ -78,6 +78,9 @@ METRIC_SELECTED = "robust-selected"
 METRIC_SECONDS = "robust-aggregation-s"
 #: Key of the stateful rule's vector in :meth:`RobustAggregation.export_state`.
 _STATE_KEY = "rule-state"
+#: Prefix of the inner FedAvgM's momentum arrays in the exported state
+#: (``server-momentum-00000``, ``-00001``, ... in the model's array order).
+_MOMENTUM_PREFIX = "server-momentum-"
 
 
 class RobustAggregation(StrategyWrapper):
@@ -191,13 +194,22 @@ class RobustAggregation(StrategyWrapper):
     def export_state(self) -> ArrayRecord:
         """Return the state to save with the run (an empty ArrayRecord if none).
 
-        Put it in the ServerApp's ``context.state`` or a checkpoint next to the
-        model; :meth:`import_state` on a fresh strategy resumes the run with the
-        same centre as this one.
+        The stateful rule's centre (``rule-state``) and, when the inner strategy
+        is Flower's ``FedAvgM``, its server momentum (``server-momentum-NNNNN``,
+        one array per model array): Flower's FedAvgM keeps the momentum in the
+        object only, so without it a restarted ServerApp would start the
+        momentum from zero. Put the record in the ServerApp's ``context.state``
+        or a checkpoint next to the model; :meth:`import_state` on a fresh
+        strategy resumes the run with the same centre and momentum as this one.
         """
-        if self._rule_state is None:
-            return ArrayRecord()
-        return ArrayRecord({_STATE_KEY: Array(self._rule_state.copy())})
+        arrays: dict[str, Array] = {}
+        if self._rule_state is not None:
+            arrays[_STATE_KEY] = Array(self._rule_state.copy())
+        momentum = self._inner_momentum()
+        if momentum is not None:
+            for index, array in enumerate(momentum):
+                arrays[f"{_MOMENTUM_PREFIX}{index:05d}"] = Array(np.array(array))
+        return ArrayRecord(arrays)
 
     def import_state(self, record: ArrayRecord) -> None:
         """Restore what :meth:`export_state` saved.
@@ -205,23 +217,60 @@ class RobustAggregation(StrategyWrapper):
         Raises
         ------
         ValueError
-            If ``record`` holds anything other than one finite float64 vector.
+            If ``record`` holds anything but a finite float64 ``rule-state``
+            vector and finite floating-point ``server-momentum-NNNNN`` arrays
+            numbered from 0 (those only when the inner strategy is FedAvgM).
         """
-        if len(record) == 0:
-            self._rule_state = None
-            return
-        if set(record.keys()) != {_STATE_KEY}:
+        keys = set(record.keys())
+        momentum_keys = sorted(k for k in keys if k.startswith(_MOMENTUM_PREFIX))
+        unknown = keys - {_STATE_KEY} - set(momentum_keys)
+        if unknown:
             raise ValueError(
-                f"a robust-aggregation state holds one array {_STATE_KEY!r}, "
-                f"got {sorted(record.keys())}"
+                f"a robust-aggregation state holds one array {_STATE_KEY!r} and "
+                f"the inner FedAvgM's {_MOMENTUM_PREFIX}NNNNN arrays, got "
+                f"{sorted(keys)}"
             )
-        array = record[_STATE_KEY]
-        if array.dtype != "float64" or len(array.shape) != 1:
-            raise ValueError("the robust-aggregation state must be a float64 vector")
-        value = array.numpy()
-        if not np.isfinite(value).all():
-            raise ValueError("the robust-aggregation state is not finite")
-        self._rule_state = value.copy()
+        rule_state = None
+        if _STATE_KEY in keys:
+            array = record[_STATE_KEY]
+            if array.dtype != "float64" or len(array.shape) != 1:
+                raise ValueError(
+                    "the robust-aggregation state must be a float64 vector"
+                )
+            rule_state = array.numpy()
+            if not np.isfinite(rule_state).all():
+                raise ValueError("the robust-aggregation state is not finite")
+        momentum = None
+        if momentum_keys:
+            if not isinstance(self.strategy, FedAvgM):
+                raise ValueError(
+                    "the state holds a server momentum but the inner strategy is "
+                    f"{type(self.strategy).__name__}, not FedAvgM"
+                )
+            expected = [f"{_MOMENTUM_PREFIX}{i:05d}" for i in range(len(momentum_keys))]
+            if momentum_keys != expected:
+                raise ValueError(
+                    f"the server-momentum arrays must be numbered from 0, got "
+                    f"{momentum_keys}"
+                )
+            momentum = []
+            for key in expected:
+                array = record[key]
+                if array.dtype not in ("float16", "float32", "float64"):
+                    raise ValueError(f"{key} must hold floats, not {array.dtype}")
+                value = array.numpy()
+                if not np.isfinite(value).all():
+                    raise ValueError(f"{key} is not finite")
+                momentum.append(value.copy())
+        self._rule_state = None if rule_state is None else rule_state.copy()
+        if isinstance(self.strategy, FedAvgM):
+            self.strategy.momentum_vector = momentum
+
+    def _inner_momentum(self) -> list[np.ndarray] | None:
+        """Return the inner FedAvgM's momentum (None: none yet, or no FedAvgM)."""
+        if isinstance(self.strategy, FedAvgM):
+            return self.strategy.momentum_vector
+        return None
 
     def __repr__(self) -> str:
         parts = [type(self.strategy).__name__, f"rule={self.rule!r}"]
