@@ -83,7 +83,7 @@ from flwr_ext.attacks import (
     optimal_alie,
     optimal_ipm,
 )
-from flwr_ext.attacks.adaptive import Aggregator, mimic
+from flwr_ext.attacks.adaptive import Aggregator, ServerStep, mimic
 from flwr_ext.inprocess import InProcessGrid
 from flwr_ext.records import Manifest, unflatten
 
@@ -439,28 +439,21 @@ def byzantine_node_config(attack: str, index: int, seed: int) -> dict:
 OmniscientAttack = Callable[[np.ndarray, int, Aggregator | None], np.ndarray]
 
 
-def _needs_rule(attack: Callable[[np.ndarray, int, Aggregator], np.ndarray]):
-    def run(honest: np.ndarray, f: int, rule: Aggregator | None) -> np.ndarray:
-        if rule is None:
-            raise ValueError("this attack needs the server's rule (aggregator=...)")
-        return attack(honest, f, rule)
-
-    return run
-
-
 _OMNISCIENT: dict[str, OmniscientAttack] = {
     "alie": lambda honest, f, _r: alie(honest, num_byzantine=f),
     "ipm": lambda honest, _f, _r: ipm(honest, epsilon=IPM_EPSILON),
     "minmax": lambda honest, _f, _r: minmax(honest),
     "minsum": lambda honest, _f, _r: minsum(honest),
-    "alie-opt": _needs_rule(optimal_alie),
-    "ipm-opt": _needs_rule(optimal_ipm),
     "mimic": lambda honest, _f, _r: honest[mimic(honest)],  # see ByzantineGrid
-    "alie-opt-evasive": _needs_rule(optimal_alie),  # see ByzantineGrid
-    "ipm-opt-evasive": _needs_rule(optimal_ipm),
 }
-#: The evasive attacks, called with the last server step as ``reference``.
-_EVASIVE = {"alie-opt-evasive": optimal_alie, "ipm-opt-evasive": optimal_ipm}
+#: The line-searched attacks (see ByzantineGrid): the attack, and whether it is
+#: evasive (called with the last server step as ``reference``).
+_LINE_SEARCHED: dict[str, tuple[Callable[..., np.ndarray], bool]] = {
+    "alie-opt": (optimal_alie, False),
+    "ipm-opt": (optimal_ipm, False),
+    "alie-opt-evasive": (optimal_alie, True),
+    "ipm-opt-evasive": (optimal_ipm, True),
+}
 
 
 def _fingerprint(message: Message) -> tuple:
@@ -494,6 +487,12 @@ class ByzantineGrid(InProcessGrid):
     aggregator : callable or None
         The server's rule as the attacker sees it, ``(n, d) -> (d,)``; needed by
         :data:`RULE_AWARE_ATTACKS`.
+    server_step : callable or None
+        The server's optimizer as the attacker models it, aggregate ``(d,)`` ->
+        model step ``(d,)``
+        (:func:`benchmarks._targets.target_server_step`); the line-searched
+        attacks then compare candidates by the step they cause. None: by the
+        aggregate (a server without an optimizer of its own).
     weight_factor : float (default: 1.0)
         Multiply the ``num-examples`` the Byzantine nodes claim by this factor.
     malformed : bool (default: False)
@@ -510,17 +509,19 @@ class ByzantineGrid(InProcessGrid):
         byzantine: Iterable[int] = (),
         omniscient: str | None = None,
         aggregator: Aggregator | None = None,
+        server_step: ServerStep | None = None,
         weight_factor: float = 1.0,
         malformed: bool = False,
     ) -> None:
         super().__init__(nodes, node_configs=node_configs, run_config=run_config)
-        if omniscient is not None and omniscient not in _OMNISCIENT:
-            raise ValueError(f"omniscient must be one of {sorted(_OMNISCIENT)}")
+        if omniscient is not None and omniscient not in OMNISCIENT_ATTACKS:
+            raise ValueError(f"omniscient must be one of {sorted(OMNISCIENT_ATTACKS)}")
         if omniscient in RULE_AWARE_ATTACKS and aggregator is None:
             raise ValueError(f"omniscient={omniscient!r} needs the server's aggregator")
         self.byzantine = frozenset(byzantine)
         self.omniscient = omniscient
         self.aggregator = aggregator
+        self.server_step = server_step
         #: The honest node the ``mimic`` attackers copy (chosen in round 1).
         self.mimic_target: int | None = None
         #: The last two global models seen in train rounds (evasive attacks).
@@ -664,14 +665,16 @@ class ByzantineGrid(InProcessGrid):
             if self.mimic_target not in nodes:
                 self.mimic_target = nodes[mimic(honest)]
             update = honest[nodes.index(self.mimic_target)]
-        elif self.omniscient in _EVASIVE:
+        elif self.omniscient in _LINE_SEARCHED:
             if self.aggregator is None:
                 raise ValueError("this attack needs the server's rule (aggregator=...)")
-            update = _EVASIVE[self.omniscient](
+            attack, evasive = _LINE_SEARCHED[self.omniscient]
+            update = attack(
                 honest,
                 len(self.byzantine),
                 self.aggregator,
-                reference=reference,
+                reference=reference if evasive else None,
+                server_step=self.server_step,
             )
         else:
             update = _OMNISCIENT[self.omniscient](
@@ -806,17 +809,21 @@ def run_federation(
     }
     random.seed(spec.seed)  # Flower samples (and orders) nodes with `random`
     strategy = factory(spec.num_clients, spec.num_byzantine, spec.fraction)
-    aggregator = None
+    aggregator = server_step = None
     if spec.attack in RULE_AWARE_ATTACKS:
+        from benchmarks._targets import target_server_step
+
         if target is None:
             from benchmarks._targets import target_aggregator as target
         aggregator = target(strategy)
+        server_step = target_server_step(strategy)
     grid = ByzantineGrid(
         dict.fromkeys(node_ids, app),
         node_configs=node_configs,
         byzantine=byzantine,
         omniscient=spec.attack if spec.attack in OMNISCIENT_ATTACKS else None,
         aggregator=aggregator,
+        server_step=server_step,
         weight_factor=WEIGHT_INFLATION if spec.attack == "weight-inflation" else 1.0,
         malformed=spec.attack == "malformed",
     )

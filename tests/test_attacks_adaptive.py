@@ -148,6 +148,69 @@ def test_line_search_picks_the_strength_the_rule_lets_through():
     np.testing.assert_array_equal(byz, candidate(s))
 
 
+def test_line_search_with_a_server_step_measures_the_step_not_the_aggregate():
+    """An attacker who models the server's optimizer compares model steps.
+
+    Against FedAvg's mean the aggregate criterion takes the largest IPM
+    epsilon. Behind a sign-like step (Adam's first step with a tiny ``tau``)
+    every epsilon that flips the mean (past h/f = 4) gives the same, largest
+    step gap, so the search keeps the first of them; an affine step (FedAvgM)
+    changes nothing.
+    """
+    honest = honest_updates()
+    mean = honest.mean(0)
+    factors = [0.1, 1.0, 3.0, 10.0, 100.0]
+
+    def candidate(e):
+        return -e * mean
+
+    s_plain, _ = line_search(honest, F, candidate, fedavg, factors)
+    assert s_plain == 100.0
+
+    def adam_first_step(a):
+        return 0.1 * np.sign(a)
+
+    gaps = [
+        np.linalg.norm(
+            adam_first_step(fedavg(with_attack(honest, candidate(e))))
+            - adam_first_step(mean)
+        )
+        for e in factors
+    ]
+    s_step, byz = line_search(honest, F, candidate, fedavg, factors, adam_first_step)
+    assert s_step == factors[int(np.argmax(gaps))] == 10.0  # the first past h/f = 4
+    np.testing.assert_array_equal(byz, candidate(10.0))
+
+    rng = np.random.default_rng(1)
+    momentum = rng.normal(size=D)
+
+    def fedavgm_step(a):
+        return 0.5 * (a - 0.9 * momentum)
+
+    tm = TrimmedMeanRule(0.2)
+
+    def trimmed(x):
+        return tm.aggregate(x, np.ones(len(x)))
+
+    for attack in (optimal_alie, optimal_ipm):
+        assert np.array_equal(
+            attack(honest, F, trimmed),
+            attack(honest, F, trimmed, server_step=fedavgm_step),
+        )
+
+
+def test_line_search_skips_a_step_that_is_not_finite():
+    honest = honest_updates()
+
+    def step(a):
+        return a if np.linalg.norm(a) < 5.0 else np.full_like(a, np.inf)
+
+    s, _ = line_search(
+        honest, F, lambda e: -e * honest.mean(0), fedavg, [0.1, 100.0], step
+    )
+    assert s == 0.1
+
+
 def test_optimal_attacks_beat_their_fixed_versions_against_the_median():
     honest = honest_updates()
     med = CoordinateMedian()

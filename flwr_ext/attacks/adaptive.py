@@ -24,6 +24,14 @@ References
   compute from two consecutive global models), the counter-move to a server
   that drops updates opposing its previous aggregate
   (``CenteredClippingRule(max_opposed=f)``).
+- Server-step-aware line search (``server_step=`` of :func:`line_search`,
+  :func:`optimal_alie` and :func:`optimal_ipm`): when the server feeds the
+  robust aggregate to an optimizer (Flower's FedAvgM, FedAdam, FedYogi,
+  FedAdagrad), the attacker who knows that optimizer and its state measures
+  each candidate by the *model step* it causes, not by the aggregate. For an
+  affine step (FedAvgM, FedAvg with a server learning rate) this picks the
+  same strength as the aggregate criterion; for an adaptive one (FedAdam) it
+  does not, since the step is normalised per coordinate.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ __all__ = [
     "ALIE_FACTORS",
     "IPM_FACTORS",
     "Aggregator",
+    "ServerStep",
     "evade_opposition",
     "line_search",
     "mimic",
@@ -48,6 +57,10 @@ __all__ = [
 
 #: An aggregation rule as the attacker sees it: ``(n, d)`` updates -> ``(d,)``.
 Aggregator = Callable[[np.ndarray], np.ndarray]
+#: What the server does with an aggregate, as the attacker models it: the
+#: aggregate update ``(d,)`` -> the model step ``(d,)`` the server would take
+#: (its optimizer, with the state it has this round, read and never changed).
+ServerStep = Callable[[np.ndarray], np.ndarray]
 
 #: ALIE's ``z`` (standard deviations below the mean) tried by :func:`optimal_alie`:
 #: 0 (the mean itself) and 40 values log-spaced from 0.05 to 50.
@@ -156,28 +169,38 @@ def line_search(
     candidate: Callable[[float], np.ndarray],
     aggregate: Aggregator,
     factors: Sequence[float],
+    server_step: ServerStep | None = None,
 ) -> tuple[float, np.ndarray]:
     """Pick the attack strength that moves ``aggregate`` farthest from the honest mean.
 
     For each factor ``s``, the round the server would see is the honest rows plus
     ``num_byzantine`` copies of ``candidate(s)``; the objective is
-    ``|aggregate(round) - mean(honest)|`` (ByzFL's criterion). Returns the best
-    factor and its update. A factor whose aggregate raises or is not finite is
-    skipped (the attacker would not send it).
+    ``|aggregate(round) - mean(honest)|`` (ByzFL's criterion). With
+    ``server_step`` (the attacker models the server's optimizer) it is
+    ``|server_step(aggregate(round)) - server_step(mean(honest))|``: the gap
+    between the model step the server takes and the one it would take on the
+    honest mean. Returns the best factor and its update. A factor whose
+    aggregate or step raises or is not finite is skipped (the attacker would not
+    send it).
     """
     honest = _honest(honest)
     mean = honest.mean(axis=0)
+    reference = mean
+    if server_step is not None:
+        reference = np.asarray(server_step(mean), dtype=np.float64)
     best: tuple[float, float, np.ndarray] | None = None
     for s in factors:
         byz = candidate(float(s))
         rows = np.vstack([honest, np.tile(byz, (num_byzantine, 1))])
         try:
             value = np.asarray(aggregate(rows), dtype=np.float64)
+            if server_step is not None and np.isfinite(value).all():
+                value = np.asarray(server_step(value), dtype=np.float64)
         except ValueError:
             continue
         if not np.isfinite(value).all():
             continue
-        gap = float(np.linalg.norm(value - mean))
+        gap = float(np.linalg.norm(value - reference))
         if best is None or gap > best[0]:
             best = (gap, float(s), byz)
     if best is None:
@@ -210,11 +233,13 @@ def optimal_alie(
     aggregate: Aggregator,
     factors: Sequence[float] = ALIE_FACTORS,
     reference: np.ndarray | None = None,
+    server_step: ServerStep | None = None,
 ) -> np.ndarray:
     """ALIE ``mean - z * std`` with ``z`` line-searched against ``aggregate``.
 
     With ``reference`` (the last server step) every candidate is made
-    non-opposing to it first (:func:`evade_opposition`).
+    non-opposing to it first (:func:`evade_opposition`); with ``server_step``
+    candidates are compared by the model step they cause (:func:`line_search`).
     """
     honest = _honest(honest)
     mean, std = honest.mean(axis=0), honest.std(axis=0)
@@ -224,6 +249,7 @@ def optimal_alie(
         lambda z: evade_opposition(mean - z * std, reference),
         aggregate,
         factors,
+        server_step,
     )[1]
 
 
@@ -233,11 +259,13 @@ def optimal_ipm(
     aggregate: Aggregator,
     factors: Sequence[float] = IPM_FACTORS,
     reference: np.ndarray | None = None,
+    server_step: ServerStep | None = None,
 ) -> np.ndarray:
     """IPM ``-epsilon * mean`` with ``epsilon`` line-searched against ``aggregate``.
 
     With ``reference`` (the last server step) every candidate is made
-    non-opposing to it first (:func:`evade_opposition`).
+    non-opposing to it first (:func:`evade_opposition`); with ``server_step``
+    candidates are compared by the model step they cause (:func:`line_search`).
     """
     honest = _honest(honest)
     mean = honest.mean(axis=0)
@@ -247,4 +275,5 @@ def optimal_ipm(
         lambda e: evade_opposition(-e * mean, reference),
         aggregate,
         factors,
+        server_step,
     )[1]
