@@ -30,6 +30,7 @@ from flwr_ext.aggregation import (
     AggregationResult,
     Bucketing,
     CenteredClippingRule,
+    MedianNormEqualization,
     NearestNeighborMixing,
     PreAggregationChain,
 )
@@ -301,6 +302,44 @@ def _tm_arc_nnm_over(extra: int) -> Callable:
     return build
 
 
+def _normeq_nnm(f: int) -> PreAggregationChain:
+    return PreAggregationChain([MedianNormEqualization(), NearestNeighborMixing(f)])
+
+
+def _fedavgm_at(lr: float) -> Callable[[int], Strategy]:
+    """Flower's FedAvgM, server momentum 0.9, server learning rate ``lr``."""
+    return lambda n: FedAvgM(**_common(n), server_learning_rate=lr, server_momentum=0.9)
+
+
+def _tm_normeq(
+    inner: Callable[[int], Strategy], *, nnm: bool = True, trim: bool = True
+) -> Callable[[int, int, float], Strategy]:
+    """TrimmedMean (or, ``trim=False``, the mean) after norm equalization (+ NNM)."""
+
+    def build(n: int, f: int, b: float) -> Strategy:
+        pre = _normeq_nnm(f) if nnm else MedianNormEqualization()
+        return TrimmedMean(inner(n), beta=b if trim else 0.0, pre_aggregation=pre)
+
+    return build
+
+
+def _tm_arc4_nnm(inner: Callable[[int], Strategy], *, trim: bool = True) -> Callable:
+    """TrimmedMean (or the mean) + ARC for f + 4 + NNM around ``inner(n)``."""
+
+    def build(n: int, f: int, b: float) -> Strategy:
+        pre = PreAggregationChain(
+            [AdaptiveRobustClipping(f + 4), NearestNeighborMixing(f)]
+        )
+        return TrimmedMean(inner(n), beta=b if trim else 0.0, pre_aggregation=pre)
+
+    return build
+
+
+def _fedadam_adaptive(n: int) -> FedAdam:
+    """Flower's FedAdam with the step the screen used (eta 0.03, tau 1e-9)."""
+    return FedAdam(**_common(n), eta=0.03, tau=1e-9)
+
+
 _ADAPTIVE_DEFENCES: list[StrategyConfig] = [
     StrategyConfig("ours-cc-previous", "CC (previous centre)", True, _cc_previous()),
     StrategyConfig(
@@ -537,6 +576,45 @@ _ADAPTIVE_DEFENCES: list[StrategyConfig] = [
                 [AdaptiveRobustClipping(f + 4), NearestNeighborMixing(f)]
             ),
         ),
+    ),
+    StrategyConfig(
+        "ours-mean-arc-f4-nnm-fedavgm09-lr05",
+        "Mean + ARC clipping for f + 4 + NNM, FedAvgM (momentum 0.9, lr 0.5)",
+        True,
+        _tm_arc4_nnm(_fedavgm, trim=False),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-arc-f4-nnm-fedadam",
+        "TrimmedMean + ARC clipping for f + 4 + NNM, FedAdam (eta 0.03, tau 1e-9)",
+        True,
+        _tm_arc4_nnm(_fedadam_adaptive),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-normeq",
+        "TrimmedMean + norm equalization, FedAvgM (momentum 0.9, lr 0.5)",
+        True,
+        _tm_normeq(_fedavgm, nnm=False),
+    ),
+    StrategyConfig(
+        "ours-trimmed-mean-normeq-nnm",
+        "TrimmedMean + norm equalization + NNM",
+        True,
+        _tm_normeq(_fedavg),
+    ),
+    *(
+        StrategyConfig(
+            f"ours-trimmed-mean-normeq-nnm-fedavgm09-lr{tag}",
+            f"TrimmedMean + norm equalization + NNM, FedAvgM (momentum 0.9, lr {lr})",
+            True,
+            _tm_normeq(_fedavgm_at(lr)),
+        )
+        for tag, lr in (("03", 0.3), ("05", 0.5), ("1", 1.0))
+    ),
+    StrategyConfig(
+        "ours-mean-normeq-nnm-fedavgm09-lr05",
+        "Mean + norm equalization + NNM, FedAvgM (momentum 0.9, lr 0.5)",
+        True,
+        _tm_normeq(_fedavgm, trim=False),
     ),
     StrategyConfig(
         "ours-trimmed-mean-arc-nnm-slr05",

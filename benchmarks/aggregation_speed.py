@@ -44,6 +44,7 @@ from flwr.serverapp.strategy import MultiKrum as FlowerMultiKrum
 from flwr_ext.aggregation import (
     AdaptiveRobustClipping,
     Bucketing,
+    MedianNormEqualization,
     NearestNeighborMixing,
     PreAggregationChain,
     WeightedMean,
@@ -157,6 +158,20 @@ PAIRS: tuple[Pair, ...] = (
             beta=f / n,
             pre_aggregation=PreAggregationChain(
                 [AdaptiveRobustClipping(f + 4), NearestNeighborMixing(f)]
+            ),
+        ),
+        lambda n, f: FedTrimmedAvg(beta=f / n),
+        "FedTrimmedAvg",
+        False,
+    ),
+    # The recommendation since norm equalization (docs/robustness.md).
+    Pair(
+        "TrimmedMean + norm equalization + NNM, FedAvgM",
+        lambda n, f: TrimmedMean(
+            FedAvgM(server_learning_rate=0.5, server_momentum=0.9),
+            beta=f / n,
+            pre_aggregation=PreAggregationChain(
+                [MedianNormEqualization(), NearestNeighborMixing(f)]
             ),
         ),
         lambda n, f: FedTrimmedAvg(beta=f / n),

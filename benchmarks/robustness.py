@@ -54,9 +54,15 @@ from benchmarks._strategies import STRATEGIES, strategy_config
 #: The configuration flwr-ext recommends: chosen on the validation split, before
 #: its test-set runs, as the best worst case over every attack (adaptive and
 #: evasive ones included) at f = 30 % among the candidates; see
-#: docs/robustness.md. TrimmedMean (beta = f / n) after ARC built for f + 4 and
-#: NNM for f, around Flower's FedAvgM (server momentum 0.9, learning rate 0.5).
-RECOMMENDED = "ours-trimmed-mean-arc-f4-nnm-fedavgm09-lr05"
+#: docs/robustness.md. TrimmedMean (beta = f / n) after median norm
+#: equalization and NNM for f, around Flower's FedAvgM (server momentum 0.9,
+#: learning rate 0.3).
+RECOMMENDED = "ours-trimmed-mean-normeq-nnm-fedavgm09-lr03"
+#: The same with learning rate 0.5 (the server step of the recommendation before).
+NORMEQ_LR05 = "ours-trimmed-mean-normeq-nnm-fedavgm09-lr05"
+#: The configuration recommended before norm equalization: ARC built for f + 4
+#: (instead of norm equalization), FedAvgM learning rate 0.5.
+ARC_RECOMMENDED = "ours-trimmed-mean-arc-f4-nnm-fedavgm09-lr05"
 #: The same with ARC built for f: the first server-momentum candidate confirmed
 #: on the test split (a default row).
 SERVER_MOMENTUM = "ours-trimmed-mean-arc-nnm-fedavgm09-lr05"
@@ -75,11 +81,20 @@ DEFAULT_STRATEGIES = (
     EARLIER_RECOMMENDED,
     PREVIOUS_RECOMMENDED,
     SERVER_MOMENTUM,
+    ARC_RECOMMENDED,
+    NORMEQ_LR05,
     RECOMMENDED,
     "byzfl-arc-nnm-trmean",
 )
 #: Strategies of the heterogeneity sweep (``--alphas``).
-SWEEP_STRATEGIES = (REFERENCE, PREVIOUS_RECOMMENDED, SERVER_MOMENTUM, RECOMMENDED)
+SWEEP_STRATEGIES = (
+    REFERENCE,
+    PREVIOUS_RECOMMENDED,
+    SERVER_MOMENTUM,
+    ARC_RECOMMENDED,
+    NORMEQ_LR05,
+    RECOMMENDED,
+)
 #: Targets of issue 13, in accuracy points / percent.
 WORST_CASE_MARGIN = 3.0  # f = 20 %: worst case >= clean FedAvg - 3
 CLEAN_MARGIN = 1.0  # f = 20 %: clean >= clean FedAvg - 1
@@ -438,9 +453,8 @@ def curves(
     path: Path,
     keys: Sequence[str] = (
         "ours-centered-clipping",
-        EARLIER_RECOMMENDED,
         PREVIOUS_RECOMMENDED,
-        SERVER_MOMENTUM,
+        ARC_RECOMMENDED,
         RECOMMENDED,
     ),
 ) -> None:

@@ -168,7 +168,7 @@ def test_weight_inflation_multiplies_the_attackers_claim():
 
 def test_every_configuration_builds_for_both_fractions():
     keys = [s.key for s in STRATEGIES]
-    assert len(keys) == len(set(keys)) == 61
+    assert len(keys) == len(set(keys)) == 69
     for config in STRATEGIES:
         if config.key.startswith("byzfl-") and not byzfl.available():
             continue  # the benchmark-only extra `bench` is not installed
@@ -277,3 +277,21 @@ def test_mimic_keeps_copying_the_same_honest_node():
         num_rounds=3,
     )
     assert grid.mimic_target in (2, 4)  # an extreme honest node, never the middle
+
+
+def test_round_diagnosis_reports_each_round_in_units_of_the_honest_mean(capsys):
+    """IPM sends ``-0.1 * mean(honest)``: its length is 0.100 honest means."""
+    from benchmarks import round_diagnosis
+
+    key = robustness.RECOMMENDED
+    assert (
+        round_diagnosis.main(["--strategy", key, "--attack", "ipm", "--rounds", "2"])
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert "(ok)" in lines[0]
+    rows = [line.split() for line in lines[2:]]
+    assert [r[0] for r in rows] == ["1", "2"]
+    for row in rows:
+        byz = float(row[5])
+        assert byz == pytest.approx(0.1, abs=1e-3)

@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from flwr_ext.aggregation import (
     AdaptiveRobustClipping,
     Bucketing,
+    MedianNormEqualization,
     NearestNeighborMixing,
     PreAggregationChain,
 )
@@ -116,6 +117,12 @@ WRAPPERS: dict[str, Callable[[int], Strategy]] = {
         beta=0.2,
         pre_aggregation=PreAggregationChain(
             [AdaptiveRobustClipping(1), NearestNeighborMixing(1)]
+        ),
+    ),
+    "TrimmedMean-NormEq-NNM": lambda n: TrimmedMean(
+        beta=0.2,
+        pre_aggregation=PreAggregationChain(
+            [MedianNormEqualization(), NearestNeighborMixing(1)]
         ),
     ),
     "DPFedAvg": lambda n: DPFedAvg(

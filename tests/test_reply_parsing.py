@@ -33,6 +33,7 @@ from flwr_ext import records
 from flwr_ext.aggregation import (
     AdaptiveRobustClipping,
     Bucketing,
+    MedianNormEqualization,
     NearestNeighborMixing,
     PreAggregationChain,
 )
@@ -318,6 +319,15 @@ def wrappers():
                 ),
             ),
             id="TrimmedMean-ARC-NNM",
+        ),
+        pytest.param(
+            lambda: TrimmedMean(
+                beta=0.2,
+                pre_aggregation=PreAggregationChain(
+                    [MedianNormEqualization(), NearestNeighborMixing(1)]
+                ),
+            ),
+            id="TrimmedMean-NormEq-NNM",
         ),
         pytest.param(
             lambda: DPFedAvg(

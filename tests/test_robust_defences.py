@@ -16,11 +16,13 @@ from flwr_ext.aggregation import (
     AdaptiveRobustClipping,
     Bucketing,
     CenteredClippingRule,
+    MedianNormEqualization,
     NearestNeighborMixing,
     PreAggregationChain,
     TrimmedMeanRule,
     adaptive_robust_clipping,
     bucketing,
+    median_norm_equalization,
 )
 from flwr_ext.aggregation.arc import arc_num_clipped
 from flwr_ext.strategy import (
@@ -39,6 +41,8 @@ PRE_STEPS = [
     Bucketing(2, seed=0),
     PreAggregationChain([AdaptiveRobustClipping(2), NearestNeighborMixing(2)]),
     PreAggregationChain([Bucketing(2, seed=1), AdaptiveRobustClipping(2)]),
+    MedianNormEqualization(),
+    PreAggregationChain([MedianNormEqualization(), NearestNeighborMixing(2)]),
 ]
 
 
@@ -77,6 +81,60 @@ def test_arc_built_for_more_byzantine_rows_than_the_round_has_never_fails():
     x[:, 0] = norms
     out = AdaptiveRobustClipping(5).transform(x, np.ones(3))
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), [1, 2, 2])
+
+
+def test_norm_equalization_rescales_every_row_to_the_median_norm():
+    x = np.zeros((5, 3))
+    x[:, 0] = [1.0, -2.0, 3.0, 0.0, 10.0]  # norms 1, 2, 3, 0, 10: median 2
+    x[4, 1] = 0.0
+    out = median_norm_equalization(x)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), [2, 2, 2, 0, 2])
+    np.testing.assert_allclose(out[:, 0], [2, -2, 2, 0, 2])  # directions kept
+    np.testing.assert_array_equal(out[3], 0.0)  # a zero row has no direction
+    assert repr(MedianNormEqualization()) == "MedianNormEqualization()"
+    big = np.full((3, 4), 1e38, dtype=np.float32)  # |row|^2 overflows float32
+    out32 = median_norm_equalization(big)
+    assert out32.dtype == np.float32 and np.isfinite(out32).all()
+
+
+def inner_product_manipulation(epsilon, seed=0, h=14, f=6, d=50):
+    """Heterogeneous honest rows and ``f`` IPM rows ``-epsilon * mean(honest)``."""
+    honest = 1.0 + np.random.default_rng(seed).normal(0.0, 3.0, (h, d))
+    mean = honest.mean(axis=0)
+    return np.vstack([honest, np.tile(-epsilon * mean, (f, 1))]), mean
+
+
+@pytest.mark.parametrize("epsilon", [0.01, 0.1, 0.3, 1.0])
+def test_norm_equalization_takes_ipm_its_strength(epsilon):
+    """Why the recommended chain starts with it (docs/robustness.md).
+
+    IPM's small updates sit inside the honest cloud: after ARC + NNM the
+    trimmed mean keeps well under half of the honest mean's length (0.07 at
+    ``epsilon = 1``). After norm equalization every IPM row is the same unit
+    direction at the median norm whatever ``epsilon`` is, and the aggregate
+    keeps at least 90 % of the honest mean's projection.
+    """
+    x, mean = inner_product_manipulation(epsilon)
+    w = np.ones(len(x))
+    unit = mean / np.linalg.norm(mean)
+    arc_nnm = PreAggregationChain(
+        [AdaptiveRobustClipping(10), NearestNeighborMixing(6)]
+    )
+    equalized = PreAggregationChain(
+        [MedianNormEqualization(), NearestNeighborMixing(6)]
+    )
+    rule = TrimmedMeanRule(0.3)
+    before = rule.aggregate(arc_nnm.transform(x, w), w) @ unit
+    after = rule.aggregate(equalized.transform(x, w), w) @ unit
+    assert before < 0.5 * np.linalg.norm(mean)
+    assert after > 0.9 * np.linalg.norm(mean)
+    # The attacker's epsilon no longer reaches the rule.
+    reference, _ = inner_product_manipulation(0.5)
+    np.testing.assert_allclose(
+        MedianNormEqualization().transform(x, w)[14:],
+        MedianNormEqualization().transform(reference, w)[14:],
+        rtol=1e-12,
+    )
 
 
 def test_bucketing_averages_random_pairs():
@@ -270,6 +328,12 @@ DEFENCES = [
     ),
     lambda: CenteredClipping(
         centre="previous", pre_aggregation=AdaptiveRobustClipping(2)
+    ),
+    lambda: TrimmedMean(
+        beta=0.2,
+        pre_aggregation=PreAggregationChain(
+            [MedianNormEqualization(), NearestNeighborMixing(2)]
+        ),
     ),
 ]
 

@@ -15,6 +15,7 @@ from .krum import KrumRule, krum_scores
 from .mean import WeightedMean, weighted_mean
 from .median import CoordinateMedian, coordinate_median
 from .nnm import NearestNeighborMixing, nearest_neighbor_mixing
+from .norm_equalization import MedianNormEqualization, median_norm_equalization
 from .pipeline import PreAggregationChain
 from .trimmed_mean import TrimmedMeanRule, trimmed_mean
 
@@ -27,6 +28,7 @@ __all__ = [
     "CoordinateMedian",
     "GeometricMedianRule",
     "KrumRule",
+    "MedianNormEqualization",
     "NearestNeighborMixing",
     "PreAggregation",
     "PreAggregationChain",
@@ -39,6 +41,7 @@ __all__ = [
     "coordinate_median",
     "geometric_median",
     "krum_scores",
+    "median_norm_equalization",
     "nearest_neighbor_mixing",
     "pairwise_squared_distances",
     "trimmed_mean",
