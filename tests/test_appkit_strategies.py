@@ -193,3 +193,71 @@ def test_secure_aggregation_mod_passes_plain_runs_through(monkeypatch):
     reply = secure_aggregation_mod(msg, site, call_next)
     assert reply.has_error() and "refusing to send the update" in reply.error.reason
     assert not seen
+
+
+def test_the_recommended_robust_configuration_from_the_run_config():
+    """docs/robustness.md's recommendation, spelled in run-config keys."""
+    from flwr.serverapp.strategy import FedAvgM
+
+    from flwr_ext.aggregation import (
+        MedianNormEqualization,
+        NearestNeighborMixing,
+        PreAggregationChain,
+    )
+
+    from .conftest import instructions, model, reply_to
+
+    values = settings(
+        strategy="trimmed-mean", num_byzantine=1, trim_beta=0.2,
+        robust_pre_aggregation="norm-equalization+nnm",
+        robust_server_momentum=0.9, robust_server_learning_rate=0.3,
+    )  # fmt: skip
+    check_strategy_settings(values)
+    strategy = build_strategy(values)
+    inner = strategy.strategy
+    assert type(inner) is FedAvgM and inner.min_available_nodes == 5
+    assert (inner.server_learning_rate, inner.server_momentum) == (0.3, 0.9)
+    chain = strategy.pre_aggregation
+    assert isinstance(chain, PreAggregationChain)
+    assert [type(s) for s in chain.steps] == [
+        MedianNormEqualization,
+        NearestNeighborMixing,
+    ]
+    assert chain.steps[1].num_byzantine == 1
+    # One real round: five sites send global + 2; FedAvgM's first step is
+    # 0.3 times the robust aggregate (the momentum starts as the step).
+    msgs = instructions(strategy, model(0.0), [1, 2, 3, 4, 5])
+    arrays, _ = strategy.aggregate_train(1, [reply_to(m, model(2.0)) for m in msgs])
+    assert arrays["w"].numpy() == pytest.approx(0.6)
+    # Defaults keep FedAvg around the rule, as before these options.
+    assert type(build_strategy(settings(strategy="median")).strategy) is FedAvg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"robust_server_momentum": 0.9},
+         "set the server step of a robust rule, but strategy='fedavg'"),
+        ({"strategy": "fedadam", "robust_server_learning_rate": 0.3},
+         "set the server step of a robust rule, but strategy='fedadam'"),
+        ({"robust_pre_aggregation": "nnm"},
+         "runs before a robust rule, but strategy='fedavg'"),
+    ],
+)  # fmt: skip
+def test_robust_options_without_a_robust_rule_fail_at_start_up(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        check_strategy_settings(settings(**overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"robust_pre_aggregation": "norm-equalisation+nnm"},
+         "norm-equalization\\+nnm"),
+        ({"robust_server_momentum": 1.0}, "robust-server-momentum"),
+        ({"robust_server_learning_rate": 0.0}, "robust-server-learning-rate"),
+    ],
+)  # fmt: skip
+def test_robust_option_typos_and_ranges_fail_at_start_up(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        settings(strategy="trimmed-mean", **overrides)

@@ -397,3 +397,19 @@ def test_arc_of_float32_rows_near_the_float32_maximum_stays_finite():
     np.testing.assert_allclose(
         np.linalg.norm(out.astype(np.float64), axis=1)[1:], 6e38, rtol=1e-6
     )
+
+
+def test_the_recommended_chain_by_name():
+    """``pre_aggregation="norm-equalization+nnm"``: what the apps' run config uses."""
+    strategy = TrimmedMean(pre_aggregation="norm-equalization+nnm", num_byzantine=2)
+    chain = strategy.pre_aggregation
+    assert isinstance(chain, PreAggregationChain)
+    assert repr(chain) == repr(
+        PreAggregationChain([MedianNormEqualization(), NearestNeighborMixing(2)])
+    )
+    with pytest.raises(ValueError, match="needs num_byzantine"):
+        TrimmedMean(pre_aggregation="norm-equalization+nnm")
+    with pytest.raises(
+        ValueError, match="'norm-equalization\\+nnm' or a PreAggregation"
+    ):
+        TrimmedMean(pre_aggregation="norm-equalisation+nnm", num_byzantine=2)

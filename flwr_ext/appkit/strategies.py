@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 
 from ..strategy.composition import Role, check_composition
 from ..strategy.dp_fedavg import DPFedAvg
@@ -39,7 +39,11 @@ from ..strategy.homomorphic import HomomorphicAggregation
 from ..strategy.robust_strategies import ROBUST_STRATEGIES
 from ..strategy.threshold_homomorphic import ThresholdHomomorphicAggregation
 from .config import ConfigError
-from .strategy_options import check_strategy_settings, robust_options
+from .strategy_options import (
+    check_strategy_settings,
+    robust_options,
+    robust_server_step,
+)
 
 __all__ = ["BUILDERS", "SECURE_BUILDERS", "build_strategy"]
 
@@ -63,7 +67,17 @@ def _dp_fedavg(settings: Mapping[str, Any], kwargs: dict[str, Any]) -> Strategy:
 
 def _robust_builder(name: str) -> Builder:
     def build(settings: Mapping[str, Any], kwargs: dict[str, Any]) -> Strategy:
-        return ROBUST_STRATEGIES[name](FedAvg(**kwargs), **robust_options(settings))
+        server_step = robust_server_step(settings)
+        inner = (
+            FedAvg(**kwargs)
+            if server_step is None
+            else FedAvgM(
+                server_learning_rate=server_step[0],
+                server_momentum=server_step[1],
+                **kwargs,
+            )
+        )
+        return ROBUST_STRATEGIES[name](inner, **robust_options(settings))
 
     return build
 

@@ -10,7 +10,9 @@ One run-config key, ``strategy``, picks the aggregation; others tune it:
 ``fedadam``            Flower's ``FedAdam`` (``server-learning-rate``)
 ``krum`` ...           a robust rule of :data:`flwr_ext.strategy.ROBUST_STRATEGIES`
                        wrapping ``FedAvg`` (``num-byzantine``, ``trim-beta``,
-                       ``robust-pre-aggregation``)
+                       ``robust-pre-aggregation``), or Flower's ``FedAvgM``
+                       with ``robust-server-momentum`` /
+                       ``robust-server-learning-rate``
 ``dp-fedavg``          central user-level DP (``flwr_ext.strategy.DPFedAvg``)
 =====================  ========================================================
 
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ..attacks import MOD_ATTACKS
+from ..strategy.robust import NAMED_PRE
 from ..strategy.robust_strategies import ROBUST_STRATEGIES, TrimmedMean
 from .config import ConfigError, Option
 
@@ -49,6 +52,7 @@ __all__ = [
     "BASE_STRATEGIES",
     "CKKS_WIRES",
     "DP_STRATEGIES",
+    "PRE_AGGREGATIONS",
     "SECURE_AGGREGATION",
     "STRATEGY_CHOICES",
     "STRATEGY_OPTIONS",
@@ -57,6 +61,8 @@ __all__ = [
 ]
 
 BASE_STRATEGIES = ("fedavg", "fedprox", "fedadam")
+#: ``robust-pre-aggregation`` values: none, NNM, or norm equalization then NNM.
+PRE_AGGREGATIONS = ("none", *NAMED_PRE)
 DP_STRATEGIES = ("dp-fedavg",)
 #: Every value ``strategy`` accepts.
 STRATEGY_CHOICES: tuple[str, ...] = (
@@ -167,8 +173,28 @@ STRATEGY_OPTIONS: tuple[Option, ...] = (
         "robust-pre-aggregation",
         str,
         "none",
-        "nearest-neighbour mixing before the robust rule",
-        choices=("none", "nnm"),
+        "before the robust rule: nearest-neighbour mixing, or median norm "
+        "equalization then NNM (the recommended chain, docs/robustness.md)",
+        choices=PRE_AGGREGATIONS,
+    ),
+    Option(
+        "robust-server-momentum",
+        float,
+        0.0,
+        "robust rules: momentum of the server step on the robust aggregate "
+        "(Flower's FedAvgM; 0.9 recommended); 0: no momentum",
+        min=0.0,
+        max=1.0,
+        max_exclusive=True,
+    ),
+    Option(
+        "robust-server-learning-rate",
+        float,
+        1.0,
+        "robust rules: learning rate of that server step (FedAvgM; 0.3 "
+        "recommended); 1 without momentum: FedAvg's step",
+        min=0.0,
+        min_exclusive=True,
     ),
     Option(
         "dp-fedavg-noise-multiplier",
@@ -258,16 +284,28 @@ def robust_options(settings: Mapping[str, Any]) -> dict[str, Any]:
     adds each rule's own run-config keys.
     """
     name = settings["strategy"]
+    pre = settings["robust-pre-aggregation"]
     options: dict[str, Any] = {
         "num_byzantine": settings["num-byzantine"],
-        "pre_aggregation": (
-            "nnm" if settings["robust-pre-aggregation"] == "nnm" else None
-        ),
+        "pre_aggregation": None if pre == "none" else pre,  # a wrapper's named chain
     }
     options.update(
         {arg: settings[key] for arg, key in _RULE_OPTIONS.get(name, {}).items()}
     )
     return options
+
+
+def robust_server_step(settings: Mapping[str, Any]) -> tuple[float, float] | None:
+    """``(learning rate, momentum)`` of FedAvgM around the robust rule, or None.
+
+    None when the run config leaves both at FedAvg's step (learning rate 1,
+    no momentum): the robust rule then wraps ``FedAvg`` as before.
+    """
+    lr = float(settings["robust-server-learning-rate"])
+    momentum = float(settings["robust-server-momentum"])
+    if lr == 1.0 and momentum == 0.0:
+        return None
+    return lr, momentum
 
 
 def check_strategy_settings(settings: Mapping[str, Any]) -> None:
@@ -292,6 +330,7 @@ def check_strategy_settings(settings: Mapping[str, Any]) -> None:
     name = settings["strategy"]
     secure = settings["secure-aggregation"]
     min_nodes = settings["min-nodes"]
+    pre = settings["robust-pre-aggregation"]
     if name in ROBUST_STRATEGIES and secure == "none":
         strategy = ROBUST_STRATEGIES[name](**robust_options(settings))
         needed = strategy.min_valid_replies()
@@ -309,6 +348,19 @@ def check_strategy_settings(settings: Mapping[str, Any]) -> None:
                 f"min-nodes={min_nodes} sites (floor(beta * n) = 0), so it would "
                 f"be plain averaging; use trim-beta >= {1 / min_nodes:.2f}"
             )
+    server_step = robust_server_step(settings)
+    if server_step is not None and name not in ROBUST_STRATEGIES:
+        problems.append(
+            f"robust-server-momentum={settings['robust-server-momentum']} and "
+            f"robust-server-learning-rate={settings['robust-server-learning-rate']} "
+            f"set the server step of a robust rule, but strategy={name!r}: pick a "
+            "robust rule (e.g. 'trimmed-mean') or leave them at 0 and 1"
+        )
+    if pre != "none" and name not in ROBUST_STRATEGIES:
+        problems.append(
+            f"robust-pre-aggregation={pre!r} runs before a robust rule, but "
+            f"strategy={name!r}: pick a robust rule or set it to 'none'"
+        )
     if secure == "ckks" and not settings["ckks-server-context"]:
         problems.append(
             "secure-aggregation='ckks' needs ckks-server-context: the absolute "

@@ -53,7 +53,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvgM, Strategy
 from flwr.supercore import log
 
-from ..aggregation import AggregationRule, NearestNeighborMixing, PreAggregation
+from ..aggregation import (
+    AggregationRule,
+    MedianNormEqualization,
+    NearestNeighborMixing,
+    PreAggregation,
+    PreAggregationChain,
+)
 from ..aggregation.base import check_fraction, check_int
 from ..records import (
     Manifest,
@@ -65,6 +71,21 @@ from ..records import (
 from .base import StrategyWrapper
 from .composition import Role
 from .round_report import ConfigurationError, cohort_problem
+
+#: Pre-aggregation chains a wrapper accepts by name (``num_byzantine`` = f).
+NamedPreAggregation = Literal["nnm", "norm-equalization+nnm"]
+NAMED_PRE: tuple[str, ...] = ("nnm", "norm-equalization+nnm")
+
+
+def named_pre_aggregation(name: str, num_byzantine: int) -> PreAggregation:
+    """Build the chain ``name`` of :data:`NAMED_PRE` for ``num_byzantine``."""
+    nnm = NearestNeighborMixing(num_byzantine)
+    if name == "nnm":
+        return nnm
+    if name == "norm-equalization+nnm":
+        return PreAggregationChain([MedianNormEqualization(), nnm])
+    raise ValueError(f"pre_aggregation name must be one of {NAMED_PRE}, got {name!r}")
+
 
 __all__ = ["RobustAggregation", "Weighting"]
 
@@ -94,11 +115,14 @@ class RobustAggregation(StrategyWrapper):
         ``FedAdam()``. It receives the robust aggregate as a single reply.
     rule : AggregationRule
         The robust rule, e.g. ``TrimmedMeanRule(beta=0.2)``.
-    pre_aggregation : PreAggregation, "nnm" or None (default: None)
+    pre_aggregation : PreAggregation, a name of NAMED_PRE, or None (default: None)
         A step applied to the update matrix before the rule. ``"nnm"`` is
-        nearest-neighbour mixing with ``num_byzantine`` (required then).
+        nearest-neighbour mixing with ``num_byzantine`` (required then);
+        ``"norm-equalization+nnm"`` is median norm equalization then that
+        mixing, the chain docs/robustness.md recommends (the names let the
+        apps' run config pick a chain without importing the steps).
     num_byzantine : int or None (default: None)
-        Number of Byzantine clients to tolerate, used by ``pre_aggregation="nnm"``.
+        Number of Byzantine clients to tolerate, used by the named chains.
     weighting : {"uniform", "capped"} (default: "uniform")
         How claimed client weights enter the rule and the metrics; see the module
         docstring for why uniform is the default.
@@ -130,7 +154,7 @@ class RobustAggregation(StrategyWrapper):
         strategy: Strategy,
         rule: AggregationRule,
         *,
-        pre_aggregation: PreAggregation | Literal["nnm"] | None = None,
+        pre_aggregation: PreAggregation | NamedPreAggregation | None = None,
         num_byzantine: int | None = None,
         weighting: Weighting = "uniform",
         weight_cap: float = 2.0,
@@ -144,19 +168,19 @@ class RobustAggregation(StrategyWrapper):
             )
         if num_byzantine is not None:
             num_byzantine = check_int("num_byzantine", num_byzantine, 0)
-        if pre_aggregation == "nnm":
+        if isinstance(pre_aggregation, str) and pre_aggregation in NAMED_PRE:
             if num_byzantine is None:
                 raise ValueError(
-                    "pre_aggregation='nnm' needs num_byzantine, the number of "
-                    "Byzantine clients to tolerate (e.g. num_byzantine=2)"
+                    f"pre_aggregation={pre_aggregation!r} needs num_byzantine, the "
+                    "number of Byzantine clients to tolerate (e.g. num_byzantine=2)"
                 )
-            pre_aggregation = NearestNeighborMixing(num_byzantine)
+            pre_aggregation = named_pre_aggregation(pre_aggregation, num_byzantine)
         elif pre_aggregation is not None and not isinstance(
             pre_aggregation, PreAggregation
         ):
             raise ValueError(
-                f"pre_aggregation must be None, 'nnm' or a PreAggregation, "
-                f"got {pre_aggregation!r}"
+                f"pre_aggregation must be None, {', '.join(map(repr, NAMED_PRE))} "
+                f"or a PreAggregation, got {pre_aggregation!r}"
             )
         if weighting not in _WEIGHTINGS:
             raise ValueError(

@@ -24,7 +24,7 @@ from ..aggregation import (
     TrimmedMeanRule,
 )
 from ..aggregation.trimmed_mean import num_trimmed
-from .robust import RobustAggregation, Weighting
+from .robust import NamedPreAggregation, RobustAggregation, Weighting
 
 __all__ = [
     "ROBUST_STRATEGIES",
@@ -36,7 +36,7 @@ __all__ = [
     "TrimmedMean",
 ]
 
-PreAggregationArg = PreAggregation | Literal["nnm"] | None
+PreAggregationArg = PreAggregation | NamedPreAggregation | None
 
 _COMMON_DOC = """    strategy : Strategy, optional
         Flower strategy to wrap (sampling, config, server optimiser, evaluation).
