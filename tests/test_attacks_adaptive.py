@@ -27,6 +27,7 @@ from flwr_ext.attacks import (
     optimal_ipm,
 )
 from flwr_ext.attacks.adaptive import evade_opposition
+from flwr_ext.attacks.mod import TARGET_RULES
 from flwr_ext.inprocess import InProcessGrid
 
 N_HONEST, F, D = 16, 4, 50
@@ -341,6 +342,47 @@ def test_mod_omniscient_attacks_move_fedavg_away_from_the_clean_run(attack, tmp_
     # Honest nodes' own optima differ by 0.2 each: the attack moves FedAvg by more
     # than one node's worth of heterogeneity.
     assert np.abs(attacked - clean).max() > 0.2
+
+
+def test_mod_line_search_can_target_the_recommended_chain(tmp_path):
+    """``attack-target-rule="trimmed-mean-normeq-nnm"``: the attacker probes
+    norm equalization, NNM and the trimmed mean, not the bare trimmed mean."""
+    from flwr_ext.aggregation import (
+        MedianNormEqualization,
+        NearestNeighborMixing,
+        PreAggregationChain,
+    )
+
+    app = make_app()
+    extra = {"attack-target-rule": "trimmed-mean-normeq-nnm", "attack-target-f": 2}
+    grid = federation("ipm-opt", str(tmp_path), extra)
+    honest = [
+        app(train_instruction(n), grid.context(n)).content["arrays"]["w"].numpy()
+        for n in range(1, 9)
+    ]
+    reply = app(train_instruction(10), grid.context(10))
+    sent = reply.content["arrays"]["w"].numpy()
+    own = np.full(4, 0.5 * (TARGET + 0.2 * 10))
+    rows = np.vstack([own, *[h.astype(np.float64) for h in honest]])
+    chain = PreAggregationChain([MedianNormEqualization(), NearestNeighborMixing(2)])
+    n = 10  # the federation's num-partitions
+
+    def recommended(x):
+        w = np.ones(len(x))
+        return TrimmedMeanRule(2 / n).aggregate(chain.transform(x, w), w)
+
+    np.testing.assert_allclose(
+        sent, optimal_ipm(rows, 2, recommended), rtol=1e-6, atol=1e-6
+    )
+    # The target is the whole chain, not the bare trimmed mean.
+    rule = TARGET_RULES["trimmed-mean-normeq-nnm"](20, 4)
+    x = honest_updates()
+    x = np.vstack([x, np.tile(-0.2 * x.mean(0), (4, 1))])
+    w = np.ones(len(x))
+    chain4 = PreAggregationChain([MedianNormEqualization(), NearestNeighborMixing(4)])
+    expected = TrimmedMeanRule(0.2).aggregate(chain4.transform(x, w), w)
+    np.testing.assert_allclose(rule.aggregate(x, w), expected)
+    assert not np.allclose(expected, TrimmedMeanRule(0.2).aggregate(x, w), atol=1e-3)
 
 
 def test_omniscient_mod_attack_without_share_dir_is_an_error_reply():

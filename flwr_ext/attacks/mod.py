@@ -103,6 +103,10 @@ from ..aggregation import (
     CoordinateMedian,
     GeometricMedianRule,
     KrumRule,
+    MedianNormEqualization,
+    NearestNeighborMixing,
+    PreAggregation,
+    PreAggregationChain,
     TrimmedMeanRule,
     WeightedMean,
 )
@@ -133,6 +137,23 @@ _UPDATE_ATTACKS: dict[str, tuple[float, _UpdateAttack]] = {
 }
 _OTHER_ATTACKS = {"weight-inflation": 100.0, "label-flip": math.nan, "none": math.nan}
 
+
+class _PreAggregated(AggregationRule):
+    """``rule`` after ``pre`` as one rule: a wrapper's chain, as attackers see it."""
+
+    def __init__(self, pre: PreAggregation, rule: AggregationRule) -> None:
+        self.pre, self.rule = pre, rule
+
+    def _aggregate(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        return self.rule.aggregate(self.pre.transform(updates, weights), weights)
+
+
+def _recommended(n: int, f: int) -> AggregationRule:
+    """docs/robustness.md's chain: norm equalization, NNM(f), trimmed mean f / n."""
+    chain = PreAggregationChain([MedianNormEqualization(), NearestNeighborMixing(f)])
+    return _PreAggregated(chain, TrimmedMeanRule(min(f / n, 0.49)))
+
+
 #: The attack-target-rule names ``alie-opt`` and ``ipm-opt`` line-search against:
 #: ``(n, f) -> rule``.
 TARGET_RULES: dict[str, Callable[[int, int], AggregationRule]] = {
@@ -143,6 +164,7 @@ TARGET_RULES: dict[str, Callable[[int, int], AggregationRule]] = {
     "multi-krum": lambda n, f: KrumRule(f),
     "geometric-median": lambda n, f: GeometricMedianRule(),
     "centered-clipping": lambda n, f: CenteredClippingRule(),
+    "trimmed-mean-normeq-nnm": _recommended,
 }
 
 _Omniscient = Callable[
