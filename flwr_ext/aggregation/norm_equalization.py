@@ -2,7 +2,9 @@
 
 Every update is rescaled to the round's median update norm (L2), keeping its
 direction: ``x_i -> (m / |x_i|) x_i`` with ``m = median_i |x_i|``. A zero row
-stays zero (it has no direction).
+stays zero: it has no direction to rescale, and inventing one would hand a
+sender of zeros a full-length vote (docs/robustness.md measures attackers who
+send exact zeros).
 
 Why: the attacks that hurt the robust rules most at f = 30 % in this project's
 benchmark (line-searched IPM and its evasive variant, docs/robustness.md) send
