@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import FedAvg, FedAvgM
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from flwr_ext.aggregation import (
     AdaptiveRobustClipping,
@@ -95,6 +98,37 @@ def test_norm_equalization_rescales_every_row_to_the_median_norm():
     big = np.full((3, 4), 1e38, dtype=np.float32)  # |row|^2 overflows float32
     out32 = median_norm_equalization(big)
     assert out32.dtype == np.float32 and np.isfinite(out32).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_norm_equalization_of_hostile_magnitudes_stays_finite(dtype):
+    """A row of subnormals (its scale to the median overflows the dtype) and a
+    one-hot row among huge spread rows (its rescaled entry would overflow) must
+    come out finite, with equal norms: one hostile client must not turn the
+    round's matrix into Inf/NaN (the first version did; NNM then raised
+    ValueError out of aggregate_train, which stops a Flower run)."""
+    tiny = np.finfo(dtype).smallest_subnormal
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 5)).astype(dtype)
+    x[0] = tiny
+    x[0, 1] = 0.0
+    out = median_norm_equalization(x)
+    assert np.isfinite(out).all()
+    norms = np.linalg.norm(out.astype(np.float64), axis=1)
+    np.testing.assert_allclose(norms, np.median(norms), rtol=1e-3)
+    big = float(np.finfo(dtype).max) / 4
+    y = np.full((5, 16), big, dtype=dtype)  # norms 4 * big, beyond the dtype
+    y[0] = 0.0
+    y[0, 0] = 1.0  # one-hot: rescaled alone it would be 4 * big in one entry
+    out = median_norm_equalization(y)
+    assert np.isfinite(out).all() and out.dtype == dtype
+    peak = np.abs(out.astype(np.float64)).max(axis=1, keepdims=True)
+    norms = peak[:, 0] * np.linalg.norm(out / peak, axis=1)  # no overflow
+    np.testing.assert_allclose(norms, norms[1], rtol=1e-3)
+    # In a strategy: the round aggregates instead of failing.
+    w = np.ones(7)
+    chain = PreAggregationChain([MedianNormEqualization(), NearestNeighborMixing(1)])
+    assert np.isfinite(TrimmedMeanRule(0.2).aggregate(chain.transform(x, w), w)).all()
 
 
 def inner_product_manipulation(epsilon, seed=0, h=14, f=6, d=50):
@@ -413,3 +447,40 @@ def test_the_recommended_chain_by_name():
         ValueError, match="'norm-equalization\\+nnm' or a PreAggregation"
     ):
         TrimmedMean(pre_aggregation="norm-equalisation+nnm", num_byzantine=2)
+
+
+@given(
+    hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=6),
+        elements=st.floats(allow_nan=False, allow_infinity=False, width=32),
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_norm_equalization_of_any_finite_float32_matrix(x):
+    """Whatever the magnitudes: finite, dtype kept, input unmodified, every row
+    with a non-zero entry at one common norm, all-zero rows left at zero (and
+    everything at zero when most rows are: the median norm is then 0)."""
+    before = x.copy()
+    out = median_norm_equalization(x)
+    np.testing.assert_array_equal(x, before)
+    assert out.dtype == np.float32 and out.shape == x.shape
+    assert np.isfinite(out).all()
+    live = np.abs(x).max(axis=1) > 0
+    np.testing.assert_array_equal(out[~live], 0.0)
+    if 2 * live.sum() < len(x):
+        np.testing.assert_array_equal(out, 0.0)  # the median norm is 0
+        return
+    wide_in = x.astype(np.float64)
+    peak_in = np.abs(wide_in).max(axis=1)
+    norms_in = np.zeros(len(x))
+    norms_in[live] = peak_in[live] * np.linalg.norm(
+        wide_in[live] / peak_in[live, None], axis=1
+    )
+    if not live.any() or np.median(norms_in) < 1e-30:
+        return  # a common norm that small is not representable in float32
+    wide = out.astype(np.float64)
+    peak = np.abs(wide).max(axis=1)
+    assert (peak[live] > 0).all()
+    norms = peak[live] * np.linalg.norm(wide[live] / peak[live, None], axis=1)
+    np.testing.assert_allclose(norms, norms[0], rtol=1e-3)

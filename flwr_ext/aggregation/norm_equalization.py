@@ -53,20 +53,54 @@ def median_norm_equalization(updates: np.ndarray) -> np.ndarray:
     Returns
     -------
     np.ndarray
-        The rescaled rows, in the input's float dtype (float64 for integers).
-        Norms are accumulated in float64 (``einsum``), so a float32 row near
-        the float32 maximum does not overflow its own squared norm.
+        The rescaled rows, in the input's float dtype (float64 for integers),
+        always finite: norms are accumulated in float64 (``einsum``), so a
+        float32 row near the float32 maximum does not overflow its own squared
+        norm; a row whose scale does not fit the dtype (subnormal entries) is
+        rescaled in float64; and when the median norm itself would push some
+        rescaled entry past the dtype's maximum, every row gets the largest
+        common norm that fits instead (hostile magnitudes cannot turn the
+        round into Inf/NaN).
     """
     updates = np.asarray(updates)
     dtype = updates.dtype if updates.dtype.kind == "f" else np.dtype(np.float64)
     out = np.array(updates, dtype=dtype, copy=True)
     if out.shape[0] == 0:
         return out
-    norms = np.sqrt(np.einsum("ij,ij->i", out, out, dtype=np.float64))
+    with np.errstate(over="ignore", under="ignore"):  # handled below
+        norms = np.sqrt(np.einsum("ij,ij->i", out, out, dtype=np.float64))
+    if out.shape[1] == 0:
+        return out
+    # Each row as peak * shape: peak = |x_i|_inf, shape r_i = |x_i / peak| in
+    # [1, sqrt(d)]. Rows whose squared norm under- or overflows float64 (entries
+    # below ~1e-154 or above ~1e154) get their norm from these two instead.
+    peaks = np.maximum(out.max(axis=1), -out.min(axis=1)).astype(np.float64)
+    shape = np.ones_like(norms)
+    live = peaks > 0.0
+    shape[live] = norms[live] / peaks[live]
+    for i in np.flatnonzero(live & ((norms == 0.0) | ~np.isfinite(norms))):
+        unit = np.asarray(out[i], dtype=np.float64) / peaks[i]
+        shape[i] = float(np.sqrt(unit @ unit))
+        norms[i] = peaks[i] * shape[i]  # may be inf: only the median reads it
     target = float(np.median(norms))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(norms > 0.0, target / norms, 1.0)
-    out *= scale[:, None].astype(dtype)
+    limit = float(np.finfo(dtype).max)
+    if live.any():
+        # The largest entry of a row rescaled to norm m is m / r_i. If the median
+        # norm does not fit the dtype that way, every row gets the largest common
+        # norm that does (the norms stay equal).
+        fits = limit * float(shape[live].min()) * (1.0 - 1e-6)
+        target = min(target, fits)
+    tiny = float(np.finfo(dtype).tiny)
+    for i in np.flatnonzero(live):
+        with np.errstate(over="ignore", under="ignore"):  # checked on the next line
+            scale = float(target / norms[i])
+        if tiny <= scale <= limit:
+            out[i] *= dtype.type(scale)  # the dtype's own arithmetic
+        else:
+            # The scale does not fit the dtype (subnormal entries, an extreme
+            # row): rescale the unit-peak row in float64, then cast.
+            unit = np.asarray(updates[i], dtype=np.float64) / peaks[i]
+            out[i] = (unit * (target / shape[i])).astype(dtype)
     return out
 
 
