@@ -129,20 +129,10 @@ ATTACKS: tuple[str, ...] = (
     "alie-opt-evasive",
     "ipm-opt-evasive",
 )
-#: Attacks the adversary grid applies (they read the honest updates of the round).
-OMNISCIENT_ATTACKS = (
-    "alie",
-    "ipm",
-    "minmax",
-    "minsum",
-    "mimic",
-    "alie-opt",
-    "ipm-opt",
-    "alie-opt-evasive",
-    "ipm-opt-evasive",
-)
 #: Omniscient attacks that are also given the server's rule.
 RULE_AWARE_ATTACKS = ("alie-opt", "ipm-opt", "alie-opt-evasive", "ipm-opt-evasive")
+#: Attacks the adversary grid applies (they read the honest updates of the round).
+OMNISCIENT_ATTACKS = ("alie", "ipm", "minmax", "minsum", "mimic", *RULE_AWARE_ATTACKS)
 #: IPM's epsilon: the small value of Xie et al. that hides in the honest spread.
 IPM_EPSILON = 0.1
 #: Factor by which weight-inflation attackers multiply their ``num-examples``.

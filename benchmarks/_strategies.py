@@ -277,19 +277,25 @@ def _tm_arc_nnm(n: int, f: int, b: float) -> Strategy:
     return TrimmedMean(_fedavg(n), beta=b, pre_aggregation=_arc_nnm(f))
 
 
+def _fedavgm_at(lr: float, momentum: float = 0.9) -> Callable[[int], FedAvgM]:
+    """Flower's FedAvgM with server learning rate ``lr`` and ``momentum``."""
+    return lambda n: FedAvgM(
+        **_common(n), server_learning_rate=lr, server_momentum=momentum
+    )
+
+
 def _tm_arc_nnm_server(lr: float, momentum: float) -> Callable:
     """TrimmedMean + ARC + NNM around Flower's FedAvgM (server step / momentum)."""
+    inner = _fedavgm_at(lr, momentum)
 
     def build(n: int, f: int, b: float) -> Strategy:
-        inner = FedAvgM(**_common(n), server_learning_rate=lr, server_momentum=momentum)
-        return TrimmedMean(inner, beta=b, pre_aggregation=_arc_nnm(f))
+        return TrimmedMean(inner(n), beta=b, pre_aggregation=_arc_nnm(f))
 
     return build
 
 
-def _fedavgm(n: int) -> FedAvgM:
-    """Flower's FedAvgM as the recommended configuration uses it (see docs)."""
-    return FedAvgM(**_common(n), server_learning_rate=0.5, server_momentum=0.9)
+#: Flower's FedAvgM as the server-momentum rows use it (momentum 0.9, lr 0.5).
+_fedavgm = _fedavgm_at(0.5)
 
 
 def _tm_arc_nnm_over(extra: int) -> Callable:
@@ -306,11 +312,6 @@ def _normeq_nnm(f: int) -> PreAggregationChain:
     return PreAggregationChain([MedianNormEqualization(), NearestNeighborMixing(f)])
 
 
-def _fedavgm_at(lr: float) -> Callable[[int], Strategy]:
-    """Flower's FedAvgM, server momentum 0.9, server learning rate ``lr``."""
-    return lambda n: FedAvgM(**_common(n), server_learning_rate=lr, server_momentum=0.9)
-
-
 def _tm_normeq(
     inner: Callable[[int], Strategy], *, nnm: bool = True, trim: bool = True
 ) -> Callable[[int, int, float], Strategy]:
@@ -323,12 +324,18 @@ def _tm_normeq(
     return build
 
 
-def _tm_arc4_nnm(inner: Callable[[int], Strategy], *, trim: bool = True) -> Callable:
-    """TrimmedMean (or the mean) + ARC for f + 4 + NNM around ``inner(n)``."""
+def _tm_arc_clips_more(
+    inner: Callable[[int], Strategy], arc_extra: int, *, trim: bool = True
+) -> Callable[[int, int, float], Strategy]:
+    """TrimmedMean (or the mean) + ARC for ``f + arc_extra`` + NNM for ``f``.
+
+    Only ARC is built for more rows (it clips more); :func:`_tm_arc_nnm_over`
+    builds every stage for ``f + extra``.
+    """
 
     def build(n: int, f: int, b: float) -> Strategy:
         pre = PreAggregationChain(
-            [AdaptiveRobustClipping(f + 4), NearestNeighborMixing(f)]
+            [AdaptiveRobustClipping(f + arc_extra), NearestNeighborMixing(f)]
         )
         return TrimmedMean(inner(n), beta=b if trim else 0.0, pre_aggregation=pre)
 
@@ -545,49 +552,31 @@ _ADAPTIVE_DEFENCES: list[StrategyConfig] = [
         "ours-trimmed-mean-arc-f2-nnm-fedavgm09-lr05",
         "TrimmedMean + ARC clipping for f + 2 + NNM, FedAvgM (momentum 0.9, lr 0.5)",
         True,
-        lambda n, f, b: TrimmedMean(
-            _fedavgm(n),
-            beta=b,
-            pre_aggregation=PreAggregationChain(
-                [AdaptiveRobustClipping(f + 2), NearestNeighborMixing(f)]
-            ),
-        ),
+        _tm_arc_clips_more(_fedavgm, 2),
     ),
     StrategyConfig(
         "ours-trimmed-mean-arc-f4-nnm-fedavgm09-lr05",
         "TrimmedMean + ARC clipping for f + 4 + NNM, FedAvgM (momentum 0.9, lr 0.5)",
         True,
-        lambda n, f, b: TrimmedMean(
-            _fedavgm(n),
-            beta=b,
-            pre_aggregation=PreAggregationChain(
-                [AdaptiveRobustClipping(f + 4), NearestNeighborMixing(f)]
-            ),
-        ),
+        _tm_arc_clips_more(_fedavgm, 4),
     ),
     StrategyConfig(
         "ours-trimmed-mean-arc-f4-nnm",
         "TrimmedMean + ARC clipping for f + 4 + NNM",
         True,
-        lambda n, f, b: TrimmedMean(
-            _fedavg(n),
-            beta=b,
-            pre_aggregation=PreAggregationChain(
-                [AdaptiveRobustClipping(f + 4), NearestNeighborMixing(f)]
-            ),
-        ),
+        _tm_arc_clips_more(_fedavg, 4),
     ),
     StrategyConfig(
         "ours-mean-arc-f4-nnm-fedavgm09-lr05",
         "Mean + ARC clipping for f + 4 + NNM, FedAvgM (momentum 0.9, lr 0.5)",
         True,
-        _tm_arc4_nnm(_fedavgm, trim=False),
+        _tm_arc_clips_more(_fedavgm, 4, trim=False),
     ),
     StrategyConfig(
         "ours-trimmed-mean-arc-f4-nnm-fedadam",
         "TrimmedMean + ARC clipping for f + 4 + NNM, FedAdam (eta 0.03, tau 1e-9)",
         True,
-        _tm_arc4_nnm(_fedadam_adaptive),
+        _tm_arc_clips_more(_fedadam_adaptive, 4),
     ),
     StrategyConfig(
         "ours-trimmed-mean-normeq",

@@ -31,21 +31,11 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from flwr.app import Message
 
-from benchmarks._federation import ATTACKS, RunSpec, run_federation
+from benchmarks._federation import ATTACKS, RunSpec, _vector, run_federation
 from benchmarks._strategies import strategy_config
 from benchmarks._targets import target_aggregator
 
 __all__ = ["main"]
-
-
-def _update(reply: Message, current: dict[str, np.ndarray]) -> np.ndarray:
-    record = next(iter(reply.content.array_records.values()))
-    return np.concatenate(
-        [
-            record[k].numpy().astype(np.float64).ravel() - current[k].ravel()
-            for k in current
-        ]
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,35 +69,34 @@ def _diagnose(args: argparse.Namespace) -> int:
         strategy = config.build(n, num_byzantine, fraction)
         rule = target_aggregator(strategy)
         original = strategy.aggregate_train
-        current: dict[str, np.ndarray] = {}
+        current: dict[str, object] = {}  # the round's global model, flattened
         configure = strategy.configure_train
 
         def configure_train(server_round, arrays, config, grid) -> Iterable[Message]:
-            current.clear()
-            current.update({k: a.numpy().astype(np.float64) for k, a in arrays.items()})
+            current["keys"] = keys = tuple(arrays.keys())
+            current["vector"] = _vector(arrays, keys)
             return configure(server_round, arrays, config, grid)
 
         def aggregate_train(server_round: int, replies: Iterable[Message]):
             replies = list(replies)
             ok = [r for r in replies if not r.has_error() and r.content.array_records]
             byz_ids = set(range(1, f + 1)) if args.attack != "none" else set()
-            honest = np.stack(
-                [
-                    _update(r, current)
-                    for r in ok
-                    if r.metadata.src_node_id not in byz_ids
-                ]
-            )
-            everyone = np.stack([_update(r, current) for r in ok])
+            updates = {  # each reply's update (model - global model), in order
+                r.metadata.src_node_id: _vector(
+                    next(iter(r.content.array_records.values())), current["keys"]
+                )
+                - current["vector"]
+                for r in ok
+            }
+            honest = np.stack([u for i, u in updates.items() if i not in byz_ids])
+            everyone = np.stack(list(updates.values()))
             mean = honest.mean(axis=0)
             scale = float(np.linalg.norm(mean)) or 1.0
             agg = np.asarray(rule(everyone), dtype=np.float64)
             alone = np.asarray(rule(honest), dtype=np.float64)
             norms = np.sort(np.linalg.norm(honest, axis=1))
-            byz = [r for r in ok if r.metadata.src_node_id in byz_ids]
-            byz_norm = (
-                float(np.linalg.norm(_update(byz[0], current))) if byz else np.nan
-            )
+            byz = [u for i, u in updates.items() if i in byz_ids]
+            byz_norm = float(np.linalg.norm(byz[0])) if byz else np.nan
 
             def cos(x: np.ndarray) -> float:
                 denominator = float(np.linalg.norm(x)) * scale
